@@ -2609,11 +2609,19 @@ class ReexecMixin:
         self.reexec_client = client
         import tempfile
         out = tempfile.TemporaryFile()
+        # The trial parses the config and restores a snapshot of the real state in
+        # a dry run: a new file that would fail after the exec fails here instead.
+        snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
+        os.chmod(snapshot.name, 0o600)
+        snapshot.write(json.dumps(self.handoff_state([], new_hash, None)).encode())
+        snapshot.flush()
+        out.snapshot = snapshot
         try:
-            pid = spawn(Program("trial", {"command": (sys.executable, "-I", self.script, "-c",
-                                                      self.config.path, "check", "--trial")}, {}),
-                        out.fileno(), out.fileno())
+            pid = spawn(Program("trial", {"command": (
+                sys.executable, "-I", self.script, "--handoff-selftest", snapshot.name,
+                "-c", self.config.path, "check", "--trial")}, {}), out.fileno(), out.fileno())
         except SpawnError as exc:
+            snapshot.close()
             out.close()
             self.reexec_busy = False
             return self.reexec_refused(str(exc), None, client)
@@ -2635,6 +2643,7 @@ class ReexecMixin:
         client, self.reexec_client = self.reexec_client, None
         out.seek(0)
         text = out.read().decode("utf-8", "replace").strip().splitlines()
+        out.snapshot.close()
         out.close()
         if status != 0:
             why = text[-1] if text else describe_exit(status)
@@ -2689,8 +2698,8 @@ class ReexecMixin:
         except OSError:
             pass
         keep = [state_fd, rollback_fd] + self.handoff_fds(state)
-        argv = [sys.executable] + interpreter_flags() + [self.script] + self.argv + [
-            "--handoff", str(state_fd), "--rollback", str(rollback_fd)]
+        argv = [sys.executable] + interpreter_flags() + [
+            self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
         self.log("info", "re-executing %s" % self.script)
         for fd in keep:
             os.set_inheritable(fd, True)
@@ -2738,10 +2747,8 @@ class ReexecMixin:
             "services": services,
         }
 
-    def restore(self, state):
-        """The new image takes over: services, pipes, sockets, timers (one pass)."""
-        import base64
-        now = monotonic()
+    def restore_data(self, state):
+        """The plain part of the state: what a trial run checks before the exec."""
         self.started = state.get("started", self.started)
         self.reexecs = state.get("reexecs", 0) + 1
         self.reexeced = time.time()
@@ -2750,12 +2757,6 @@ class ReexecMixin:
         if self.hash != state.get("new_hash"):
             # we are the previous code, rolled back to: the new file is bad
             self.rejected_hash = state.get("new_hash")
-        if state.get("listener") is not None:
-            self.adopt_listener(socket.socket(fileno=state["listener"]))
-        self.lock_fd = state.get("lock")
-        for pid in state.get("helpers", ()):
-            self.helpers[pid] = "old helper"
-            self.watcher.watch(pid, lambda p, s: self.helpers.pop(p, None))
         for entry in state.get("services", ()):
             svc = self.services.get(entry.get("name"))
             if svc is None:
@@ -2767,7 +2768,21 @@ class ReexecMixin:
             if entry.get("tail"):
                 from collections import deque
                 svc.tail = deque(entry["tail"], maxlen=TAIL_LINES)
-            if entry.get("notify"):
+
+    def restore(self, state):
+        """The new image takes over: services, pipes, sockets, timers (one pass)."""
+        import base64
+        now = monotonic()
+        self.restore_data(state)
+        if state.get("listener") is not None:
+            self.adopt_listener(socket.socket(fileno=state["listener"]))
+        self.lock_fd = state.get("lock")
+        for pid in state.get("helpers", ()):
+            self.helpers[pid] = "old helper"
+            self.watcher.watch(pid, lambda p, s: self.helpers.pop(p, None))
+        for entry in state.get("services", ()):
+            svc = self.services.get(entry.get("name"))
+            if svc is not None and entry.get("notify"):
                 fd, address = entry["notify"]
                 self.adopt_notify(svc, socket.socket(fileno=fd), address)
         for p in state.get("pipes", ()):
@@ -3088,8 +3103,8 @@ def resume(args, script, source):
                 if extra is not None:
                     os.set_inheritable(extra, True)
             os.execv(sys.executable, [sys.executable, "-I", "/proc/self/fd/%d" % args.rollback,
-                                      "--script", state["script"], *state["argv"],
-                                      "--handoff", str(fd), "--rollback", str(args.rollback)])
+                                      "--script", state["script"], "--handoff", str(fd),
+                                      "--rollback", str(args.rollback)] + state["argv"])
         raise
     os.close(fd)
     if args.rollback is not None:
@@ -3268,6 +3283,7 @@ def build_parser():
     p.add_argument("--handoff", type=int, help=argparse.SUPPRESS)
     p.add_argument("--rollback", type=int, help=argparse.SUPPRESS)
     p.add_argument("--script", help=argparse.SUPPRESS)
+    p.add_argument("--handoff-selftest", metavar="FILE", help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="supervise in the foreground (the default)")
     run.add_argument("--daemon", action="store_true", help="detach and log to the logfile")
@@ -3308,6 +3324,20 @@ def main(argv=None):
         source = None
     if args.handoff is not None:
         return resume(args, script, source)
+    if args.handoff_selftest:
+        try:
+            with open(args.handoff_selftest, "rb") as f:
+                state = json.loads(f.read().decode())
+            files = state["config_files"]
+            config = load_config(state["config_path"],
+                                 read=lambda p: files[p] if p in files else _read_text(p))
+            RespawnSupervisor(config, state["script"], state["argv"], source).restore_data(state)
+        except ConfigErrors as exc:
+            print_problems(exc, sys.stdout)
+            return EXIT_CONFIG
+        except Exception as exc:   # the trial reports any failure as one line
+            print("the new code cannot restore the running state: %s: %s" % (type(exc).__name__, exc))
+            return EXIT_FAIL
     config_path = os.path.abspath(find_config(args.config))
     try:
         if command == "run":
