@@ -1321,10 +1321,13 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
     def run_loop(self):
-        select, timers = self.selector.select, self.timers
+        select, timers, registered = self.selector.select, self.timers, self.selector.get_map()
         while not self.done:
             for key, mask in select(timers.timeout(monotonic())):
-                key.data(mask)
+                # an earlier handler of this batch may have closed this fd (and a new
+                # one may even have reused its number): dispatch only live keys
+                if registered.get(key.fd) is key:
+                    key.data(mask)
             timers.run_due(monotonic())
 
     def on_wakeup(self, mask=None):
