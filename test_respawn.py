@@ -8,11 +8,15 @@ control socket and client, re-execution, PID 1.  Tests wait on conditions
 under deadlines, never on bare sleeps, and every test kills what it started.
 """
 
+import grp
 import json
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -243,6 +247,1398 @@ class TestBundledConfig(unittest.TestCase):
         sup.wait_state("web", "RUNNING")
         sup.wait_state("ticker", "RUNNING")
         sup.wait_log("ticker | tick", stream="stdout")
+        self.assertEqual(sup.terminate(), 0)
+
+
+# ---------------------------------------------------------------------------
+# Foundation (issue 2): config and check, policy, start, respawn, stop, output
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# Helpers of this section
+# ---------------------------------------------------------------------------
+
+# Every supervisor here ignores changes to respawn.py on disk: other work edits
+# it while these tests run, and a re-exec in the middle would add a trial child.
+HEADER = "[respawn]\nwatch_self = false\n\n"
+
+
+def core_sup(test, config, **kw):
+    return Sup(test, HEADER + textwrap.dedent(config).lstrip(), **kw)
+
+
+def children_of(pid):
+    """PIDs of the children of pid (zombies included), from /proc."""
+    kids = []
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                kids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def proc_status(pid):
+    fields = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def write_file(path, text, mode=None):
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text).lstrip())
+    if mode is not None:
+        os.chmod(path, mode)
+    return path
+
+
+def temp_dir(test):
+    d = tempfile.mkdtemp(prefix="respawn-core-")
+    test.addCleanup(shutil.rmtree, d, True)
+    return d
+
+
+def load_text(test, text, machine_checks=False, name="c.ini"):
+    """load_config on a config text in a temp dir; the Config (raises ConfigErrors)."""
+    d = temp_dir(test)
+    path = os.path.join(d, name)
+    write_file(path, text.replace("{dir}", d))
+    return respawn.load_config(path, machine_checks=machine_checks)
+
+
+def config_errors(test, text, machine_checks=False):
+    """The ConfigErrors raised for a config text, as (path, [str(error)])."""
+    d = temp_dir(test)
+    path = os.path.join(d, "c.ini")
+    write_file(path, text.replace("{dir}", d))
+    with test.assertRaises(respawn.ConfigErrors) as cm:
+        respawn.load_config(path, machine_checks=machine_checks)
+    return path, [str(e) for e in cm.exception.errors], cm.exception
+
+
+def program(name="p", **values):
+    values.setdefault("command", ("true",))
+    return respawn.Program(name, values, {})
+
+
+# ---------------------------------------------------------------------------
+# Config: parsers
+# ---------------------------------------------------------------------------
+
+class TestCoreParsers(unittest.TestCase):
+    def test_durations(self):
+        for text, want in [("500ms", 0.5), ("2s", 2.0), ("1m", 60.0), ("0.5", 0.5), ("10", 10.0),
+                           (".25", 0.25), ("1h", 3600.0), (" 3 s ", 3.0), ("1.5m", 90.0),
+                           ("0", 0.0), ("20MS", 0.02)]:
+            with self.subTest(text=text):
+                self.assertAlmostEqual(respawn.parse_duration(text), want)
+        for bad in ["", "abc", "5x", "-1", "1.2.3", "s", "1 m s", "10 seconds"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_duration(bad)
+
+    def test_sizes_are_1024_based(self):
+        for text, want in [("10KB", 10240), ("50MB", 50 * 1024 * 1024), ("1GB", 1024 ** 3),
+                           ("1024", 1024), ("7B", 7), ("10kb", 10240), ("0", 0)]:
+            with self.subTest(text=text):
+                self.assertEqual(respawn.parse_size(text), want)
+        for bad in ["", "10XB", "MB", "-1KB", "1.5MB", "ten"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_size(bad)
+
+    def test_bools(self):
+        for text in ["true", "yes", "on", "1", "TRUE", " True "]:
+            self.assertIs(respawn.parse_bool(text), True, text)
+        for text in ["false", "no", "off", "0", "False"]:
+            self.assertIs(respawn.parse_bool(text), False, text)
+        for bad in ["", "maybe", "2", "yess"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_bool(bad)
+
+    def test_signals(self):
+        for text in ["TERM", "SIGTERM", "term", "15"]:
+            self.assertEqual(respawn.parse_signal(text), signal.SIGTERM, text)
+        self.assertEqual(respawn.parse_signal("INT"), signal.SIGINT)
+        self.assertEqual(respawn.parse_signal("KILL"), signal.SIGKILL)
+        self.assertEqual(respawn.parse_signal("hup"), signal.SIGHUP)
+        for bad in ["", "FOO", "SIG_IGN", "SIG_DFL", "999", "-1"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_signal(bad)
+
+    def test_exitcodes(self):
+        self.assertEqual(respawn.parse_exitcodes("0"), {0})
+        self.assertEqual(respawn.parse_exitcodes("0, 2,255"), {0, 2, 255})
+        for bad in ["", "abc", "0,abc", "256", "-1", "0,,2"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_exitcodes(bad)
+
+    def test_autorestart_and_startretries(self):
+        self.assertIs(respawn.parse_autorestart("true"), True)
+        self.assertIs(respawn.parse_autorestart("false"), False)
+        self.assertEqual(respawn.parse_autorestart("Unexpected"), "unexpected")
+        with self.assertRaises(ValueError):
+            respawn.parse_autorestart("sometimes")
+        self.assertEqual(respawn.parse_startretries("3"), 3)
+        self.assertEqual(respawn.parse_startretries("0"), 0)
+        self.assertIsNone(respawn.parse_startretries("forever"))
+        for bad in ["-1", "x", "", "3.5"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_startretries(bad)
+
+    def test_environment_umask_command(self):
+        self.assertEqual(respawn.parse_environment('A="1",B="two words, comma",C=3'),
+                         {"A": "1", "B": "two words, comma", "C": "3"})
+        with self.assertRaises(ValueError):
+            respawn.parse_environment("no-equals-sign")
+        with self.assertRaises(ValueError):
+            respawn.parse_environment('1BAD="x"')
+        self.assertEqual(respawn.parse_umask("022"), 0o22)
+        self.assertEqual(respawn.parse_umask("0077"), 0o77)
+        for bad in ["999", "abc", "1000"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_umask(bad)
+        self.assertEqual(respawn.parse_command("sh -c 'echo a b'"), ("sh", "-c", "echo a b"))
+        for bad in ["", "   ", "echo 'unclosed"]:
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                respawn.parse_command(bad)
+
+
+# ---------------------------------------------------------------------------
+# Config: load_config and `check`
+# ---------------------------------------------------------------------------
+
+ALL_BAD = """\
+[respawn]
+loglevl = info
+
+[program:a]
+command = /bin/sleep 10
+startsecs = 5x
+stdout_logfile_maxbytes = 10XB
+autostart = maybe
+stopsignal = FOO
+exitcodes = 0,abc
+autorestart = sometimes
+startretries = -1
+comand = x
+numprocs = 2
+stdout_events_enabled = true
+
+[progam:b]
+command = x
+
+[program:c]
+priority = 1
+
+[supervisord]
+logfile = x
+
+[program:d]
+command = /bin/true
+requires = e
+
+[program:e]
+command = /bin/true
+requires = d
+
+[program:f]
+command = /bin/true
+requires = zzz
+"""
+
+# (line, fragment of the message) for every error in ALL_BAD
+ALL_BAD_ERRORS = [
+    (2, "unknown key 'loglevl' in [respawn] (did you mean 'loglevel'?)"),
+    (6, "startsecs: expected a duration"),
+    (7, "stdout_logfile_maxbytes: expected a size"),
+    (8, "autostart: expected true or false, not 'maybe'"),
+    (9, "stopsignal: expected a signal name"),
+    (10, "exitcodes: expected exit codes"),
+    (11, "autorestart: expected true, false or unexpected"),
+    (12, "startretries: expected a number of retries"),
+    (13, "unknown key 'comand' in [program:a] (did you mean 'command'?)"),
+    (17, "unknown section [progam:b] (did you mean 'program:b'?)"),
+    (20, "[program:c] has no command"),
+    (34, "[program:f] requires 'zzz', which is not a program"),
+]
+ALL_BAD_WARNINGS = [(14, "'numprocs' is a supervisord key"),
+                    (15, "'stdout_events_enabled' is a supervisord key"),
+                    (23, "[supervisord] is a supervisord section")]
+
+
+class TestCoreConfig(unittest.TestCase):
+    def test_good_config_checks_ok(self):
+        code, out, path = run_check(self, """\
+            [respawn]
+            loglevel = debug
+            [program:web]
+            command = sleep 100
+            startsecs = 500ms
+            backoff = 0.5
+            backoff_max = 1m
+            stdout_logfile_maxbytes = 10KB
+            autorestart = unexpected
+            exitcodes = 0,3
+            stopsignal = INT
+            startretries = forever
+            environment = A="1",B="two words"
+            umask = 022
+            """)
+        self.assertEqual(code, 0, out)
+        self.assertIn("ok, 1 services", out)
+        self.assertNotIn("Traceback", out)
+
+    def test_every_kind_of_error_at_once(self):
+        code, out, path = run_check(self, ALL_BAD)
+        self.assertEqual(code, 2, out)
+        self.assertNotIn("Traceback", out)
+        lines = out.strip().splitlines()
+        for line in lines:   # every problem is one line naming the file and the line
+            self.assertRegex(line, r"^%s:\d+: " % re.escape(path))
+        for number, fragment in ALL_BAD_ERRORS:
+            self.assertTrue(any(l.startswith("%s:%d: " % (path, number)) and fragment in l
+                                and "warning" not in l for l in lines),
+                            "no error %r at line %d in:\n%s" % (fragment, number, out))
+        for number, fragment in ALL_BAD_WARNINGS:
+            self.assertTrue(any(l.startswith("%s:%d: warning: " % (path, number)) and fragment in l
+                                for l in lines), "no warning %r at line %d in:\n%s" % (fragment, number, out))
+        self.assertTrue(any("requires cycle:" in l and re.search(r"\bd -> e -> d\b|\be -> d -> e\b", l)
+                            for l in lines), out)
+        # every problem reported, nothing more: errors + warnings + the cycle
+        self.assertEqual(len(lines), len(ALL_BAD_ERRORS) + len(ALL_BAD_WARNINGS) + 1, out)
+
+    def test_each_error_kind_alone(self):
+        """One mistake per config: the one line names the file and the mistake's line."""
+        cases = [
+            ("[program:a]\ncommand = x\nstartsecs = 10 seconds\n", 3, "startsecs: expected a duration"),
+            ("[program:a]\ncommand = x\nstdout_logfile_maxbytes = 5 megs\n", 3, "expected a size"),
+            ("[program:a]\ncommand = x\nredirect_stderr = sure\n", 3, "expected true or false"),
+            ("[program:a]\ncommand = x\nstopsignal = SIGFOO\n", 3, "expected a signal name"),
+            ("[program:a]\ncommand = x\nexitcodes = 0;1\n", 3, "expected exit codes"),
+            ("[program:a]\ncommand = x\nexitcodes = 300\n", 3, "expected exit codes"),
+            ("[program:a]\ncommand = x\nautorestart = always\n", 3, "expected true, false or unexpected"),
+            ("[program:a]\ncommand = x\nstartretries = many\n", 3, "or forever"),
+            ("[program:a]\ncommand = x\nstartretries = -2\n", 3, "or forever"),
+            ("[program:a]\ncommand = x\nstartsecss = 1\n", 3, "did you mean 'startsecs'?"),
+            ("[program:a]\ncommand = x\n\n[programm:b]\ncommand = y\n", 4, "did you mean 'program:b'?"),
+            ("[respawn]\nwatch_selff = true\n", 2, "did you mean 'watch_self'?"),
+            ("[program:a]\ncommand = x\numask = 999\n", 3, "octal umask"),
+            ("[program:a]\ndirectory = /tmp\n", 1, "[program:a] has no command"),
+            ("[program:a]\ncommand = x\ncommand = y\n", 3, "key 'command' appears twice"),
+            ("[program:a]\ncommand = x\n[program:a]\ncommand = y\n", 3, "section [program:a] appears twice"),
+            ("[program:a]\ncommand = x\nrequires = b\n", 1, "requires 'b', which is not a program"),
+            ("[program:a]\ncommand = x\nrequires = a\n", 1, "requires itself"),
+            ("[program:web]\ncommand = x\n[program:a]\ncommand = x\nrequires = wbe\n", 3,
+             "did you mean 'web'?"),
+        ]
+        for text, line, fragment in cases:
+            with self.subTest(text=text):
+                path, errors, _ = config_errors(self, text)
+                self.assertEqual(len(errors), 1, errors)
+                self.assertTrue(errors[0].startswith("%s:%d: " % (path, line)), errors)
+                self.assertIn(fragment, errors[0])
+                self.assertNotIn("\n", errors[0])
+
+    def test_unreadable_and_malformed_files(self):
+        d = temp_dir(self)
+        missing = os.path.join(d, "no-such.ini")
+        latin = os.path.join(d, "latin.ini")
+        with open(latin, "wb") as f:
+            f.write(b"[program:a]\ncommand = echo \xff\xfe\n")
+        nosection = write_file(os.path.join(d, "nosection.ini"), "command = x\n")
+        badline = write_file(os.path.join(d, "badline.ini"), "[program:a]\ncommand = x\nbad line here\n")
+        cases = [(missing, "%s: cannot read the config: No such file or directory" % missing),
+                 (latin, "%s: cannot read the config: 'utf-8' codec can't decode" % latin),
+                 (nosection, "%s:1: a key outside any section: 'command = x'" % nosection),
+                 (badline, "%s:3: cannot read this line: 'bad line here' (expected key = value "
+                           "or [section])" % badline)]
+        for path, message in cases:
+            for command in ("check", "run"):
+                with self.subTest(path=path, command=command):
+                    p = subprocess.run([PY, SCRIPT, "-c", path, command], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, timeout=60)
+                    self.assertEqual(p.returncode, 2, p.stdout)
+                    lines = p.stdout.strip().splitlines()
+                    self.assertEqual(len(lines), 1, p.stdout)
+                    self.assertTrue(lines[0].startswith(message), lines[0])
+
+    def test_requires_cycle_names_the_services(self):
+        path, errors, _ = config_errors(self, """\
+            [program:a]
+            command = x
+            requires = b
+            [program:b]
+            command = x
+            requires = c
+            [program:c]
+            command = x
+            requires = a
+            [program:free]
+            command = x
+            """)
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("requires cycle:", errors[0])
+        for name in "abc":
+            self.assertRegex(errors[0], r"\b%s\b" % name)
+        self.assertNotIn("free", errors[0])
+
+    def test_supervisord_keys_and_sections_are_warnings(self):
+        code, out, path = run_check(self, """\
+            [supervisord]
+            nodaemon = true
+            [unix_http_server]
+            file = /tmp/x.sock
+            [program:a]
+            command = sleep 10
+            numprocs = 1
+            stdout_events_enabled = true
+            process_name = %(program_name)s
+            """)
+        self.assertEqual(code, 0, out)
+        self.assertIn("ok, 1 services", out)
+        for line, what in [(1, "[supervisord]"), (3, "[unix_http_server]"), (7, "'numprocs'"),
+                           (8, "'stdout_events_enabled'"), (9, "'process_name'")]:
+            self.assertIn("%s:%d: warning: %s" % (path, line, what), out)
+        config = load_text(self, "[supervisord]\n[program:a]\ncommand = x\nnumprocs = 2\n")
+        self.assertEqual(list(config.programs), ["a"])
+        self.assertEqual(len(config.warnings), 2)
+
+    def test_include_relative_to_including_file(self):
+        d = temp_dir(self)
+        os.makedirs(os.path.join(d, "conf.d", "more"))
+        main = write_file(os.path.join(d, "main.ini"), """\
+            [include]
+            files = conf.d/*.ini
+            [program:a]
+            command = echo %(here)s
+            """)
+        write_file(os.path.join(d, "conf.d", "b.ini"), """\
+            [include]
+            files = more/*.ini
+            [program:b]
+            command = echo %(here)s
+            """)
+        write_file(os.path.join(d, "conf.d", "more", "c.ini"), "[program:c]\ncommand = echo\n")
+        # from another folder: patterns follow the file that holds them, not the cwd
+        p = subprocess.run([PY, SCRIPT, "-c", main, "check"], cwd="/", stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        self.assertIn("ok, 3 services", p.stdout)
+        config = respawn.load_config(main)
+        self.assertEqual(sorted(config.programs), ["a", "b", "c"])
+        self.assertEqual(config.programs["a"].command, ("echo", d))
+        self.assertEqual(config.programs["b"].command, ("echo", os.path.join(d, "conf.d")))
+        # an error in an included file names that file and its line
+        write_file(os.path.join(d, "conf.d", "more", "bad.ini"), "[program:z]\ncommand = x\nstartsecs = x\n")
+        with self.assertRaises(respawn.ConfigErrors) as cm:
+            respawn.load_config(main)
+        self.assertEqual([str(e) for e in cm.exception.errors],
+                         ["%s:3: startsecs: expected a duration such as 10, 0.5, 500ms, 2s or 1m, "
+                          "not 'x'" % os.path.join(d, "conf.d", "more", "bad.ini")])
+
+    def test_include_loop_names_the_files(self):
+        d = temp_dir(self)
+        os.makedirs(os.path.join(d, "sub"))
+        main = write_file(os.path.join(d, "top.ini"), "[include]\nfiles = sub/*.ini\n[program:a]\ncommand = x\n")
+        write_file(os.path.join(d, "sub", "inner.ini"), "[program:b]\ncommand = x\n[include]\nfiles = ../top.ini\n")
+        p = subprocess.run([PY, SCRIPT, "-c", main, "check"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 2, p.stdout)
+        self.assertNotIn("Traceback", p.stdout)
+        lines = p.stdout.strip().splitlines()
+        self.assertEqual(len(lines), 1, p.stdout)
+        self.assertRegex(lines[0], r"^%s:4: include loop: " % re.escape(os.path.join(d, "sub", "inner.ini")))
+        self.assertIn("top.ini -> inner.ini -> top.ini", lines[0])
+
+    def test_expansions(self):
+        os.environ["RESPAWN_CORE_TEST_X"] = "from the environment"
+        self.addCleanup(os.environ.pop, "RESPAWN_CORE_TEST_X", None)
+        config = load_text(self, """\
+            [program:a]
+            command = echo %(ENV_RESPAWN_CORE_TEST_X)s %(here)s/x %(program_name)s 100%%
+            directory = %(here)s
+            """)
+        prog = config.programs["a"]
+        here = os.path.dirname(config.path)
+        self.assertEqual(prog.command, ("echo", "from", "the", "environment", here + "/x", "a", "100%"))
+        self.assertEqual(prog.directory, here)
+        path, errors, _ = config_errors(self, "[program:a]\ncommand = echo %(ENV_RESPAWN_NO_SUCH_VAR_Q)s\n")
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("%s:2: unknown expansion %%(ENV_RESPAWN_NO_SUCH_VAR_Q)s" % path, errors[0])
+
+    def test_typed_values_and_defaults(self):
+        config = load_text(self, """\
+            [program:a]
+            command = sleep 1
+            startsecs = 500ms
+            stopwaitsecs = 1m
+            backoff = 0.5
+            stdout_logfile_maxbytes = 10KB
+            stderr_logfile_maxbytes = 50MB
+            stopsignal = INT
+            exitcodes = 0, 2
+            startretries = forever
+            [program:b]
+            command = sleep 1
+            """)
+        a, b = config.programs["a"], config.programs["b"]
+        self.assertEqual((a.startsecs, a.stopwaitsecs, a.backoff), (0.5, 60.0, 0.5))
+        self.assertEqual((a.stdout_logfile_maxbytes, a.stderr_logfile_maxbytes), (10240, 50 * 1024 ** 2))
+        self.assertEqual((a.stopsignal, a.exitcodes, a.startretries), (signal.SIGINT, {0, 2}, None))
+        # the SPEC's defaults
+        self.assertEqual((b.autostart, b.autorestart, b.exitcodes, b.startsecs, b.startretries),
+                         (True, True, {0}, 1.0, 3))
+        self.assertEqual((b.backoff, b.backoff_max, b.stopsignal, b.stopwaitsecs),
+                         (1.0, 60.0, signal.SIGTERM, 10.0))
+        self.assertEqual((b.stopasgroup, b.killasgroup, b.priority, b.redirect_stderr),
+                         (True, True, 999, False))
+        self.assertEqual(b.stdout_logfile_maxbytes, 50 * 1024 ** 2)
+        self.assertEqual(b.stdout_logfile_backups, 10)
+
+    def test_machine_problems_fail_check_only(self):
+        d = temp_dir(self)
+        noexec = write_file(os.path.join(d, "noexec.sh"), "#!/bin/sh\necho hi\n", mode=0o644)
+        text = """\
+            [program:missing]
+            command = {dir}/no-such-program --flag
+            [program:noexec]
+            command = %s
+            [program:nodir]
+            command = sleep 1
+            directory = {dir}/no-such-dir
+            [program:nouser]
+            command = sleep 1
+            user = no-such-user-respawn
+            [program:notinpath]
+            command = no-such-command-respawn-xyz
+            [program:fine]
+            command = sleep 1
+            """ % noexec
+        text = textwrap.dedent(text).replace("{dir}", d)
+        path = write_file(os.path.join(d, "m.ini"), text)
+        # without machine checks (what `run` does) the config is fine
+        self.assertEqual(len(respawn.load_config(path).programs), 6)
+        with self.assertRaises(respawn.ConfigErrors) as cm:
+            respawn.load_config(path, machine_checks=True)
+        errors = [str(e) for e in cm.exception.errors]
+        want = [(1, "[program:missing] command '%s/no-such-program' not found" % d),
+                (3, "[program:noexec] command '%s' is not executable" % noexec),
+                (5, "[program:nodir] directory '%s/no-such-dir' does not exist" % d),
+                (8, "[program:nouser] unknown user or group 'no-such-user-respawn'"),
+                (11, "[program:notinpath] command 'no-such-command-respawn-xyz' not found in PATH")]
+        self.assertEqual(sorted(errors), sorted("%s:%d: %s" % (path, n, m) for n, m in want))
+        p = subprocess.run([PY, SCRIPT, "-c", path, "check"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 2, p.stdout)
+        self.assertNotIn("Traceback", p.stdout)
+        self.assertEqual(sorted(p.stdout.strip().splitlines()), sorted(errors))
+
+    def test_run_with_a_config_error_exits_2_and_starts_nothing(self):
+        d = temp_dir(self)
+        marker = os.path.join(d, "started")
+        sock = os.path.join(d, "s.sock")
+        path = write_file(os.path.join(d, "c.ini"), """\
+            [respawn]
+            socket = %s
+            watch_self = false
+            [program:good]
+            command = touch %s
+            startsecs = 0
+            [program:bad]
+            command = sleep 1
+            startsecs = soon
+            """ % (sock, marker))
+        p = subprocess.run([PY, SCRIPT, "-c", path, "run"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertNotIn("Traceback", p.stderr)
+        self.assertEqual(p.stderr.strip().splitlines(),
+                         ["%s:9: startsecs: expected a duration such as 10, 0.5, 500ms, 2s or 1m, "
+                          "not 'soon'" % path])
+        self.assertFalse(os.path.exists(marker), "a service was started")
+        self.assertFalse(os.path.exists(sock), "the control socket was created")
+        self.assertFalse(os.path.exists(sock + ".lock"), "the lock was taken")
+
+
+# ---------------------------------------------------------------------------
+# Service policy: a fake clock, no processes
+# ---------------------------------------------------------------------------
+
+def failed_starts_until_fatal(prog, limit=10000, rand=lambda: 0.5):
+    """Run the policy on a service whose every start fails at once; the number of
+    starts until FATAL (None if not FATAL within limit) and the delays."""
+    svc = respawn.Service(prog)
+    now, delays = 1000.0, []
+    for start in range(1, limit + 1):
+        svc.state, svc.started_mono = respawn.STARTING, now
+        now += 0.01                                   # dies long before startsecs
+        state, delay = respawn.decide_exit(svc, 1, now, rand)
+        if state == respawn.FATAL:
+            return start, delays
+        assert state == respawn.BACKOFF, state
+        delays.append(delay)
+        svc.state = respawn.BACKOFF
+        now += delay
+    return None, delays
+
+
+class TestCorePolicy(unittest.TestCase):
+    def test_backoff_delay_bounds(self):
+        prog = program(backoff=0.5, backoff_max=3.0)
+        for n, d in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (5, 3.0), (30, 3.0), (5000, 3.0)]:
+            with self.subTest(n=n):
+                self.assertAlmostEqual(respawn.backoff_delay(prog, n, rand=lambda: 0.0), d / 2)
+                self.assertAlmostEqual(respawn.backoff_delay(prog, n, rand=lambda: 1.0), d)
+                self.assertAlmostEqual(respawn.backoff_delay(prog, n, rand=lambda: 0.5), d * 0.75)
+        import random
+        rng = random.Random(7)
+        draws = [respawn.backoff_delay(prog, 2, rand=rng.random) for _ in range(500)]
+        self.assertTrue(all(0.5 <= x <= 1.0 for x in draws))
+        self.assertGreater(max(draws) - min(draws), 0.3)     # jittered, not fixed
+
+    def test_startretries_n_means_n_more_attempts(self):
+        for n in (0, 1, 3, 7):
+            with self.subTest(startretries=n):
+                starts, delays = failed_starts_until_fatal(program(startretries=n, backoff=1.0,
+                                                                   backoff_max=100.0))
+                self.assertEqual(starts, n + 1)
+                self.assertEqual(len(delays), n)
+                # exponential: 1, 2, 4, ... each drawn at 0.75 of d
+                self.assertEqual(delays, [0.75 * 2 ** i for i in range(n)])
+
+    def test_startretries_zero_is_fatal_at_first_failure(self):
+        svc = respawn.Service(program(startretries=0))
+        svc.state, svc.started_mono = respawn.STARTING, 0.0
+        self.assertEqual(respawn.decide_exit(svc, 1, 0.1), (respawn.FATAL, None))
+        self.assertEqual(svc.failures, 1)
+        self.assertEqual(svc.exitstatus, 1)
+
+    def test_forever_never_gives_up_and_is_capped(self):
+        prog = program(startretries=None, backoff=0.1, backoff_max=5.0)
+        starts, delays = failed_starts_until_fatal(prog, limit=2000, rand=lambda: 1.0)
+        self.assertIsNone(starts)
+        self.assertEqual(len(delays), 2000)
+        self.assertEqual(max(delays), 5.0)
+        self.assertEqual(delays[-1], 5.0)
+        self.assertAlmostEqual(delays[0], 0.1)
+        _, low = failed_starts_until_fatal(prog, limit=300, rand=lambda: 0.0)
+        self.assertEqual(low[-1], 2.5)
+
+    def test_a_good_run_restarts_at_once_and_resets_failures(self):
+        svc = respawn.Service(program(startsecs=1.0, startretries=3))
+        svc.failures = 3                  # three failed starts before this good one
+        svc.state, svc.started_mono = respawn.RUNNING, 100.0
+        self.assertEqual(respawn.decide_exit(svc, 1, 101.5), (respawn.RUNNING, 0.0))
+        self.assertEqual(svc.failures, 0)
+        # and the next failure starts the count (and the backoff) over
+        svc.state, svc.started_mono = respawn.STARTING, 102.0
+        self.assertEqual(respawn.decide_exit(svc, 1, 102.1, lambda: 1.0), (respawn.BACKOFF, 1.0))
+        self.assertEqual(svc.failures, 1)
+
+    def test_a_short_run_is_a_failed_start(self):
+        svc = respawn.Service(program(startsecs=2.0, startretries=3, backoff=0.5))
+        svc.state, svc.started_mono = respawn.RUNNING, 0.0
+        state, delay = respawn.decide_exit(svc, 0, 1.0, lambda: 0.0)
+        self.assertEqual((state, delay), (respawn.BACKOFF, 0.25))
+        self.assertEqual(svc.failures, 1)
+        # alive long enough but never ready (still STARTING): failed too
+        svc = respawn.Service(program(startsecs=1.0))
+        svc.state, svc.started_mono = respawn.STARTING, 0.0
+        self.assertEqual(respawn.decide_exit(svc, 0, 50.0)[0], respawn.BACKOFF)
+
+    def test_autorestart_false_and_unexpected(self):
+        def after_good_run(status, **values):
+            svc = respawn.Service(program(startsecs=1.0, **values))
+            svc.state, svc.started_mono = respawn.RUNNING, 0.0
+            return respawn.decide_exit(svc, status, 10.0)[0]
+        self.assertEqual(after_good_run(0, autorestart=True), respawn.RUNNING)
+        self.assertEqual(after_good_run(0, autorestart=False), respawn.EXITED)
+        self.assertEqual(after_good_run(3, autorestart=False), respawn.EXITED)
+        self.assertEqual(after_good_run(-9, autorestart=False), respawn.EXITED)
+        codes = frozenset([0, 2])
+        self.assertEqual(after_good_run(0, autorestart="unexpected", exitcodes=codes), respawn.EXITED)
+        self.assertEqual(after_good_run(2, autorestart="unexpected", exitcodes=codes), respawn.EXITED)
+        self.assertEqual(after_good_run(1, autorestart="unexpected", exitcodes=codes), respawn.RUNNING)
+        self.assertEqual(after_good_run(-15, autorestart="unexpected", exitcodes=codes), respawn.RUNNING)
+
+    def test_one_shot_with_expected_code_is_exited_not_failed(self):
+        for autorestart in (False, "unexpected"):
+            with self.subTest(autorestart=autorestart):
+                svc = respawn.Service(program(startsecs=5.0, autorestart=autorestart,
+                                              exitcodes=frozenset([0, 4]), startretries=0))
+                svc.state, svc.started_mono = respawn.STARTING, 0.0
+                self.assertEqual(respawn.decide_exit(svc, 4, 0.01), (respawn.EXITED, None))
+                self.assertEqual(svc.failures, 0)
+                svc.state = respawn.EXITED       # and `status` does not count it as down
+                self.assertTrue(respawn.should_be_running(svc))
+                # an unexpected code that fast is a failed start (startretries 0: FATAL)
+                svc.state, svc.started_mono = respawn.STARTING, 1.0
+                self.assertEqual(respawn.decide_exit(svc, 1, 1.01), (respawn.FATAL, None))
+        # a start we killed (ready_timeout) is a failure whatever its code
+        svc = respawn.Service(program(startsecs=5.0, autorestart=False))
+        svc.state, svc.started_mono, svc.failing = respawn.STOPPING, 0.0, "not ready within 1s"
+        self.assertEqual(respawn.decide_exit(svc, 0, 2.0)[0], respawn.BACKOFF)
+
+    def test_should_be_running(self):
+        def svc(state, status=None, wanted=True, **values):
+            s = respawn.Service(program(**values))
+            s.state, s.exitstatus, s.wanted = state, status, wanted
+            return s
+        self.assertTrue(respawn.should_be_running(svc(respawn.RUNNING)))
+        self.assertTrue(respawn.should_be_running(svc(respawn.STARTING)))
+        for state in (respawn.FATAL, respawn.BACKOFF, respawn.STOPPED):
+            self.assertFalse(respawn.should_be_running(svc(state)), state)
+            self.assertTrue(respawn.should_be_running(svc(state, wanted=False)), state)
+        self.assertTrue(respawn.should_be_running(svc(respawn.EXITED, 0, autorestart=False)))
+        self.assertFalse(respawn.should_be_running(svc(respawn.EXITED, 1, autorestart=False)))
+        self.assertFalse(respawn.should_be_running(svc(respawn.EXITED, 0, autorestart=True)))
+
+    def test_stop_waves_reverse_priority_level_by_level(self):
+        progs = [program("db", priority=10), program("cache", priority=10),
+                 program("api", priority=20), program("web", priority=30), program("worker", priority=30)]
+        services = {p.name: respawn.Service(p) for p in progs}
+        self.assertEqual(respawn.stop_waves(list(services), services),
+                         [["web", "worker"], ["api"], ["cache", "db"]])
+        self.assertEqual(respawn.stop_waves(["db", "web"], services), [["web"], ["db"]])
+
+    def test_stop_waves_dependants_first_whatever_the_priority(self):
+        # app requires db, but db has the higher priority number: requires wins
+        progs = [program("db", priority=900), program("app", priority=1, requires=("db",)),
+                 program("ui", priority=1, requires=("app",)), program("other", priority=500)]
+        services = {p.name: respawn.Service(p) for p in progs}
+        waves = respawn.stop_waves(list(services), services)
+        order = {n: i for i, wave in enumerate(waves) for n in wave}
+        self.assertLess(order["ui"], order["app"])
+        self.assertLess(order["app"], order["db"])
+        self.assertEqual(sorted(order), ["app", "db", "other", "ui"])
+        self.assertEqual(waves, [["other"], ["ui"], ["app"], ["db"]])
+
+
+# ---------------------------------------------------------------------------
+# Start: environment, directory, umask, user, a clean signal state
+# ---------------------------------------------------------------------------
+
+def wait_pid(sup, name):
+    return wait_for(lambda: sup.svc(name)["pid"], what="%s's pid" % name)
+
+
+class TestCoreStart(unittest.TestCase):
+    def test_environment_directory_umask(self):
+        sup = core_sup(self, """\
+            [program:env]
+            command = sh -c 'echo "A=$A"; echo "B=$B"; echo "PWD=$(pwd)"; echo "HERE=%(here)s"; touch made; exec sleep 1000'
+            directory = {dir}/work
+            environment = A="1",B="two words, and a comma"
+            umask = 027
+            startsecs = 0
+            """)
+        os.mkdir(sup.path("work"))
+        # the supervisor's own umask differs, so the service's can only come from the config
+        sup.start(prefix=("sh", "-c", 'umask 002; exec "$@"', "sh"))
+        sup.wait_state("env", "RUNNING")
+        made = sup.path("work", "made")
+        wait_for(lambda: os.path.exists(made) and "env | PWD=" in sup.stdout(), what="the service's output")
+        out = sup.stdout()
+        self.assertIn("env | A=1\n", out)
+        self.assertIn("env | B=two words, and a comma\n", out)
+        self.assertIn("env | PWD=%s\n" % sup.path("work"), out)
+        self.assertIn("env | HERE=%s\n" % sup.dir, out)
+        self.assertEqual(stat.S_IMODE(os.stat(made).st_mode), 0o640)
+        self.assertEqual(sup.terminate(), 0)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to run a service as another user")
+    def test_user_nobody(self):
+        pw = pwd.getpwnam("nobody")
+        sup = core_sup(self, """\
+            [program:who]
+            command = sh -c 'grep -E "^(Uid|Gid|Groups):" /proc/self/status; echo "HOME=$HOME USER=$USER LOGNAME=$LOGNAME"; exec sleep 1000'
+            user = nobody
+            directory = /
+            startsecs = 0
+            """)
+        sup.start()
+        pid = wait_pid(sup, "who")
+        wait_for(lambda: "who | HOME=" in sup.stdout(), what="the service's output")
+        out = sup.stdout()
+        uid, gid = pw.pw_uid, pw.pw_gid
+        self.assertIn("who | Uid:\t%d\t%d\t%d\t%d\n" % ((uid,) * 4), out)
+        self.assertIn("who | Gid:\t%d\t%d\t%d\t%d\n" % ((gid,) * 4), out)
+        groups = re.search(r"who \| Groups:(.*)\n", out).group(1).split()
+        self.assertEqual(sorted(int(g) for g in groups), sorted(set(os.getgrouplist("nobody", gid))))
+        self.assertIn("who | HOME=%s USER=nobody LOGNAME=nobody\n" % pw.pw_dir, out)
+        # the exec'd process itself, seen from outside
+        st = proc_status(pid)
+        self.assertEqual(st["Uid"].split(), [str(uid)] * 4)
+        self.assertEqual(sorted(int(g) for g in st["Groups"].split()),
+                         sorted(set(os.getgrouplist("nobody", gid))))
+        self.assertEqual(sup.terminate(), 0)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to run a service as another user")
+    def test_user_and_group(self):
+        gname = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+        sup = core_sup(self, """\
+            [program:g]
+            command = sleep 1000
+            user = nobody
+            group = %s
+            directory = /
+            startsecs = 0
+            """ % gname)
+        sup.start()
+        pid = wait_pid(sup, "g")
+        st = proc_status(pid)
+        self.assertEqual(st["Uid"].split(), [str(pwd.getpwnam("nobody").pw_uid)] * 4)
+        self.assertEqual(st["Gid"].split(), [str(grp.getgrnam(gname).gr_gid)] * 4)
+        self.assertNotIn("0", st["Groups"].split())
+        self.assertEqual(sup.terminate(), 0)
+
+    def _signal_state(self, prefix=()):
+        sup = core_sup(self, """\
+            [program:plain]
+            command = sleep 1000
+            startsecs = 0
+            [program:shell]
+            command = sh -c 'sleep 1000 & wait'
+            startsecs = 0
+            """)
+        sup.start(prefix=prefix)
+        pid = wait_pid(sup, "plain")
+        st = proc_status(pid)
+        self.assertEqual(int(st["SigBlk"], 16), 0, "blocked signals in a service: %s" % st["SigBlk"])
+        self.assertEqual(int(st["SigIgn"], 16), 0, "ignored signals in a service: %s" % st["SigIgn"])
+        shell = wait_pid(sup, "shell")
+        st = proc_status(shell)
+        self.assertEqual(int(st["SigBlk"], 16), 0)
+        self.assertEqual(sup.terminate(), 0)
+        return sup
+
+    def test_services_start_with_clean_signals(self):
+        self._signal_state()
+
+    def test_clean_signals_under_nohup_and_a_blocked_mask(self):
+        # like nohup (HUP ignored) plus a launcher that ignores and blocks more
+        launcher = ("import os, signal, sys\n"
+                    "for s in (signal.SIGHUP, signal.SIGTTOU, signal.SIGALRM, signal.SIGUSR1, signal.SIGPIPE):\n"
+                    "    signal.signal(s, signal.SIG_IGN)\n"
+                    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGWINCH, signal.SIGTERM})\n"
+                    "os.execv(sys.argv[1], sys.argv[1:])\n")
+        # the launcher's state survives its exec: what a plain program gets from it
+        p = subprocess.Popen([PY, "-c", launcher, "/bin/sleep", "1000"])
+        self.addCleanup(p.wait)
+        self.addCleanup(p.kill)
+        wait_for(lambda: proc_status(p.pid)["Name"] == "sleep", what="the exec")
+        st = proc_status(p.pid)
+        self.assertTrue(int(st["SigIgn"], 16) & (1 << (signal.SIGHUP - 1)))
+        self.assertTrue(int(st["SigBlk"], 16) & (1 << (signal.SIGWINCH - 1)))
+        # ... and what a service gets when the supervisor was started by it: nothing
+        sup = self._signal_state(prefix=(PY, "-c", launcher))
+        self.assertNotIn("Traceback", sup.stderr())
+
+    def test_missing_command_backs_off_to_fatal_others_keep_running(self):
+        sup = core_sup(self, """\
+            [program:good]
+            command = sleep 1000
+            startsecs = 0
+            [program:ghost]
+            command = {dir}/no-such-program --flag
+            startsecs = 0.2
+            startretries = 2
+            backoff = 0.05
+            backoff_max = 0.1
+            [program:noexec]
+            command = {dir}/noexec.sh
+            startretries = 1
+            backoff = 0.05
+            [program:nodir]
+            command = sleep 1000
+            directory = {dir}/no-such-dir
+            startretries = 0
+            [program:nouser]
+            command = sleep 1000
+            user = no-such-user-respawn
+            startretries = 0
+            """)
+        write_file(sup.path("noexec.sh"), "#!/bin/sh\necho hi\n", mode=0o644)
+        sup.start()
+        good = wait_pid(sup, "good")
+        ghost = sup.wait_state("ghost", "FATAL")
+        self.assertIn("not found", ghost["reason"])
+        self.assertIn("gave up after 3 failed starts", ghost["reason"])
+        self.assertIsNone(ghost["pid"])
+        err = sup.stderr()
+        line = "ghost: command '%s' not found" % sup.path("no-such-program")
+        self.assertEqual(err.count(line + "\n"), 3, err)
+        self.assertIn("failed start 1, retrying in", err)
+        self.assertIn("failed start 2, retrying in", err)
+        self.assertIn("noexec", sup.wait_state("noexec", "FATAL")["name"])
+        self.assertIn("noexec: cannot execute '%s'" % sup.path("noexec.sh"), sup.stderr())
+        self.assertIn("does not exist", sup.wait_state("nodir", "FATAL")["reason"])
+        self.assertIn("unknown user", sup.wait_state("nouser", "FATAL")["reason"])
+        s = sup.svc("good")
+        self.assertEqual((s["state"], s["pid"]), ("RUNNING", good))
+        self.assertTrue(pid_alive(good))
+        self.assertNotIn("Traceback", sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+        # the supervisor's own log: one line per event, each with a timestamp and a level
+        lines = sup.stderr().splitlines()
+        self.assertGreater(len(lines), 10)
+        for line in lines:
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO |WARN |ERROR) \S")
+        self.assertTrue(any(" ERROR ghost: " in l for l in lines))
+        self.assertTrue(any(" WARN  ghost: " in l for l in lines))
+
+
+# ---------------------------------------------------------------------------
+# Watch: respawn after SIGKILL, many times, no leak
+# ---------------------------------------------------------------------------
+
+def quiet_fds(pid):
+    """What pid holds open (sorted kinds), once only the listening socket is a socket."""
+    kinds = []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        kinds.append(re.sub(r"\[\d+\]$", "", target) if ":" in target else target)
+    return sorted(kinds) if kinds.count("socket:") == 1 else None
+
+
+def fast_wait(predicate, timeout=DEADLINE, what="a condition"):
+    """wait_for with a short poll: the loop below waits for a thousand respawns."""
+    return wait_for(predicate, timeout, what, interval=0.0005)
+
+
+class TestCoreRespawn(unittest.TestCase):
+    def kill_loop(self, kills, env=None, pidfds=None):
+        sup = core_sup(self, """\
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            [program:bystander]
+            command = sleep 1000
+            startsecs = 0
+            """, env=env)
+        sup.start()
+        sup.wait_state("victim", "RUNNING")
+        bystander = sup.wait_state("bystander", "RUNNING")["pid"]
+        if pidfds is not None:
+            self.assertIs(sup.status()["supervisor"]["pidfds"], pidfds)
+        spid = sup.proc.pid
+        pid = sup.svc("victim")["pid"]
+        baseline = wait_for(lambda: quiet_fds(spid), what="no control connection open")
+        seen = {pid, bystander}
+        t0 = time.monotonic()
+        for i in range(kills):
+            os.kill(pid, signal.SIGKILL)
+            new = fast_wait(lambda: [k for k in children_of(spid) if k not in seen and pid_alive(k)],
+                            what="a new victim after kill %d" % (i + 1))
+            self.assertEqual(len(new), 1, new)
+            pid = new[0]
+            seen.add(pid)
+        took = time.monotonic() - t0
+        sys.stderr.write("[%d kills in %.1fs] " % (kills, took))
+        s = sup.svc("victim")
+        self.assertEqual(s["pid"], pid)
+        self.assertEqual(s["restarts"], kills)
+        self.assertEqual(s["state"], "RUNNING")
+        self.assertEqual(sup.svc("bystander")["pid"], bystander)
+        self.assertEqual(set(children_of(spid)), {pid, bystander})
+        self.assertEqual(zombies_of(spid), [])
+        # every exit status reached the policy (one reaper: nothing stole one)
+        self.assertEqual(sup.stderr().count("victim: killed by SIGKILL after "), kills)
+        # the status request's connection is closed once answered: back to the baseline
+        after = wait_for(lambda: quiet_fds(spid), timeout=5, what="no control connection open")
+        self.assertEqual(after, baseline)
+        self.assertEqual(fd_count(spid), len(baseline))
+        self.assertEqual(sup.terminate(), 0)
+        self.assertFalse(pid_alive(pid))
+
+    def test_thousand_kills_default_watcher(self):
+        self.kill_loop(1000, pidfds=respawn.pidfds_work() or None)
+
+    def test_kills_with_sigchld_watcher(self):
+        self.kill_loop(200, env={"RESPAWN_NO_PIDFD": "1"}, pidfds=False)
+
+
+# ---------------------------------------------------------------------------
+# Stop: order, stopsignal, stopwaitsecs, no grandchild survives
+# ---------------------------------------------------------------------------
+
+RECORDER = r"""
+import os, signal, sys, time
+name, log, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def rec(what):
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, ("%s %s %.6f\n" % (what, name, time.time())).encode())
+    os.close(fd)
+def on_signal(signum, frame):
+    rec("got-" + signal.Signals(signum).name)
+    time.sleep(delay)          # the service's own clean-up before it exits
+    rec("exit")
+    os._exit(0)
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+    signal.signal(s, on_signal)
+rec("start")
+while True:
+    signal.pause()
+"""
+
+
+def read_records(path):
+    got, exits, starts = {}, {}, set()
+    with open(path) as f:
+        for line in f:
+            what, name, t = line.split()
+            if what == "start":
+                starts.add(name)
+            elif what == "exit":
+                exits[name] = float(t)
+            else:
+                got.setdefault(name, []).append((what[4:], float(t)))
+    return got, exits, starts
+
+
+def kill_members(groups):
+    """Cleanup: SIGKILL recorded grandchildren still in their service's process group."""
+    for leader, kids in groups.values():
+        for kid in kids:
+            try:
+                if os.getpgid(kid) == leader:
+                    os.kill(kid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class TestCoreStop(unittest.TestCase):
+    def stop_in_order(self, sig):
+        sup = core_sup(self, """\
+            [program:front1]
+            command = {py} {dir}/rec.py front1 {dir}/rec.log 0.4
+            priority = 30
+            startsecs = 0
+            [program:front2]
+            command = {py} {dir}/rec.py front2 {dir}/rec.log 0.4
+            priority = 30
+            startsecs = 0
+            [program:middle]
+            command = {py} {dir}/rec.py middle {dir}/rec.log 0.3
+            priority = 20
+            stopsignal = HUP
+            startsecs = 0
+            [program:back]
+            command = {py} {dir}/rec.py back {dir}/rec.log 0.1
+            priority = 10
+            stopsignal = INT
+            startsecs = 0
+            """)
+        write_file(sup.path("rec.py"), RECORDER)
+        log = sup.path("rec.log")
+        sup.start()
+        names = {"front1", "front2", "middle", "back"}
+        wait_for(lambda: os.path.exists(log) and read_records(log)[2] == names,
+                 what="every service to install its handlers")
+        pids = {n: sup.svc(n)["pid"] for n in names}
+        self.assertEqual(sup.terminate(sig), 0)
+        got, exits, _ = read_records(log)
+        for n in names:          # each got exactly its stopsignal, once
+            self.assertEqual([s for s, _ in got[n]], [{"middle": "SIGHUP", "back": "SIGINT"}.get(n, "SIGTERM")],
+                             got)
+            self.assertIn(n, exits)
+            self.assertFalse(pid_alive(pids[n]))
+        first = lambda n: got[n][0][1]
+        # level by level: a level is signalled only after the one above has exited
+        self.assertGreaterEqual(first("middle"), max(exits["front1"], exits["front2"]))
+        self.assertGreaterEqual(first("back"), exits["middle"])
+        # and a level's services are signalled together, not one after another
+        self.assertLess(first("front1"), exits["front2"])
+        self.assertLess(first("front2"), exits["front1"])
+        self.assertIn("got %s: stopping every service" % signal.Signals(sig).name, sup.stderr())
+
+    def test_sigterm_stops_in_reverse_priority(self):
+        self.stop_in_order(signal.SIGTERM)
+
+    def test_sigint_stops_in_reverse_priority(self):
+        self.stop_in_order(signal.SIGINT)
+
+    def test_stopwaitsecs_then_sigkill_of_the_group(self):
+        sup = core_sup(self, """\
+            [program:stubborn]
+            command = sh -c 'trap "" TERM; sleep 1000 & echo $! > {dir}/gc.pid; sleep 1000'
+            stopwaitsecs = 1
+            startsecs = 0
+            [program:polite]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        sup.start()
+        pid = wait_pid(sup, "stubborn")
+        gc_path = sup.path("gc.pid")
+        wait_for(lambda: os.path.exists(gc_path) and read_text(gc_path).strip(), what="the grandchild's pid")
+        gc = int(read_text(gc_path))
+        wait_for(lambda: int(proc_status(gc)["SigIgn"], 16) & (1 << (signal.SIGTERM - 1)),
+                 what="the grandchild to ignore TERM")
+        polite = wait_pid(sup, "polite")
+        t0 = time.monotonic()
+        self.assertEqual(sup.terminate(), 0)
+        took = time.monotonic() - t0
+        self.assertGreaterEqual(took, 0.9, "SIGKILL came before stopwaitsecs")
+        err = sup.stderr()
+        self.assertIn("stubborn: still alive after 1s: SIGKILL", err)
+        self.assertIn("stubborn: stopped (killed by SIGKILL)", err)
+        self.assertIn("polite: stopped (killed by SIGTERM)", err)
+        self.assertNotIn("polite: still alive", err)
+        for p in (pid, polite):
+            self.assertFalse(pid_alive(p))
+        wait_for(lambda: not pid_alive(gc), timeout=5, what="the grandchild to be gone")
+
+    def test_no_grandchild_survives_a_stop(self):
+        sup = core_sup(self, """\
+            [program:family]
+            command = sh -c 'sleep 1000 & sleep 1000 & wait'
+            startsecs = 0
+            [program:deaf]
+            command = sh -c '(trap "" TERM; exec sleep 1000) & (trap "" TERM; exec sleep 1000) & wait'
+            startsecs = 0
+            stopwaitsecs = 30
+            """)
+        sup.start()
+        grandchildren = {}
+        for name in ("family", "deaf"):
+            pid = wait_pid(sup, name)
+            kids = wait_for(lambda: (lambda k: k if len(k) == 2 else None)(
+                [c for c in children_of(pid) if pid_alive(c)]), what="%s's two children" % name)
+            grandchildren[name] = (pid, kids)
+        for kid in grandchildren["deaf"][1]:
+            wait_for(lambda: proc_status(kid)["Name"] == "sleep", what="the exec of sleep")
+            self.assertTrue(int(proc_status(kid)["SigIgn"], 16) & (1 << (signal.SIGTERM - 1)))
+        self.addCleanup(kill_members, grandchildren)
+        self.assertEqual(sup.terminate(), 0)
+        # the main processes were reaped before the supervisor exited; the ones that
+        # ignore TERM were killed with the group when their parent exited, not after
+        # stopwaitsecs (30 s, longer than terminate() waits)
+        for name, (pid, kids) in grandchildren.items():
+            self.assertFalse(pid_alive(pid), name)
+            for kid in kids:
+                wait_for(lambda: not pid_alive(kid), timeout=5, what="%s's child %d to be gone" % (name, kid))
+        self.assertNotIn("still alive", sup.stderr())
+
+    def test_supervisor_exits_only_after_all_are_gone(self):
+        sup = core_sup(self, """\
+            [program:slow]
+            command = {py} {dir}/rec.py slow {dir}/rec.log 0.8
+            startsecs = 0
+            """)
+        write_file(sup.path("rec.py"), RECORDER)
+        sup.start()
+        pid = wait_pid(sup, "slow")
+        wait_for(lambda: os.path.exists(sup.path("rec.log")) and "slow" in read_records(sup.path("rec.log"))[2],
+                 what="the handler")
+        self.assertEqual(sup.terminate(), 0)
+        # the service took 0.8 s to exit after its TERM: the supervisor waited for it
+        got, exits, _ = read_records(sup.path("rec.log"))
+        self.assertEqual([s for s, _ in got["slow"]], ["SIGTERM"])
+        self.assertIn("slow", exits)
+        self.assertFalse(pid_alive(pid))
+        self.assertEqual(zombies_of(sup.proc.pid), [])
+
+
+# ---------------------------------------------------------------------------
+# Output: prefixed lines, log files, rotation, reopen, floods
+# ---------------------------------------------------------------------------
+
+CHATTY = r"""
+import os, sys, time
+name, lines, size, pieces = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for i in range(lines):
+    line = ("%s:%d:" % (name, i)).encode() + name.encode() * size + b"\n"
+    step = len(line) // pieces + 1
+    for k in range(0, len(line), step):
+        os.write(1, line[k:k + step])
+        time.sleep(0.0002)     # write each line in pieces, slowly
+"""
+
+TICKER = r"""
+import sys, time
+for i in range(100000):
+    sys.stdout.write("%06d tick\n" % i)
+    sys.stdout.flush()
+    time.sleep(0.01)
+"""
+
+FLOOD = r"""
+import os, sys, time
+n, done = int(sys.argv[1]), sys.argv[2]
+t0 = time.monotonic()
+w = sys.stdout.write
+pad = "y" * 88
+for i in range(n):
+    w("%09d %s\n" % (i, pad))
+sys.stdout.flush()
+with open(done, "w") as f:
+    f.write("%.3f" % (time.monotonic() - t0))
+"""
+
+
+def supervisor_alive(sup):
+    """For a wait_for predicate: fail at once, with its log, if the supervisor died."""
+    if sup.proc.poll() is not None:
+        raise AssertionError("the supervisor exited with %s:\n%s" % (sup.proc.returncode, sup.stderr()[-3000:]))
+    return True
+
+
+def numbered(lines):
+    return [int(l.split()[0]) for l in lines]
+
+
+class TestCoreOutput(unittest.TestCase):
+    def test_prefixed_streams_redirect_and_last_line(self):
+        sup = core_sup(self, """\
+            [program:streams]
+            command = sh -c 'echo to-stdout; echo to-stderr >&2'
+            autorestart = false
+            startsecs = 0
+            [program:merged]
+            command = sh -c 'echo merged-out; echo merged-err >&2'
+            redirect_stderr = true
+            autorestart = false
+            startsecs = 0
+            [program:tail]
+            command = printf 'first\\nno newline at the end'
+            autorestart = false
+            startsecs = 0
+            """)
+        sup.start()
+        for name in ("streams", "merged", "tail"):
+            sup.wait_state(name, "EXITED")
+        out, err = sup.stdout(), sup.stderr()
+        self.assertIn("streams | to-stdout\n", out)
+        self.assertIn("streams | to-stderr\n", err)
+        self.assertNotIn("streams | to-stderr", out)
+        self.assertNotIn("streams | to-stdout", err)
+        self.assertIn("merged | merged-out\n", out)
+        self.assertIn("merged | merged-err\n", out)
+        self.assertNotIn("merged | ", err)
+        self.assertIn("tail | first\n", out)
+        self.assertIn("tail | no newline at the end\n", out)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_last_line_without_newline_of_a_killed_service(self):
+        sup = core_sup(self, """\
+            [program:partial]
+            command = sh -c 'printf "half a line"; exec sleep 1000'
+            startsecs = 0
+            autorestart = false
+            """)
+        sup.start()
+        pid = wait_pid(sup, "partial")
+        wait_for(lambda: os.path.exists("/proc/%d" % pid) and proc_status(pid)["Name"] == "sleep",
+                 what="the printf")
+        self.assertNotIn("half a line", sup.stdout())      # held: a line is not over yet
+        os.kill(pid, signal.SIGKILL)
+        sup.wait_state("partial", "EXITED")
+        sup.wait_log("partial | half a line\n", stream="stdout")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_chatty_services_never_interleave_mid_line(self):
+        lines, size = 60, 3000
+        sup = core_sup(self, """\
+            [program:aa]
+            command = {py} {dir}/chatty.py A %d %d 7
+            autorestart = false
+            startsecs = 0
+            [program:bb]
+            command = {py} {dir}/chatty.py B %d %d 7
+            autorestart = false
+            startsecs = 0
+            """ % (lines, size, lines, size))
+        write_file(sup.path("chatty.py"), CHATTY)
+        sup.start()
+        sup.wait_state("aa", "EXITED")
+        sup.wait_state("bb", "EXITED")
+        out = sup.stdout().splitlines()
+        for name, letter in (("aa", "A"), ("bb", "B")):
+            mine = [l for l in out if l.startswith(name + " | ")]
+            self.assertEqual(mine, ["%s | %s:%d:%s" % (name, letter, i, letter * size) for i in range(lines)])
+        others = [l for l in out if not l.startswith(("aa | ", "bb | "))]
+        self.assertEqual(others, [])
+
+    def test_logfile_gets_exactly_what_the_service_wrote(self):
+        payload = (b"alpha\n\tbeta  gamma \r\nsome | pipe\n\xff\xfe raw bytes\n\n" + b"z" * 70000
+                   + b"\nno newline at the end")
+        sup = core_sup(self, """\
+            [program:exact]
+            command = cat {dir}/payload.bin
+            stdout_logfile = {dir}/logs/exact.log
+            autorestart = false
+            startsecs = 0
+            [program:exact2]
+            command = sh -c 'cat {dir}/payload.bin >&2'
+            stderr_logfile = {dir}/logs/exact2.err
+            autorestart = false
+            startsecs = 0
+            """)
+        with open(sup.path("payload.bin"), "wb") as f:
+            f.write(payload)
+        sup.start()
+        sup.wait_state("exact", "EXITED")
+        sup.wait_state("exact2", "EXITED")
+        for name in ("exact.log", "exact2.err"):
+            with open(sup.path("logs", name), "rb") as f:
+                self.assertEqual(f.read(), payload, name)
+        self.assertNotIn("exact |", sup.stdout())
+        self.assertNotIn("exact2 |", sup.stderr())
+        self.assertNotIn("alpha", sup.stdout() + sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_rotation_by_maxbytes_and_backups(self):
+        sup = core_sup(self, """\
+            [program:rot]
+            command = {py} -c "import sys; [sys.stdout.write('%%05d %%s\\n' %% (i, 'x' * 44)) for i in range(400)]"
+            stdout_logfile = {dir}/rot.log
+            stdout_logfile_maxbytes = 1KB
+            stdout_logfile_backups = 3
+            autorestart = false
+            startsecs = 0
+            """)
+        sup.start()
+        sup.wait_state("rot", "EXITED")
+        base = sup.path("rot.log")
+        files = [base + ".3", base + ".2", base + ".1", base]
+        for f in files:
+            self.assertTrue(os.path.exists(f), f)
+        self.assertFalse(os.path.exists(base + ".4"), "more backups than configured")
+        kept = []
+        for f in files:
+            with open(f, "rb") as fh:
+                data = fh.read()
+            self.assertTrue(data.endswith(b"\n"), "a line split across files: %s" % f)
+            self.assertLessEqual(len(data), 1024, f)
+            lines = data.decode().splitlines()
+            for l in lines:
+                self.assertRegex(l, r"^\d{5} x{44}$")
+            if f != base:
+                self.assertGreater(len(data) + 51, 1024, "rotated before the file was full: %s" % f)
+            kept += numbered(lines)
+        self.assertEqual(kept, list(range(kept[0], 400)), "lines lost, repeated or out of order")
+        self.assertEqual(len(kept), 80)       # 4 files of 20 lines of 51 bytes
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_logfile_unit_rotation_keeps_lines_whole(self):
+        d = temp_dir(self)
+        path = os.path.join(d, "u.log")
+        log = respawn.LogFile(path, 100, 3)
+        self.addCleanup(log.close)
+        log.write(b"a" * 30 + b"\n" + b"b" * 30)        # a line not finished yet
+        log.write(b"b" * 50 + b"\nc\n")                  # ... it ends in its file, past maxbytes
+        log.write(b"d" * 250 + b"\n")                    # one line longer than maxbytes: alone
+        log.write(b"e\n")
+        log.write(b"f" * 40 + b"\n" + b"g" * 40 + b"\n" + b"h" * 40 + b"\n")   # two fit, not three
+        want = [b"a" * 30 + b"\n" + b"b" * 80 + b"\n",     # dropped: backups = 3
+                b"c\n", b"d" * 250 + b"\n", b"e\n" + b"f" * 40 + b"\n" + b"g" * 40 + b"\n",
+                b"h" * 40 + b"\n"]
+        for name, data in zip([".3", ".2", ".1", ""], want[1:]):
+            with open(path + name, "rb") as f:
+                self.assertEqual(f.read(), data, name)
+        self.assertFalse(os.path.exists(path + ".4"))
+        # backups = 0: the file starts over
+        z = respawn.LogFile(os.path.join(d, "z.log"), 10, 0)
+        self.addCleanup(z.close)
+        z.write(b"12345678\nabc\n")
+        self.assertEqual(read_text(os.path.join(d, "z.log")), "abc\n")
+        self.assertFalse(os.path.exists(os.path.join(d, "z.log.1")))
+
+    def test_sigusr1_reopens_log_files(self):
+        sup = core_sup(self, """\
+            [program:tick]
+            command = {py} {dir}/tick.py
+            stdout_logfile = {dir}/tick.log
+            startsecs = 0
+            """)
+        write_file(sup.path("tick.py"), TICKER)
+        sup.start()
+        log, old = sup.path("tick.log"), sup.path("tick.log.old")
+        count = lambda p: read_text(p).count("\n") if os.path.exists(p) else 0
+        wait_for(lambda: count(log) >= 5, what="some ticks")
+        os.rename(log, old)                 # as logrotate does
+        wait_for(lambda: count(old) >= 8, what="ticks into the renamed file")
+        self.assertFalse(os.path.exists(log))
+        sup.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: count(log) >= 5, what="ticks in a new file at the original path")
+        sup.wait_log("got SIGUSR1: reopening log files")
+        self.assertEqual(sup.terminate(), 0)
+        before = numbered(read_text(old).splitlines())
+        after = numbered(read_text(log).splitlines())
+        self.assertEqual(before + after, list(range(len(before) + len(after))))
+
+    def test_rotation_after_the_file_was_renamed_away(self):
+        """logrotate renames, then sends USR1: a rotation between the two must not kill us."""
+        for backups in (2, 0):
+            with self.subTest(backups=backups):
+                sup = core_sup(self, """\
+                    [program:tick]
+                    command = {py} {dir}/tick.py
+                    stdout_logfile = {dir}/tick.log
+                    stdout_logfile_maxbytes = 100
+                    stdout_logfile_backups = %d
+                    startsecs = 0
+                    """ % backups)
+                write_file(sup.path("tick.py"), TICKER)
+                sup.start()
+                log = sup.path("tick.log")
+                wait_for(lambda: os.path.exists(log) and os.path.getsize(log) > 0, what="a tick")
+                os.rename(log, sup.path("away.log"))
+                # 100 bytes are 8 ticks: past maxbytes the supervisor rotates, then goes on
+                wait_for(lambda: supervisor_alive(sup) and os.path.exists(log) and os.path.getsize(log) > 0,
+                         what="a new file after a rotation")
+                self.assertEqual(sup.svc("tick")["state"], "RUNNING")
+                self.assertIsNone(sup.proc.poll())
+                self.assertNotIn("Traceback", sup.stderr())
+                self.assertEqual(sup.terminate(), 0)
+
+    def _flood(self, target):
+        n = 200000                          # 200000 lines of 99 bytes: ~20 MB
+        sup = core_sup(self, """\
+            [program:flood]
+            command = {py} {dir}/flood.py %d {dir}/done
+            autorestart = false
+            startsecs = 0
+            %s
+            """ % (n, target))
+        write_file(sup.path("flood.py"), FLOOD)
+        sup.start()
+        wait_for(lambda: os.path.exists(sup.path("done")) and read_text(sup.path("done")),
+                 timeout=60, what="the flood to be written")
+        sys.stderr.write("[20 MB written in %ss] " % read_text(sup.path("done")))
+        sup.wait_state("flood", "EXITED", timeout=60)
+        return sup, n
+
+    def test_flood_to_the_supervisor_stdout(self):
+        sup, n = self._flood("")
+        self.assertEqual(sup.terminate(), 0)
+        lines = sup.stdout().splitlines()
+        mine = [l for l in lines if l.startswith("flood | ")]
+        self.assertEqual(len(mine), n)
+        self.assertEqual([int(l[8:17]) for l in mine], list(range(n)))
+        self.assertTrue(all(len(l) == 8 + 98 for l in mine))
+
+    def test_flood_to_a_logfile(self):
+        sup, n = self._flood("stdout_logfile = {dir}/flood.log")
+        with open(sup.path("flood.log"), "rb") as f:
+            data = f.read()
+        self.assertEqual(data, b"".join(b"%09d %s\n" % (i, b"y" * 88) for i in range(n)))
         self.assertEqual(sup.terminate(), 0)
 
 
