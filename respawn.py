@@ -1087,18 +1087,6 @@ def set_subreaper():
         return False
 
 
-def trim_heap():
-    """Give freed heap back to the kernel (glibc's malloc_trim).  Compiling this
-    file, which Python does at every start since a __main__ script has no .pyc,
-    leaves ~10 MiB freed but held; trimming once the loop is about to idle
-    returns about half of it.  Elsewhere (musl, macOS) it does nothing."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, ImportError, AttributeError):
-        pass
-
-
 # ---------------------------------------------------------------------------
 # Output: service pipes, line prefixing, log files
 # ---------------------------------------------------------------------------
@@ -2090,7 +2078,9 @@ class Supervisor:
             if self.services[name].wanted:
                 self.start(self.services[name])
         self.start_waiting()
-        if self.file_watch and old.settings["watch_config"] != new.settings["watch_config"]:
+        # watch what the new config asks for (also when nothing was watched before)
+        watched = lambda c: (c.settings["watch_self"], c.settings["watch_config"], sorted(c.files))
+        if watched(old) != watched(new):
             self.setup_file_watch()
         return summary
 
@@ -2601,9 +2591,11 @@ class FileWatch:
         self.seen = dict(now)
         for p in settled:
             self.stats[p] = self.seen[p]
+        # armed before the callback: a reload in it may close this watch, and
+        # close() must be able to cancel the next poll
+        self.timer = self.sup.timers.at(monotonic() + 1.0, self.poll)
         if settled:
             self.callback(settled)
-        self.timer = self.sup.timers.at(monotonic() + 1.0, self.poll)
 
     @staticmethod
     def stat(path):
@@ -2699,6 +2691,14 @@ class ReexecMixin:
         if self.reexec_busy or self.shutting_down:
             if client:
                 client.reply({"ok": False, "error": "a re-exec or shutdown is already in progress"})
+            return
+        if self.waves:
+            # the stop waves still to run are not part of the handoff: finish them first
+            if client:
+                client.reply({"ok": False, "error": "a stop is in progress; try again when it is done"})
+            else:
+                self.log("info", "%s: re-exec postponed until the stop in progress is done" % why)
+                self.timers.at(monotonic() + 1.0, self.request_reexec, why)
             return
         fail = lambda msg: self.reexec_refused(msg, None, client)
         try:
@@ -3220,7 +3220,6 @@ def cmd_run(args, config_path, script, source):
 
 def supervise(sup):
     """The loop, and what must happen however it ends."""
-    trim_heap()
     try:
         sup.run_loop()
     finally:
@@ -3259,6 +3258,7 @@ def resume(args, script, source):
         if args.rollback is not None and os.environ.get("RESPAWN_ROLLED_BACK") != state.get("new_hash"):
             sys.stderr.write("respawn: restore failed (%s: %s); rolling back to the previous code\n"
                              % (type(exc).__name__, exc))
+            sys.stderr.flush()        # exec does not flush, and 3.8's stderr is block-buffered
             os.environ["RESPAWN_ROLLED_BACK"] = state.get("new_hash") or ""
             os.set_inheritable(fd, True)
             os.lseek(fd, 0, os.SEEK_SET)
@@ -3365,7 +3365,8 @@ def cmd_client(args, config_path):
         payload["signal"] = args.sig
     if cmd == "log":
         payload = {"name": args.name, "n": args.n, "follow": args.follow}
-    answers = request(path, cmd, payload)
+    # status must answer promptly (it is a liveness probe); the others wait for states
+    answers = request(path, cmd, payload, timeout=30.0 if cmd == "status" else None)
     try:
         first = next(answers)
     except StopIteration:
@@ -3519,6 +3520,9 @@ def main(argv=None, code=None):
         except Exception as exc:   # the trial reports any failure as one line
             print("the new code cannot restore the running state: %s: %s" % (type(exc).__name__, exc))
             return EXIT_FAIL
+        # the config that counts is the one in effect, carried in the state: an
+        # edit on disk that was never reloaded must not block an upgrade
+        return EXIT_OK
     config_path = os.path.abspath(find_config(args.config))
     try:
         if command == "run":
@@ -3528,6 +3532,9 @@ def main(argv=None, code=None):
         return cmd_client(args, config_path)
     except NoSupervisor as exc:
         print(exc)
+        return EXIT_FAIL
+    except socket.timeout:
+        print("the supervisor did not answer in time (it may be stopped or overloaded)")
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL

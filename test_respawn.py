@@ -9,6 +9,8 @@ under deadlines, never on bare sleeps, and every test kills what it started.
 """
 
 import grp
+import selectors
+import threading
 import json
 import os
 import pwd
@@ -1640,6 +1642,938 @@ class TestCoreOutput(unittest.TestCase):
             data = f.read()
         self.assertEqual(data, b"".join(b"%09d %s\n" % (i, b"y" * 88) for i in range(n)))
         self.assertEqual(sup.terminate(), 0)
+
+
+# ---------------------------------------------------------------------------
+# Operating it (issue 4): control socket, every command, one instance, daemon, cron, systemd
+# ---------------------------------------------------------------------------
+
+NOBODY = 65534
+
+# A service that prints a numbered line every 50 ms and says when it gets USR1.
+CTL_TICKER = """import signal, time
+signal.signal(signal.SIGUSR1, lambda *a: print("got USR1", flush=True))
+i = 0
+while True:
+    print("n", i, flush=True)
+    i += 1
+    time.sleep(0.05)
+"""
+
+
+def ticker_program(name, extra=""):
+    """A [program:NAME] section running {dir}/ticker.py (see write_ticker)."""
+    return ("[program:%s]\ncommand = {py} -u {dir}/ticker.py\nstartsecs = 0.2\nstopwaitsecs = 2\n%s\n"
+            % (name, extra))
+
+
+def write_ticker(sup):
+    with open(sup.path("ticker.py"), "w") as f:
+        f.write(CTL_TICKER)
+
+
+def numbers(lines):
+    """The counters of CTL_TICKER lines ('n 12' -> 12), in order."""
+    return [int(line.split()[1]) for line in lines if re.match(r"^n \d+$", line)]
+
+
+def log_lines(sup, name, n):
+    """A service's last n lines through the protocol, in-process (for polling)."""
+    return next(respawn.request(sup.sock, "log", {"name": name, "n": n}))["lines"]
+
+
+def one_line(test, p, code=1, pattern=None):
+    """A client command that failed: exactly one line of output, this exit code."""
+    out = (p.stdout + p.stderr).strip()
+    test.assertEqual(p.returncode, code, "exit %s, output %r" % (p.returncode, out))
+    test.assertEqual(len(out.splitlines()), 1, "want one line, got %r" % out)
+    if pattern:
+        test.assertRegex(out, pattern)
+    return out
+
+
+class LineReader:
+    """Reads a child's stdout in a thread, so a test can wait on lines."""
+
+    def __init__(self, test, proc):
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.stop)
+
+    def _run(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.thread.join(10)
+        self.proc.stdout.close()
+
+
+def follow(test, sup, name, n=0):
+    """`log NAME -n N -f` as a child process whose lines a test can read."""
+    proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "log", name, "-n", str(n), "-f"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=sup.env)
+    return LineReader(test, proc)
+
+
+def supervisors_of(config):
+    """PIDs of processes whose command line runs a supervisor on this config."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % name, "rb") as f:
+                args = f.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue
+        if config in args and "run" in args and pid_alive(int(name)):
+            out.append(int(name))
+    return out
+
+
+def stop_daemon(pid, service_pids, timeout=15):
+    """Cleanup of a daemon we started (not our child): TERM, wait, KILL; then its services."""
+    if pid and pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            wait_for(lambda: not pid_alive(pid), timeout, "the daemon to exit")
+        except AssertionError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in service_pids:
+        kill_group(p)
+
+
+def as_user(uid, func):
+    """Run func() in a forked child with uid/gid `uid` and no groups; (exit code, output).
+    The interpreter stays the one running the tests (pyenv's may not load as nobody)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            sys.stdout = open(1, "w", closefd=False)     # not a test runner's capture
+            sys.stderr = open(2, "w", closefd=False)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            code = func()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException as exc:     # noqa: B902 - report anything, never return to unittest
+            if isinstance(exc, SystemExit) and isinstance(exc.code, int):
+                code = exc.code
+            else:
+                os.write(2, ("child failed: %r\n" % (exc,)).encode())
+        finally:
+            os._exit(code if isinstance(code, int) else 98)
+    os.close(w)
+    chunks = []
+    while True:
+        data = os.read(r, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+        else (os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)), \
+        b"".join(chunks).decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------
+
+STATUS_CONFIG = """
+[respawn]
+watch_self = false
+
+[program:run]
+command = sleep 1000
+startsecs = 0.2
+stopwaitsecs = 2
+
+[program:oneshot]
+command = true
+autorestart = false
+startsecs = 0
+
+[program:badexit]
+command = sh -c "exit 3"
+autorestart = false
+startsecs = 0
+
+[program:fatal]
+command = sh -c "exit 1"
+startsecs = 1
+startretries = 0
+
+[program:backoff]
+command = sh -c "exit 1"
+startsecs = 1
+startretries = forever
+backoff = 30
+backoff_max = 60
+
+[program:waiting]
+command = sleep 1000
+requires = fatal
+
+[program:manual]
+command = sleep 1000
+autostart = false
+
+[program:killed]
+command = sleep 1000
+autorestart = false
+startsecs = 0.2
+
+[program:stopme]
+command = sleep 1000
+startsecs = 0.2
+stopwaitsecs = 2
+"""
+
+
+class TestStatus(unittest.TestCase):
+    def setUp(self):
+        self.sup = Sup(self, STATUS_CONFIG).start()
+        sup = self.sup
+        sup.wait_state("run", "RUNNING")
+        sup.wait_state("oneshot", "EXITED")
+        sup.wait_state("badexit", "EXITED")
+        sup.wait_state("fatal", "FATAL")
+        sup.wait_state("backoff", "BACKOFF")
+        sup.wait_state("killed", "RUNNING")
+        sup.wait_state("stopme", "RUNNING")
+
+    def code(self, *names):
+        p = self.sup.ctl("status", *names)
+        self.assertEqual(p.stderr, "")
+        return p.returncode, p.stdout
+
+    def test_status_exit_codes_judge_only_named_services(self):
+        sup = self.sup
+        code, out = self.code()
+        self.assertEqual(code, 3, out)
+        # one table line per service: name, state, then pid/uptime or last exit
+        rows = {line.split()[0]: line for line in out.splitlines()}
+        self.assertEqual(set(rows), {"run", "oneshot", "badexit", "fatal", "backoff", "waiting",
+                                     "manual", "killed", "stopme"}, out)
+        self.assertRegex(rows["run"], r"^run\s+RUNNING\s+pid %d, uptime \d+:\d\d:\d\d$"
+                         % sup.svc("run")["pid"])
+        self.assertRegex(rows["badexit"], r"EXITED\s+exit 3")
+        self.assertRegex(rows["fatal"], r"FATAL\s+exit 1")
+        self.assertRegex(rows["backoff"], r"BACKOFF\s+.*retry in \d+\.\ds")
+        self.assertRegex(rows["waiting"], r"STOPPED\s+waiting for fatal")
+        self.assertRegex(rows["manual"], r"STOPPED\s+not started")
+        # running, a one-shot that exited as expected, one never started: 0
+        self.assertEqual(self.code("run", "oneshot", "manual")[0], 0)
+        # each kind of "should run but does not": 3, judged alone
+        for name in ("badexit", "fatal", "backoff", "waiting"):
+            code, out = self.code(name)
+            self.assertEqual(code, 3, "%s: %s" % (name, out))
+            self.assertEqual(len(out.splitlines()), 1, out)
+        self.assertEqual(self.code("run", "fatal")[0], 3)
+        # stopped by the operator: 0, and its exit status is minus SIGTERM
+        p = sup.ctl("stop", "stopme")
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "stopme: STOPPED"), p.stderr)
+        self.assertEqual(self.code("stopme")[0], 0)
+        self.assertEqual(sup.svc("stopme")["exitstatus"], -signal.SIGTERM)
+        # killed from outside, not to be restarted: EXITED with -9, and that is a 3
+        pid = sup.svc("killed")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        s = sup.wait_state("killed", "EXITED")
+        self.assertEqual(s["exitstatus"], -signal.SIGKILL)
+        self.assertIsNone(s["pid"])
+        code, out = self.code("killed")
+        self.assertEqual(code, 3)
+        self.assertRegex(out, r"killed\s+EXITED\s+killed by SIGKILL")
+        # an unknown name: one line, exit 1, whether alone or with known ones
+        for names in (("nope",), ("run", "nope")):
+            out = one_line(self, sup.ctl("status", *names), 1, "nope")
+            self.assertIn("no such service", out)
+        one_line(self, sup.ctl("status", "--json", "nope"), 1, "no such service: nope")
+
+    def test_status_json_has_the_spec_keys(self):
+        sup = self.sup
+        before = time.time()
+        p = sup.ctl("status", "--json")
+        self.assertEqual(p.returncode, 3, p.stderr)
+        doc = json.loads(p.stdout)
+        s = doc["supervisor"]
+        self.assertTrue({"pid", "version", "started", "reexecs", "config"} <= set(s), s)
+        self.assertEqual(s["pid"], sup.proc.pid)
+        self.assertIsInstance(s["version"], str)
+        self.assertEqual(s["version"], respawn.__version__)
+        self.assertEqual(s["reexecs"], 0)
+        self.assertEqual(s["config"], sup.config)
+        self.assertTrue(before - 120 < s["started"] <= before, s)
+        keys = {"name", "state", "pid", "started", "uptime", "restarts", "exitstatus", "reason", "ready"}
+        svcs = {x["name"]: x for x in doc["services"]}
+        for x in svcs.values():
+            self.assertTrue(keys <= set(x), x)
+            self.assertIsInstance(x["ready"], bool)
+        run = svcs["run"]
+        self.assertEqual((run["state"], run["ready"], run["exitstatus"], run["reason"]),
+                         ("RUNNING", True, None, None))
+        self.assertTrue(pid_alive(run["pid"]))
+        self.assertTrue(before - 120 < run["started"] <= time.time())
+        self.assertGreater(run["uptime"], 0)
+        self.assertEqual(run["restarts"], 0)
+        manual = svcs["manual"]       # never started: every absent value is null
+        self.assertEqual([manual[k] for k in ("pid", "started", "uptime", "exitstatus")],
+                         [None] * 4)
+        self.assertEqual(manual["state"], "STOPPED")
+        self.assertEqual((svcs["badexit"]["exitstatus"], svcs["badexit"]["pid"],
+                          svcs["badexit"]["uptime"]), (3, None, None))
+        self.assertEqual(svcs["fatal"]["state"], "FATAL")
+        self.assertIn("exit 1", svcs["fatal"]["reason"])
+        # named: only those, in the order asked; a healthy set exits 0
+        p = sup.ctl("status", "--json", "oneshot", "run")
+        self.assertEqual(p.returncode, 0, p.stdout)
+        self.assertEqual([x["name"] for x in json.loads(p.stdout)["services"]], ["oneshot", "run"])
+
+
+# ---------------------------------------------------------------------------
+# Every command, against a running supervisor, then across a re-exec
+# ---------------------------------------------------------------------------
+
+COMMANDS_CONFIG = """
+[respawn]
+watch_self = false
+
+%s
+%s
+[program:other]
+command = sleep 1000
+startsecs = 0.2
+stopwaitsecs = 2
+priority = 10
+
+[program:broken]
+command = sh -c "exit 1"
+autostart = false
+startsecs = 1
+startretries = 0
+"""
+
+
+class TestCommands(unittest.TestCase):
+    def make(self):
+        sup = Sup(self, COMMANDS_CONFIG % (
+            ticker_program("tick"),
+            ticker_program("filed", "stdout_logfile = {dir}/filed.log\n")), copy_script=True)
+        write_ticker(sup)
+        sup.start()
+        for name in ("tick", "filed", "other"):
+            sup.wait_state(name, "RUNNING")
+        return sup
+
+    def ok(self, p, pattern=None):
+        self.assertEqual(p.returncode, 0, "stdout %r stderr %r" % (p.stdout, p.stderr))
+        if pattern:
+            self.assertRegex(p.stdout, pattern)
+        return p.stdout
+
+    def exercise(self, sup, after_reexec):
+        """start/stop/restart/all, signal, log -n, reload: outputs and exit codes."""
+        pids = {n: sup.svc(n)["pid"] for n in ("tick", "filed", "other")}
+        self.assertEqual(self.ok(sup.ctl("stop", "tick")), "tick: STOPPED\n")
+        self.assertFalse(pid_alive(pids["tick"]))
+        self.assertEqual(sup.svc("tick")["state"], "STOPPED")
+        self.assertEqual(sup.ctl("status").returncode, 0)   # stopped by the operator
+        self.assertEqual(self.ok(sup.ctl("start", "tick")), "tick: RUNNING\n")
+        new = sup.svc("tick")
+        self.assertEqual(new["state"], "RUNNING")
+        self.assertNotEqual(new["pid"], pids["tick"])
+        self.assertEqual(self.ok(sup.ctl("restart", "tick", "other")), "tick: RUNNING\nother: RUNNING\n")
+        s = sup.status()["services"]
+        by = {x["name"]: x for x in s}
+        self.assertNotEqual(by["tick"]["pid"], new["pid"])
+        self.assertNotEqual(by["other"]["pid"], pids["other"])
+        self.assertFalse(pid_alive(new["pid"]) or pid_alive(pids["other"]))
+        # all: stop every service, then start the wanted ones again
+        broken = sup.svc("broken")["state"]       # STOPPED, or FATAL from the last round
+        self.assertEqual(self.ok(sup.ctl("stop", "all")),    # priority, then name
+                         "other: STOPPED\nbroken: %s\nfiled: STOPPED\ntick: STOPPED\n" % broken)
+        self.assertTrue(all(not x["pid"] for x in sup.status()["services"]))
+        out = sup.ctl("start", "all")        # broken fails its start: exit 1, said per service
+        self.assertEqual(out.returncode, 1, out.stdout)
+        self.assertIn("broken: ERROR (FATAL", out.stdout)
+        for name in ("tick", "filed", "other"):
+            self.assertIn("%s: RUNNING\n" % name, out.stdout)
+        # the operator asked for broken and it is FATAL: status says 3 until it is stopped
+        self.assertEqual(sup.ctl("status").returncode, 3)
+        self.assertEqual(sup.ctl("status", "broken").returncode, 3)
+        self.assertEqual(self.ok(sup.ctl("stop", "broken")), "broken: FATAL\n")
+        self.assertEqual(sup.ctl("status").returncode, 0)
+        before = {x["name"]: x["pid"] for x in sup.status()["services"]}
+        out = self.ok(sup.ctl("restart", "tick", "filed", "other"))
+        self.assertEqual(sorted(out.splitlines()), ["filed: RUNNING", "other: RUNNING", "tick: RUNNING"])
+        after = {x["name"]: x for x in sup.status()["services"]}
+        for name in ("tick", "filed", "other"):
+            self.assertEqual(after[name]["state"], "RUNNING")
+            self.assertNotEqual(after[name]["pid"], before[name])
+            self.assertFalse(pid_alive(before[name]))
+        one_line(self, sup.ctl("start", "nope"), 1, "no such service: nope")
+        one_line(self, sup.ctl("restart", "tick", "nope"), 1, "no such service: nope")
+        self.assertEqual(sup.svc("tick")["pid"], after["tick"]["pid"])   # nothing was done
+        # signal
+        self.assertEqual(self.ok(sup.ctl("signal", "USR1", "tick")), "tick: signalled\n")
+        wait_for(lambda: "got USR1" in log_lines(sup, "tick", 50), what="the ticker to log its USR1")
+        self.assertEqual(sup.svc("tick")["state"], "RUNNING")
+        one_line(self, sup.ctl("signal", "BOGUS", "tick"), 1, "unknown signal")
+        one_line(self, sup.ctl("signal", "USR1", "broken"), 1, "not running: broken")
+        # log -n: a prefixed service from the memory tail, a file-logged one from its file
+        out = self.ok(sup.ctl("log", "tick", "-n", "5")).splitlines()
+        self.assertEqual(len(out), 5, out)
+        nums = numbers(out)
+        self.assertEqual(nums, list(range(nums[0], nums[0] + len(nums))), out)
+        wait_for(lambda: len(open(sup.path("filed.log")).read().splitlines()) >= 4, what="filed.log")
+        out = self.ok(sup.ctl("log", "filed", "-n", "3")).splitlines()
+        with open(sup.path("filed.log")) as f:
+            file_lines = f.read().splitlines()
+        self.assertEqual(len(out), 3, out)
+        self.assertTrue(set(out) <= set(file_lines), (out, file_lines[-5:]))
+        self.assertNotIn("filed |", sup.stdout())      # file-logged output is not prefixed
+        one_line(self, sup.ctl("log", "nope"), 1, "no such service: nope")
+        # reload: an added service starts, the others keep their pids
+        kept = {n: sup.svc(n)["pid"] for n in ("tick", "filed", "other")}
+        with open(sup.config, "a") as f:
+            f.write("\n[program:added%d]\ncommand = sleep 1000\nstartsecs = 0.2\n" % after_reexec)
+        self.assertEqual(self.ok(sup.ctl("reload")), "added: added%d\n" % after_reexec)
+        sup.wait_state("added%d" % after_reexec, "RUNNING")
+        self.assertEqual({n: sup.svc(n)["pid"] for n in kept}, kept)
+        self.assertEqual(self.ok(sup.ctl("reload")), "no change\n")
+        good = open(sup.config).read()
+        with open(sup.config, "a") as f:
+            f.write("\n[program:bad]\ncommand = sleep 1\nstartsecs = soon\n")
+        p = sup.ctl("reload")
+        self.assertEqual(p.returncode, 1, p.stdout)
+        self.assertIn("startsecs", p.stdout)
+        self.assertIn("config rejected", p.stdout)
+        self.assertEqual({n: sup.svc(n)["pid"] for n in kept}, kept)
+        # back to the first config: the added service is stopped and removed
+        added_pid = sup.svc("added%d" % after_reexec)["pid"]
+        with open(sup.config, "w") as f:
+            f.write(good.replace("\n[program:added%d]\ncommand = sleep 1000\nstartsecs = 0.2\n"
+                                 % after_reexec, ""))
+        self.assertEqual(self.ok(sup.ctl("reload")), "removed: added%d\n" % after_reexec)
+        wait_for(lambda: "added%d" % after_reexec not in [x["name"] for x in sup.status()["services"]],
+                 what="the removed service to go")
+        self.assertFalse(pid_alive(added_pid))
+        self.assertEqual({n: sup.svc(n)["pid"] for n in kept}, kept)
+
+    def test_every_command_then_again_after_a_reexec(self):
+        sup = self.make()
+        sup_pid = sup.proc.pid
+        self.exercise(sup, 0)
+        # reexec: same supervisor pid, services untouched, counted in status
+        pids = {x["name"]: x["pid"] for x in sup.status()["services"]}
+        last_before = numbers(log_lines(sup, "tick", 1))[0]
+        out = self.ok(sup.ctl("reexec"), r"^re-executed: pid %d, version %s \([0-9a-f]{12}\), "
+                                         r"handoff [\d.]+ ms\n$" % (sup_pid, re.escape(respawn.__version__)))
+        del out
+        st = sup.status()
+        self.assertEqual((st["supervisor"]["pid"], st["supervisor"]["reexecs"]), (sup_pid, 1))
+        self.assertEqual({x["name"]: x["pid"] for x in st["services"]}, pids)
+        # the memory tail came across: log -n shows lines from before and after the
+        # exec, consecutive (none lost in the exec window, none twice)
+        wait_for(lambda: numbers(log_lines(sup, "tick", 1))[0] > last_before + 3,
+                 what="new ticker lines after the re-exec")
+        nums = numbers(sup.ctl("log", "tick", "-n", "200").stdout.splitlines())
+        starts = [i for i in range(1, len(nums)) if nums[i] < nums[i - 1]]
+        nums = nums[starts[-1]:] if starts else nums      # this instance's lines only
+        self.assertIn(last_before, nums)
+        self.assertEqual(nums, list(range(nums[0], nums[0] + len(nums))))
+        self.exercise(sup, 1)
+        self.assertEqual(sup.status()["supervisor"]["pid"], sup_pid)
+        # shutdown: everything stops, the client says so and exits 0, then the supervisor exits 0
+        pids = [x["pid"] for x in sup.status()["services"] if x["pid"]]
+        self.assertEqual(len(pids), 3)
+        self.assertEqual(self.ok(sup.ctl("shutdown")), "stopped\n")
+        self.assertEqual([p for p in pids if pid_alive(p)], [])
+        self.assertEqual(sup.proc.wait(DEADLINE), 0)
+        self.assertFalse(os.path.exists(sup.sock))
+        one_line(self, sup.ctl("status"), 1, "no supervisor is running")
+
+    def test_log_follow_prefixed_and_file_and_across_a_reexec(self):
+        sup = self.make()
+        for name in ("tick", "filed"):
+            reader = follow(self, sup, name, n=2)
+            wait_for(lambda: len(numbers(reader.lines)) >= 6, what="%s followed lines" % name)
+            nums = numbers(reader.lines)
+            # the two tail lines then live ones, in order, none twice
+            self.assertEqual(nums, sorted(set(nums)), reader.lines[:20])
+            self.assertGreater(nums[-1] - nums[0], 4)
+            seen = nums[-1]
+            self.assertEqual(self.ok(sup.ctl("reexec"))[:12], "re-executed:")
+            wait_for(lambda: numbers(reader.lines)[-1] > seen + 10,
+                     what="%s lines after the re-exec" % name)
+            nums = numbers(reader.lines)
+            self.assertEqual(nums, sorted(set(nums)), "a line twice or out of order")
+            self.assertIsNone(reader.proc.poll())
+            reader.stop()
+        self.assertEqual(sup.status()["supervisor"]["reexecs"], 2)
+        # a follower ends (exit 0) when the supervisor shuts down
+        reader = follow(self, sup, "tick")
+        wait_for(lambda: numbers(reader.lines), what="a followed line")
+        self.assertEqual(self.ok(sup.ctl("shutdown")), "stopped\n")
+        self.assertEqual(reader.proc.wait(DEADLINE), 0)
+        self.assertEqual(sup.proc.wait(DEADLINE), 0)
+
+    def test_shutdown_stops_a_service_still_starting(self):
+        # A STARTING service used to be marked STOPPED without a signal: shutdown then hung.
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:slow]
+            command = sleep 1000
+            startsecs = 60
+            stopwaitsecs = 2
+            """).start()
+        pid2 = sup.wait_state("slow", "STARTING")["pid"]
+        p = sup.ctl("shutdown", timeout=DEADLINE)
+        self.assertEqual((p.returncode, p.stdout), (0, "stopped\n"))
+        self.assertFalse(pid_alive(pid2))
+        self.assertEqual(sup.proc.wait(DEADLINE), 0)
+
+
+class TestNoSupervisor(unittest.TestCase):
+    COMMANDS = (("status",), ("status", "--json"), ("status", "x"), ("start", "x"), ("stop", "all"),
+                ("restart", "x"), ("signal", "HUP", "x"), ("reload",), ("reexec",), ("log", "x"),
+                ("log", "x", "-f"), ("shutdown",))
+
+    def test_every_client_command_says_so_in_one_line_and_exits_1(self):
+        sup = Sup(self, "[program:x]\ncommand = sleep 1000\n")
+        # no socket at all, then a stale socket file nobody listens on
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        for case in ("missing", "stale"):
+            if case == "stale":
+                stale.bind(sup.sock)
+                stale.close()
+                self.assertTrue(stat.S_ISSOCK(os.stat(sup.sock).st_mode))
+            procs = [(args, subprocess.Popen([PY, sup.script, "-c", sup.config] + list(args),
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True, env=sup.env))
+                     for args in self.COMMANDS]        # at once: a slow machine runs them in parallel
+            for args, proc in procs:
+                out, err = proc.communicate(timeout=60)
+                p = subprocess.CompletedProcess(args, proc.returncode, out, err)
+                out = one_line(self, p, 1)
+                self.assertEqual(out, "no supervisor is running (nothing answers on %s)" % sup.sock,
+                                 (case, args))
+
+
+# ---------------------------------------------------------------------------
+# Socket security: modes, and SO_PEERCRED refusing another user
+# ---------------------------------------------------------------------------
+
+class TestSocketSecurity(unittest.TestCase):
+    def test_modes_and_another_user_is_refused(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root to run a client as nobody (uid %d)" % NOBODY)
+        sup = Sup(self, "[respawn]\nwatch_self = false\n[program:x]\ncommand = sleep 1000\n")
+        # the socket in a folder of its own, created by the supervisor; a second
+        # folder that already exists with 0755 is tightened to 0700
+        sock = sup.path("run", "x.sock")
+        loose = sup.path("loose")
+        os.mkdir(loose, 0o755)
+        os.chmod(loose, 0o755)
+        text = open(sup.config).read().replace("socket = %s" % sup.sock, "socket = %s" % sock)
+        with open(sup.config, "w") as f:
+            f.write(text)
+        sup.sock = sock
+        sup.start()
+        pid = sup.wait_state("x", "RUNNING")["pid"]
+        self.assertEqual(stat.S_IMODE(os.stat(sup.path("run")).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(sock).st_mode), 0o600)
+        self.assertTrue(stat.S_ISSOCK(os.stat(sock).st_mode))
+        # now open every door in the file system, so that only SO_PEERCRED stands
+        for d in (sup.dir, sup.path("run")):
+            os.chmod(d, 0o711)
+        os.chmod(sup.config, 0o644)
+        os.chmod(sock, 0o666)
+        code, out = as_user(NOBODY, lambda: respawn.main(["-c", sup.config, "status"]))
+        self.assertEqual(code, 1, out)
+        self.assertEqual(out.strip(), "permission denied: uid %d is neither root nor the supervisor's user"
+                         % NOBODY)
+        # the same for a command that would change something: nothing changes
+        code, out = as_user(NOBODY, lambda: respawn.main(["-c", sup.config, "stop", "x"]))
+        self.assertEqual(code, 1, out)
+        self.assertIn("permission denied", out)
+        self.assertEqual((sup.svc("x")["pid"], sup.svc("x")["state"]), (pid, "RUNNING"))
+        # raw protocol as nobody: the refusal is the server's answer, after a successful connect
+        def raw():
+            replies = list(respawn.request(sock, "shutdown"))
+            print(json.dumps(replies))
+            return 0
+        code, out = as_user(NOBODY, raw)
+        self.assertEqual(code, 0, out)
+        replies = json.loads(out)
+        self.assertEqual(len(replies), 1, replies)
+        self.assertFalse(replies[0]["ok"])
+        self.assertIn("uid %d" % NOBODY, replies[0]["error"])
+        # and our own user is served through the very same open doors
+        self.assertEqual(sup.ctl("status").returncode, 0)
+        self.assertIsNone(sup.proc.poll())
+
+    def test_daemon_says_why_it_cannot_start_and_exits_1(self):
+        """The socket folder belongs to another user: run --daemon says why in one line, exit 1."""
+        if os.geteuid() != 0:
+            self.skipTest("needs root to make a folder belong to uid %d" % NOBODY)
+        sup = Sup(self, "[respawn]\nwatch_self = false\n[program:x]\ncommand = sleep 1000\n")
+        theirs = sup.path("theirs")
+        os.mkdir(theirs, 0o700)
+        os.chown(theirs, NOBODY, NOBODY)
+        text = open(sup.config).read().replace("socket = %s" % sup.sock,
+                                               "socket = %s/x.sock\nlogfile = %s/d.log"
+                                               % (theirs, sup.dir))
+        with open(sup.config, "w") as f:
+            f.write(text)
+        p = subprocess.run([PY, SCRIPT, "-c", sup.config, "run", "--daemon"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=60, env=sup.env)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertEqual(p.stdout, "")
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertIn("belongs to uid %d" % NOBODY, p.stderr)
+        self.assertEqual(supervisors_of(sup.config), [])
+
+
+# ---------------------------------------------------------------------------
+# Stale socket and pidfile; one supervisor per config
+# ---------------------------------------------------------------------------
+
+class TestStaleAndSingle(unittest.TestCase):
+    def test_stale_socket_and_pidfile_after_a_sigkill(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            pidfile = {dir}/sup.pid
+            [program:x]
+            command = sleep 1000
+            startsecs = 0.2
+            """)
+        with open(sup.path("sup.pid"), "w") as f:
+            f.write("999999999\n")                   # a stale pidfile is overwritten
+        sup.start()
+        first = sup.proc.pid
+        with open(sup.path("sup.pid")) as f:
+            self.assertEqual(f.read(), "%d\n" % first)
+        old_pid = sup.wait_state("x", "RUNNING")["pid"]
+        self.addCleanup(kill_group, old_pid)
+        sup.proc.send_signal(signal.SIGKILL)
+        sup.proc.wait(DEADLINE)
+        kill_group(old_pid)                          # the orphan service, by its recorded group
+        wait_for(lambda: not pid_alive(old_pid), what="the orphan to die")
+        self.assertTrue(stat.S_ISSOCK(os.stat(sup.sock).st_mode), "the stale socket is left")
+        self.assertTrue(os.path.exists(sup.path("sup.pid")))
+        one_line(self, sup.ctl("status"), 1, "no supervisor is running")
+        sup.out.close()                              # Sup.start opens them again
+        sup.err.close()
+        sup.start()
+        second = sup.proc.pid
+        self.assertNotEqual(second, first)
+        p = sup.ctl("status", "--json")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["supervisor"]["pid"], second)
+        new_pid = sup.wait_state("x", "RUNNING")["pid"]
+        self.assertNotEqual(new_pid, old_pid)
+        with open(sup.path("sup.pid")) as f:
+            self.assertEqual(f.read(), "%d\n" % second)
+        self.assertEqual(sup.terminate(), 0)
+        self.assertFalse(os.path.exists(sup.path("sup.pid")), "the pidfile is removed at exit")
+
+    def test_second_run_says_already_running_and_exits_0(self):
+        sup = Sup(self, "[respawn]\nwatch_self = false\n[program:x]\ncommand = sleep 1000\nstartsecs = 0.2\n")
+        sup.start()
+        pid = sup.wait_state("x", "RUNNING")["pid"]
+        p = subprocess.run([PY, SCRIPT, "-c", sup.config, "run"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=60, env=sup.env, cwd=sup.dir)
+        self.assertEqual((p.returncode, p.stdout, p.stderr),
+                         (0, "already running (pid %d)\n" % sup.proc.pid, ""))
+        self.assertIsNone(sup.proc.poll())
+        st = sup.status()
+        self.assertEqual(st["supervisor"]["pid"], sup.proc.pid)
+        self.assertEqual(sup.svc("x")["pid"], pid)
+        self.assertEqual(supervisors_of(sup.config), [sup.proc.pid])
+
+
+# ---------------------------------------------------------------------------
+# Daemon mode and cron
+# ---------------------------------------------------------------------------
+
+DAEMON_CONFIG = """
+[respawn]
+watch_self = false
+pidfile = {dir}/d.pid
+logfile = {dir}/d.log
+
+[program:x]
+command = sh -c "echo hello from x; exec sleep 1000"
+startsecs = 0.2
+"""
+
+
+class TestDaemon(unittest.TestCase):
+    def daemon_cleanup(self, sup):
+        recorded = set()
+
+        def record():
+            try:
+                for s in respawn.request(sup.sock, "status", timeout=5):
+                    recorded.update(x["pid"] for x in s.get("services", ()) if x["pid"])
+                    break
+            except (OSError, ValueError, respawn.NoSupervisor):
+                pass
+            for pid in supervisors_of(sup.config):
+                stop_daemon(pid, ())
+            for pid in recorded:
+                kill_group(pid)
+        self.addCleanup(record)
+        return recorded
+
+    def run_daemon(self, sup, cmd=None, **kw):
+        cmd = cmd or [PY, sup.script, "-c", sup.config, "run", "--daemon"]
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=60, **kw)
+
+    def test_daemon_starts_answers_writes_pidfile_and_is_single(self):
+        sup = Sup(self, DAEMON_CONFIG)
+        self.daemon_cleanup(sup)
+        # started from a shell in a session of its own, which then goes away
+        shell = subprocess.Popen(["sh", "-c", '"$0" "$1" -c "$2" run --daemon 2>&1; echo shell-done; '
+                                  'exec sleep 1000', PY, sup.script, sup.config], stdout=subprocess.PIPE,
+                                 text=True, start_new_session=True, env=sup.env)
+        self.addCleanup(kill_group, shell.pid)
+        reader = LineReader(self, shell)
+        wait_for(lambda: "shell-done" in reader.lines, what="run --daemon to return")
+        self.assertEqual(len(reader.lines), 2, reader.lines)
+        m = re.match(r"^started \(pid (\d+)\)$", reader.lines[0])
+        self.assertTrue(m, reader.lines)
+        pid = int(m.group(1))
+        # it returned only once the supervisor answers: no waiting here
+        st = next(respawn.request(sup.sock, "status", timeout=10))
+        self.assertEqual(st["supervisor"]["pid"], pid)
+        with open(sup.path("d.pid")) as f:
+            self.assertEqual(f.read(), "%d\n" % pid)
+        os.killpg(shell.pid, signal.SIGKILL)         # the calling shell and its group die
+        shell.wait(DEADLINE)
+        self.assertTrue(pid_alive(pid))
+        # stdio away from the terminal: stdin is /dev/null, stdout and stderr the logfile
+        self.assertEqual(os.readlink("/proc/%d/fd/0" % pid), os.devnull)
+        for fd in (1, 2):
+            self.assertEqual(os.readlink("/proc/%d/fd/%d" % (pid, fd)), sup.path("d.log"))
+        self.assertNotEqual(os.getsid(pid), os.getsid(0))
+        self.assertNotEqual(os.getsid(pid), shell.pid)
+        self.assertEqual(sup.ctl("status").returncode, 0)
+        # its own log and its services' prefixed lines go to the logfile
+        wait_for(lambda: "x | hello from x" in open(sup.path("d.log")).read(), what="the daemon's log")
+        self.assertIn("supervising 1 services", open(sup.path("d.log")).read())
+        # cron keep-alive: run --daemon again (twice at once, as two cron lines could)
+        procs = [subprocess.Popen([PY, sup.script, "-c", sup.config, "run", "--daemon"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sup.env)
+                 for _ in range(2)]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            self.assertEqual((p.returncode, out, err), (0, "already running (pid %d)\n" % pid, ""))
+        wait_for(lambda: supervisors_of(sup.config) == [pid], what="exactly one supervisor")
+        self.assertEqual(sup.svc("x")["restarts"], 0)
+        # shutdown: the pidfile goes with it
+        self.assertEqual(sup.ctl("shutdown").stdout, "stopped\n")
+        wait_for(lambda: not pid_alive(pid), what="the daemon to exit")
+        self.assertFalse(os.path.exists(sup.path("d.pid")))
+        self.assertIn("every service is stopped; exiting", open(sup.path("d.log")).read())
+
+    def test_two_daemons_racing_leave_one_supervisor(self):
+        sup = Sup(self, DAEMON_CONFIG)
+        self.daemon_cleanup(sup)
+        procs = [subprocess.Popen([PY, sup.script, "-c", sup.config, "run", "--daemon"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sup.env)
+                 for _ in range(3)]
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            self.assertEqual((p.returncode, err), (0, ""), out)
+            outs.append(out)
+        started = [o for o in outs if o.startswith("started")]
+        self.assertEqual(len(started), 1, outs)
+        pid = int(re.match(r"started \(pid (\d+)\)", started[0]).group(1))
+        for o in outs:
+            if o not in started:
+                self.assertRegex(o, r"^already running \(pid \S+\)\n$")
+        wait_for(lambda: supervisors_of(sup.config) == [pid], what="exactly one supervisor")
+        self.assertEqual(sup.status()["supervisor"]["pid"], pid)
+
+    def test_cron_like_environment_relative_script_then_reexec(self):
+        sup = Sup(self, DAEMON_CONFIG)
+        self.daemon_cleanup(sup)
+        # the script beside the config, named relative to a cwd elsewhere
+        os.mkdir(sup.path("app"))
+        shutil.copy(SCRIPT, sup.path("app", "respawn.py"))
+        sup.script = sup.path("app", "respawn.py")
+        cwd = tempfile.mkdtemp(prefix="respawn-cron-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        rel_script = os.path.relpath(sup.script, cwd)
+        rel_config = os.path.relpath(sup.config, cwd)
+        self.assertFalse(os.path.isabs(rel_script))
+        p = self.run_daemon(sup, ["env", "-i", "PATH=/usr/bin:/bin", PY, rel_script, "-c", rel_config,
+                                  "run", "--daemon"], cwd=cwd)
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        pid = int(re.match(r"^started \(pid (\d+)\)\n$", p.stdout).group(1))
+        xpid = sup.wait_state("x", "RUNNING")["pid"]
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            self.assertNotIn(b"HOME=", f.read())       # it really runs with cron's bare env
+        self.assertEqual(os.readlink("/proc/%d/cwd" % pid), "/")
+        p = sup.ctl("reexec")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertRegex(p.stdout, r"^re-executed: pid %d," % pid)
+        st = sup.status()
+        self.assertEqual((st["supervisor"]["pid"], st["supervisor"]["reexecs"]), (pid, 1))
+        self.assertEqual(sup.svc("x")["pid"], xpid)
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            self.assertIn(sup.script.encode() + b"\0", f.read())   # the absolute path
+        # a second cron run, same relative names, same bare env: still one supervisor
+        p = self.run_daemon(sup, ["env", "-i", "PATH=/usr/bin:/bin", PY, rel_script, "-c", rel_config,
+                                  "run", "--daemon"], cwd=cwd)
+        self.assertEqual((p.returncode, p.stdout), (0, "already running (pid %d)\n" % pid))
+        self.assertEqual(supervisors_of(sup.config), [pid])
+
+
+# ---------------------------------------------------------------------------
+# systemd: READY=1 on $NOTIFY_SOCKET
+# ---------------------------------------------------------------------------
+
+class TestSystemdNotify(unittest.TestCase):
+    def check_ready(self, sup, listener, address):
+        sup.env["NOTIFY_SOCKET"] = address
+        sup.start(wait=False)
+        listener.settimeout(DEADLINE)
+        try:
+            data = listener.recv(4096).decode()
+        except socket.timeout:
+            self.fail("no READY=1 within %ss; stderr:\n%s" % (DEADLINE, sup.stderr()))
+        fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+        self.assertEqual(fields.get("READY"), "1", data)
+        self.assertEqual(fields.get("MAINPID"), str(sup.proc.pid), data)
+        # sent once its services are started: they have pids by then
+        st = sup.status()
+        self.assertTrue(all(x["pid"] for x in st["services"]), st)
+        # the service does not inherit systemd's socket (it would speak in our name)
+        wait_for(lambda: "env | NOTIFY_SOCKET=" in sup.stdout(), what="the service's env line",
+                 )
+        self.assertIn("env | NOTIFY_SOCKET=None\n", sup.stdout())
+
+    CONFIG = ("[respawn]\nwatch_self = false\n[program:env]\ncommand = {py} -c \"import os,time; "
+              "print('NOTIFY_SOCKET=%%s' %% os.environ.get('NOTIFY_SOCKET'), flush=True); time.sleep(1000)\"\n"
+              "startsecs = 0.2\n")
+
+    def test_ready_on_a_path_socket(self):
+        sup = Sup(self, self.CONFIG)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(listener.close)
+        path = sup.path("notify.sock")
+        listener.bind(path)
+        self.check_ready(sup, listener, path)
+
+    def test_ready_on_an_abstract_socket(self):
+        sup = Sup(self, self.CONFIG)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(listener.close)
+        name = "respawn-test-notify-%d-%d" % (os.getpid(), time.monotonic_ns() if hasattr(
+            time, "monotonic_ns") else int(time.monotonic() * 1e9))
+        listener.bind("\0" + name)
+        self.check_ready(sup, listener, "@" + name)
+
+
+# ---------------------------------------------------------------------------
+# Slow and hostile clients do not stall supervision
+# ---------------------------------------------------------------------------
+
+class TestHostileClients(unittest.TestCase):
+    def test_silent_and_oversized_clients(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0.2
+            """).start()
+        pid = sup.wait_state("victim", "RUNNING")["pid"]
+        # many connect and say nothing, one sends half a line and stalls
+        silent = []
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sup.sock)
+            silent.append(s)
+            self.addCleanup(s.close)
+        silent[0].sendall(b'{"v": 1, "cmd": "sta')
+        # one sends 1 MB without a newline, as fast as the supervisor takes it
+        big = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(big.close)
+        big.connect(sup.sock)
+        big.setblocking(False)
+        payload, sent = b"x" * (1 << 20), 0
+        sel = selectors.DefaultSelector()
+        self.addCleanup(sel.close)
+        sel.register(big, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        answer = b""
+        deadline = time.monotonic() + DEADLINE
+        while b"\n" not in answer and time.monotonic() < deadline:
+            for key, mask in sel.select(1):
+                if mask & selectors.EVENT_WRITE and sent < len(payload):
+                    try:
+                        sent += big.send(payload[sent:sent + 65536])
+                    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                        pass
+                if mask & selectors.EVENT_READ:
+                    try:
+                        chunk = big.recv(4096)
+                    except (BlockingIOError, ConnectionResetError):
+                        chunk = b""
+                    answer += chunk
+                    if not chunk:
+                        sel.unregister(big)
+                        break
+            if not sel.get_map():
+                break
+        self.assertIn(b'"request too large"', answer)
+        # while the silent ones hang on: status answers, a killed service comes back
+        p = sup.ctl("status")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        os.kill(pid, signal.SIGKILL)
+        new = sup.wait_pid_change("victim", pid)
+        self.assertNotEqual(new["pid"], pid)
+        p = sup.ctl("status", "victim")
+        self.assertEqual(p.returncode, 0)
+        self.assertIn("pid %d" % new["pid"], p.stdout)
+        # a request that is not JSON gets an error line, not a hang
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(DEADLINE)
+            s.connect(sup.sock)
+            s.sendall(b"hello\n")
+            reply = json.loads(s.makefile("rb").readline())
+        self.assertFalse(reply["ok"])
+        self.assertIn("bad request", reply["error"])
+        self.assertIsNone(sup.proc.poll())
 
 
 if __name__ == "__main__":
