@@ -2632,16 +2632,27 @@ def memfd(name, data):
 # the source it came from) to this one-line loader: `python -I -c LOADER FD
 # SCRIPT ARGS...`.  The re-exec hands over the new file compiled by its own
 # check, so the handoff does not parse 3400 lines either.
-LOADER = ("import marshal,os,sys;f=int(sys.argv[1]);c,s=marshal.loads(os.pread(f,os.fstat(f)"
-          ".st_size,0));os.close(f);del sys.argv[:2];exec(c,{'__name__':'__main__','__file__':"
-          "sys.argv[0],'__builtins__':__builtins__,'_LOADED_SOURCE':s})")
+#
+# The memfd holds: 4 bytes of source length, the source, then the bytecode
+# magic number and the marshalled code.  The code is used only when the magic
+# matches the interpreter that runs the loader: when sys.executable has become
+# another Python version (a distribution upgrade), marshal data from the old one
+# could not load, so the loader compiles the source instead.
+LOADER = ("import marshal,os,sys;from importlib.util import MAGIC_NUMBER as m;f=int(sys.argv[1]);"
+          "d=os.pread(f,os.fstat(f).st_size,0);os.close(f);del sys.argv[:2];"
+          "n=int.from_bytes(d[:4],'big');s=d[4:4+n];k=d[4+n:];"
+          "c=marshal.loads(k[len(m):]) if k[:len(m)]==m else compile(s,sys.argv[0],'exec');"
+          "exec(c,{'__name__':'__main__','__file__':sys.argv[0],'__builtins__':__builtins__,"
+          "'_LOADED_SOURCE':s})")
 
 
 def loader_argv(code, source, args):
     """The command line that runs `code` (compiled from `source`) as __main__
     with args, and the inheritable memfd it reads."""
     import marshal
-    fd = memfd("respawn-code", marshal.dumps((code, source)))
+    from importlib.util import MAGIC_NUMBER
+    fd = memfd("respawn-code", len(source).to_bytes(4, "big") + source + MAGIC_NUMBER
+               + marshal.dumps(code))
     os.set_inheritable(fd, True)
     return [sys.executable] + interpreter_flags() + ["-c", LOADER, str(fd)] + args, fd
 

@@ -2576,5 +2576,40 @@ class TestHostileClients(unittest.TestCase):
         self.assertIsNone(sup.proc.poll())
 
 
+# ---------------------------------------------------------------------------
+# The loader that runs a supervisor from precompiled code
+# ---------------------------------------------------------------------------
+
+class TestLoader(unittest.TestCase):
+    """The memfd loader runs marshalled code only on the interpreter that made it;
+    another Python version (sys.executable upgraded under us) compiles the source."""
+
+    def run_loader(self, exe):
+        src = b"import sys\nprint('ran', sys.version_info[0], sys.version_info[1], sys.argv[1])\n"
+        code = compile(src, "/nonexistent/respawn.py", "exec")
+        argv, fd = respawn.loader_argv(code, src, ["/nonexistent/respawn.py", "arg"])
+        self.addCleanup(os.close, fd)
+        argv[0] = exe
+        return subprocess.run(argv, pass_fds=[fd], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=60)
+
+    def test_same_interpreter_runs_the_code(self):
+        p = self.run_loader(PY)
+        self.assertEqual(p.stdout.strip(), "ran %d %d arg" % sys.version_info[:2], p.stdout)
+
+    def test_another_python_version_compiles_the_source(self):
+        others = [os.path.expanduser("~/.pyenv/versions/%s/bin/python" % v)
+                  for v in sorted(os.listdir(os.path.expanduser("~/.pyenv/versions")))
+                  if v.startswith("3.")] if os.path.isdir(os.path.expanduser("~/.pyenv/versions")) else []
+        others = [o for o in others if os.access(o, os.X_OK) and subprocess.run(
+            [o, "-c", "import sys; sys.exit(sys.version_info[:2] == (%d, %d) or sys.version_info < (3, 8))"
+             % sys.version_info[:2]]).returncode == 0]
+        if not others:
+            self.skipTest("no other CPython 3.8+ on this machine to play the upgraded interpreter")
+        p = self.run_loader(others[0])
+        self.assertRegex(p.stdout.strip(), r"^ran 3 \d+ arg$", p.stdout)
+        self.assertNotEqual(p.stdout.strip(), "ran %d %d arg" % sys.version_info[:2])
+
+
 if __name__ == "__main__":
     unittest.main()
