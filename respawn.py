@@ -1491,7 +1491,6 @@ class Supervisor:
         svc.pid = pid
         svc.started = time.time()
         svc.started_mono = now
-        svc.exitstatus = None
         svc.reason = ""
         self.watcher.watch(pid, self.on_child_exit)
         self.log("info", "started pid %d: %s" % (pid, shlex.join(prog.command)), svc.name)
@@ -2796,6 +2795,9 @@ class ReexecMixin:
         if now_hash != new_hash:
             self.log("info", "the file changed again during the check; checking again")
             return self.request_reexec("file changed", client)
+        if self.waves:
+            # a stop began while the check ran: its waves are not handed over either
+            return self.request_reexec("the checked code", client)
         self.exec_new_image(new_hash, client)
 
     def exec_new_image(self, new_hash, client):
