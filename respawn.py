@@ -1753,7 +1753,12 @@ class Supervisor:
 
     def drain_service_pipes(self, svc):
         """Read what a service wrote before it exited, so its last lines come first."""
-        for pipe in [p for p in self.pipes.values() if p.service == svc.name]:
+        self.drain_pipes([p for p in self.pipes.values() if p.service == svc.name])
+
+    def drain_pipes(self, pipes):
+        """Read what is waiting in these pipes now.  Bounded: what a flooding writer
+        adds meanwhile stays in the pipe for the next turn (or the next image)."""
+        for pipe in pipes:
             for _ in range(64):
                 try:
                     data = os.read(pipe.fd, READ_SIZE)
@@ -2811,18 +2816,7 @@ class ReexecMixin:
             for s in pending:        # a stop request wins over the re-exec (research F9)
                 self.on_signal(s)
             return
-        for fd in list(self.pipes):
-            pipe = self.pipes.get(fd)
-            if pipe is not None:
-                while pipe.fd in self.pipes:
-                    try:
-                        data = os.read(pipe.fd, READ_SIZE)
-                    except (BlockingIOError, OSError):
-                        break
-                    if not data:
-                        self.close_pipe(pipe)
-                        break
-                    self.emit(pipe, data)
+        self.drain_pipes(list(self.pipes.values()))
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
