@@ -1158,22 +1158,27 @@ class LogFile:
 class Pipe:
     """The read end of one service stream, and the partial line read so far."""
 
-    __slots__ = ("fd", "service", "stream", "partial", "grown")
+    __slots__ = ("fd", "service", "stream", "partial", "carried")
 
     def __init__(self, fd, service, stream, partial=b""):
         self.fd, self.service, self.stream, self.partial = fd, service, stream, partial
-        self.grown = False
+        self.carried = 0              # bytes read; -2 once grown, -1 if it could not be
+
+
+GROWN_PIPES_MAX = 32                  # 32 MiB of pipe: half the kernel's per-user soft limit
 
 
 def grow_pipe(fd):
-    """A read found the pipe full: a busy writer.  A 1 MiB pipe (the kernel's
-    default pipe-max-size) makes each wakeup carry 16 times more, which is what
-    lifts log-file throughput from ~150 to ~1000 MB/s.  Only busy pipes grow: an
-    unprivileged user's pipes are charged against fs.pipe-user-pages-soft."""
+    """A busy stream gets a 1 MiB pipe (the kernel's default pipe-max-size): each
+    wakeup then carries up to 16 times more, which lifts log-file throughput from
+    a few hundred MB/s to over 1 GB/s.  Only busy pipes grow, and only so many:
+    pipe sizes are charged to the user (fs.pipe-user-pages-soft, 64 MiB), and past
+    that limit the kernel gives every new pipe of the user a single page."""
     try:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        return True
     except OSError:
-        pass
+        return False
 
 
 def tail_file(path, n):
@@ -1279,6 +1284,7 @@ class Supervisor:
         self.timers = Timers()
         self.services = {name: Service(p) for name, p in config.programs.items()}
         self.pipes = {}                       # fd -> Pipe
+        self.grown_pipes = 0                  # pipes enlarged by grow_pipe
         self.sinks = {}                       # (service name, stream) -> LogFile
         self.started = time.time()
         self.reexecs = 0
@@ -1744,9 +1750,15 @@ class Supervisor:
         except OSError:
             data = b""
         if data:
-            if len(data) >= 65536 and not pipe.grown:
-                pipe.grown = True
-                grow_pipe(pipe.fd)
+            if pipe.carried >= 0:
+                # grown once the stream has carried 1 MiB: deterministic, unlike
+                # waiting for a read that happens to find the pipe full
+                pipe.carried += len(data)
+                if pipe.carried > 1 << 20:
+                    pipe.carried = -1
+                    if self.grown_pipes < GROWN_PIPES_MAX and grow_pipe(pipe.fd):
+                        self.grown_pipes += 1
+                        pipe.carried = -2
             self.emit(pipe, data)
         else:
             self.close_pipe(pipe)
@@ -1776,6 +1788,8 @@ class Supervisor:
         self.selector.unregister(pipe.fd)
         os.close(pipe.fd)
         self.pipes.pop(pipe.fd, None)
+        if pipe.carried == -2:
+            self.grown_pipes -= 1
 
     def sink_for(self, name, stream):
         """The LogFile of a stream with a *_logfile, or None for prefixed output."""
@@ -2670,8 +2684,11 @@ def interpreter_flags():
         if "-c" in flags:
             at = flags.index("-c")      # our own loader: the options before it are the user's
             flags = flags[:at] if flags[at + 1:at + 2] == [LOADER] else []
-    if "-I" not in flags:
-        flags.insert(0, "-I")
+    # -S: no site module.  The supervisor needs nothing from site-packages, and
+    # site's .pth files would cost start-up time (part of every handoff) and memory.
+    for flag in ("-S", "-I"):
+        if flag not in flags:
+            flags.insert(0, flag)
     return flags
 
 
