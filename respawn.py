@@ -2540,9 +2540,9 @@ def unsafe_path(path):
 
 
 class FileWatch:
-    """Tells when one of some files may have changed.  inotify on their folders
-    (so that a rename over the file is seen too) costs nothing at idle; without
-    it, a stat once a second.  Debounced: a file still being written waits."""
+    """Tells when one of some files may have changed.  inotify costs nothing at
+    idle; without it, a stat once a second.  Debounced: a file still being
+    written waits until it holds still."""
 
     IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x4, 0x8, 0x80, 0x100
 
@@ -2550,7 +2550,7 @@ class FileWatch:
         self.sup, self.callback = sup, callback
         self.paths = [os.path.abspath(p) for p in paths]
         self.fd = None
-        self.wds = {}
+        self.wds = {}             # wd -> folder (names created in it) or path (its writes)
         self.timer = None
         self.stats = {p: self.stat(p) for p in self.paths}
         if os.environ.get("RESPAWN_NO_INOTIFY") != "1":
@@ -2559,15 +2559,17 @@ class FileWatch:
             self.timer = sup.timers.at(monotonic() + 1.0, self.poll)
 
     def inotify(self):
+        # The folder is watched only for names created or renamed into it (a file
+        # replaced by rename), and each file for writes to it: writes to other
+        # files in the folder (a log beside the script) never wake us.
         try:
             import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
             if fd < 0:
                 return None
-            mask = self.IN_MODIFY | self.IN_ATTRIB | self.IN_CLOSE_WRITE | self.IN_MOVED_TO | self.IN_CREATE
             for folder in sorted({os.path.dirname(p) for p in self.paths}):
-                wd = libc.inotify_add_watch(fd, folder.encode(), mask)
+                wd = self.libc.inotify_add_watch(fd, folder.encode(), self.IN_MOVED_TO | self.IN_CREATE)
                 if wd >= 0:
                     self.wds[wd] = folder
             if not self.wds:
@@ -2575,8 +2577,18 @@ class FileWatch:
                 return None
         except (OSError, AttributeError, ImportError):
             return None
+        self.fd = fd
+        self.watch_files()
         self.sup.selector.register(fd, selectors.EVENT_READ, self.on_inotify)
         return fd
+
+    def watch_files(self):
+        """(Re)watch each file: after a rename over it, its path is a new inode."""
+        for path in self.paths:
+            wd = self.libc.inotify_add_watch(self.fd, path.encode(),
+                                             self.IN_MODIFY | self.IN_CLOSE_WRITE | self.IN_ATTRIB)
+            if wd >= 0:
+                self.wds[wd] = path
 
     def on_inotify(self, mask):
         try:
@@ -2588,7 +2600,9 @@ class FileWatch:
             wd, _, _, length = struct.unpack_from("iIII", data, offset)
             name = data[offset + 16:offset + 16 + length].rstrip(b"\0").decode("utf-8", "replace")
             offset += 16 + length
-            if os.path.join(self.wds.get(wd, ""), name) in self.paths:
+            watched = self.wds.get(wd, "")
+            # an event on a watched file has no name; one in a folder names the entry
+            if (os.path.join(watched, name) if name else watched) in self.paths:
                 hit = True
         if hit:
             self.sup.timers.cancel(self.timer)
@@ -2596,6 +2610,8 @@ class FileWatch:
 
     def settle(self):
         self.timer = None
+        if self.fd is not None:
+            self.watch_files()
         changed = [p for p in self.paths if self.stat(p) != self.stats.get(p)]
         for p in self.paths:
             self.stats[p] = self.stat(p)

@@ -3357,6 +3357,94 @@ class TestReexecRefusals(ReexecCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+class TestReexecQuietWatch(ReexecCase):
+    """Watching respawn.py costs nothing when other files in its folder change
+    (a log written beside the script must not wake the supervisor)."""
+
+    def test_writes_beside_the_script_do_not_wake_the_supervisor(self):
+        sup = self.sup("""
+            [program:steady]
+            command = sleep 1000
+            startsecs = 0
+            """).start()
+        sup.wait_state("steady", "RUNNING")
+        self.assertNotIn("RESPAWN_NO_INOTIFY", sup.env)     # the inotify watcher
+
+        def switches():
+            sup.status()        # a round trip: whatever woke it before is counted after
+            with open("/proc/%d/status" % sup.proc.pid) as f:
+                return int([line.split()[1] for line in f
+                            if line.startswith("voluntary_ctxt_switches")][0])
+        idle = switches()
+        idle = switches() - idle                  # what one status round trip costs
+        before = switches()
+        sibling = sup.path("app.log")
+        for i in range(40):
+            with open(sibling, "a") as f:
+                f.write("line %d\n" % i)
+        spent = switches() - before
+        self.assertLess(spent, idle + 10, "40 writes beside the script woke the supervisor")
+        # the watch itself still works: an in-place change of the script re-execs
+        with open(sup.script, "a") as f:
+            f.write("\n# changed\n")
+        self.wait_reexecs(sup, 1)
+
+
+class TestReexecExecFails(ReexecCase):
+    """If os.execv itself fails, the old code keeps supervising (issue 3)."""
+
+    def test_execv_failure_leaves_the_old_image_running(self):
+        # The supervisor runs through a symlinked interpreter (sys.executable is the
+        # link).  The link is removed once the trial check has passed, so the exec
+        # that follows fails with ENOENT.
+        bindir = tempfile.mkdtemp(prefix="respawn-py-")
+        self.addCleanup(shutil.rmtree, bindir, True)
+        link = os.path.join(bindir, "python3")
+        os.symlink(os.path.realpath(PY), link)
+        sup = self.sup("""
+            [program:steady]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        sup.out, sup.err = open(sup.out_path, "ab"), open(sup.err_path, "ab")
+        sup.proc = subprocess.Popen([link, sup.script, "-c", sup.config, "run"],
+                                    stdout=sup.out, stderr=sup.err, env=sup.env,
+                                    start_new_session=True, cwd=sup.dir)
+        before = wait_for(lambda: (lambda s: s if s["state"] == "RUNNING" else None)(
+            sup.svc("steady")) if sup.answers() else None, what="steady RUNNING")
+        fds_before = fd_count(sup.proc.pid)
+
+        def trial():
+            for pid, cmd in rx_children_of(sup.proc.pid):
+                if b"--handoff-selftest" in cmd:
+                    return pid
+            return None
+        os.kill(sup.proc.pid, signal.SIGUSR2)
+        trial_pid = wait_for(trial, what="the trial check")
+        # the supervisor is frozen while the trial finishes (a zombie until reaped),
+        # so the link goes away after the trial passed and before the exec
+        os.kill(sup.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: sup.proc.poll() is None and os.kill(sup.proc.pid, signal.SIGCONT))
+        wait_for(lambda: not pid_alive(trial_pid), what="the trial to finish")
+        os.unlink(link)
+        os.kill(sup.proc.pid, signal.SIGCONT)
+        sup.wait_log("exec of %s failed" % link)
+        st = wait_for(sup.answers, what="the old image answering")
+        self.assertEqual(st["supervisor"]["pid"], sup.proc.pid)
+        self.assertEqual(st["supervisor"]["reexecs"], 0)
+        self.assertEqual(sup.svc("steady")["pid"], before["pid"])
+        self.assertIsNone(sup.proc.poll())
+        # nothing leaked: the memfds are closed and the mask is restored
+        wait_for(lambda: fd_count(sup.proc.pid) == fds_before,
+                 what="the fd count back to %d" % fds_before)
+        with open("/proc/%d/status" % sup.proc.pid) as f:
+            blocked = [line.split()[1] for line in f if line.startswith("SigBlk:")][0]
+        self.assertEqual(int(blocked, 16), 0)
+        os.kill(before["pid"], signal.SIGKILL)          # and it still supervises
+        sup.wait_pid_change("steady", before["pid"])
+        self.assertEqual(sup.terminate(), 0)
+
+
 @unittest.skipUnless(os.geteuid() == 0, "the writable-file refusal applies only when running as root")
 class TestReexecAsRoot(ReexecCase):
     def test_group_writable_file_and_world_writable_folder_are_refused(self):
