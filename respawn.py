@@ -2342,7 +2342,7 @@ class ControlMixin:
             if uid not in (0, os.geteuid()):
                 client.refused = "permission denied: uid %d is neither root nor the supervisor's user" % uid
 
-    def service_json(self, svc, now, wall):
+    def service_json(self, svc, now):
         up = svc.uptime(now) if svc.alive() else None
         return {"name": svc.name, "state": svc.state, "pid": svc.pid,
                 "started": round(svc.started, 3) if svc.started else None,
@@ -2355,14 +2355,14 @@ class ControlMixin:
                 "failures": svc.failures}
 
     def status_json(self, names=None):
-        now, wall = monotonic(), time.time()
+        now = monotonic()
         svcs = [self.services[n] for n in names] if names else \
             sorted(self.services.values(), key=lambda s: (s.program.priority, s.name))
         return {"supervisor": {"pid": os.getpid(), "version": __version__, "hash": self.hash,
                                "started": round(self.started, 3), "reexecs": self.reexecs,
                                "reexeced": round(self.reexeced, 3) if getattr(self, "reexeced", None) else None,
                                "config": self.config.path, "pidfds": isinstance(self.watcher, PidfdWatcher)},
-                "services": [self.service_json(s, now, wall) for s in svcs]}
+                "services": [self.service_json(s, now) for s in svcs]}
 
     def resolve_names(self, names, client):
         if not names:
@@ -3060,7 +3060,7 @@ def request(path, cmd, args=None, timeout=None):
         sock.close()
 
 
-def format_status(services, now=None):
+def format_status(services):
     rows = []
     for s in services:
         if s["pid"]:
@@ -3148,7 +3148,7 @@ def notify_systemd(message, address):
         pass
 
 
-def daemonize(report_path_hint):
+def daemonize():
     """Double fork and setsid.  The first parent waits on a pipe until the
     supervisor is up (or says why not) and exits with the matching code."""
     r, w = os.pipe()
@@ -3202,7 +3202,7 @@ def cmd_run(args, config_path, script, source):
     sock_path = socket_path(config)
     report = None
     if args.daemon:
-        report = daemonize(sock_path)
+        report = daemonize()
         logfile = config.settings["logfile"] or os.path.join(
             config.settings["logdir"] or default_logdir(),
             os.path.basename(sock_path)[:-5] + ".log")
