@@ -735,7 +735,7 @@ class Service:
     CARRIED = ("state", "pid", "started", "started_mono", "failures", "restarts", "exitstatus",
                "reason", "ready", "wanted", "deadline", "stop_then_start", "failing",
                "health_failures", "health_at", "watchdog_at", "status_text", "mainpid",
-               "stopping_notified", "kill_sent", "stop_level")
+               "stopping_notified")
 
     def __init__(self, program):
         self.program = program
@@ -759,13 +759,12 @@ class Service:
         self.status_text = None       # STATUS= from sd_notify
         self.mainpid = None           # MAINPID= from sd_notify
         self.stopping_notified = False
-        self.kill_sent = False
-        self.stop_level = None
+        self.removed = False          # removed by a reload, stopping before it is forgotten
         # not carried: rebuilt after a re-exec
         self.timer = self.health_timer = self.watchdog_timer = None
-        self.pipes = []
         self.notify = None
         self.probe = None
+        self.health_probe = None
         self.tail = None
 
     def alive(self):
@@ -1307,9 +1306,13 @@ class Supervisor:
         self.file_watch = None
         self.reexec_busy = False
         self.reexec_client = None
+        self.reexec_code = None               # (hash, code object, source) the trial checked
         self.signals_due = []                 # drained from the wakeup fd, not yet handled
         self.maybe_waiting = True             # a service may wait for what it requires
         self.helpers = {}                     # pid -> purpose, for trial checks and probes
+        self.shutdown_clients = []            # told when the supervisor has stopped
+        self.reexeced = None                  # wall time of the last re-exec
+        self.pidfile = None
         self.apply_settings()
 
     # -- logging ----------------------------------------------------------
@@ -1334,10 +1337,10 @@ class Supervisor:
         self.log_fd = new
 
     def log(self, level, message, service=None):
-        if LOG_LEVELS[level] < getattr(self, "loglevel", 20):
+        if LOG_LEVELS[level] < self.loglevel:
             return
         now = time.time()
-        if getattr(self, "json_logs", False):
+        if self.json_logs:
             line = json.dumps({"time": round(now, 3), "service": service, "stream": "supervisor",
                                "level": level, "message": message}) + "\n"
         else:
@@ -1363,7 +1366,7 @@ class Supervisor:
         # Anything our launcher ignored (nohup ignores HUP, shells TTOU...) goes back
         # to default so that services inherit a clean slate; PIPE and XFSZ are
         # CPython's own and restore_signals resets them in each child.
-        for signum in signal.valid_signals() if hasattr(signal, "valid_signals") else range(1, 65):
+        for signum in signal.valid_signals():
             if signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP):
                 continue
             try:
@@ -1454,7 +1457,6 @@ class Supervisor:
         now = monotonic()
         svc.failing = None
         svc.ready = False
-        svc.kill_sent = False
         svc.stopping_notified = False
         svc.status_text = svc.mainpid = None
         svc.health_failures = 0
@@ -1524,7 +1526,7 @@ class Supervisor:
         if svc.state != STARTING or not svc.alive():
             return
         svc.ready = True
-        self.cancel_probe(svc)
+        self.cancel_checks(svc)
         self.arm(svc, None, None)
         self.set_state(svc, RUNNING)
         self.log("info", "running (pid %d)" % svc.pid, svc.name)
@@ -1564,9 +1566,7 @@ class Supervisor:
 
     def after_exit(self, svc, status, reason=None):
         now = monotonic()
-        self.cancel_probe(svc)
-        self.timers.cancel(svc.health_timer)
-        self.timers.cancel(svc.watchdog_timer)
+        self.cancel_checks(svc)
         svc.ready = False
         svc.exitstatus = status
         how = reason or describe_exit(status)
@@ -1575,7 +1575,7 @@ class Supervisor:
             svc.reason = svc.reason or "stopped"
             self.log("info", "stopped (%s)" % describe_exit(status), svc.name)
             self.set_state(svc, STOPPED)
-            if getattr(svc, "removed", False):
+            if svc.removed:
                 self.forget_service(svc)
             elif svc.stop_then_start and not self.shutting_down:
                 why, svc.stop_then_start = svc.stop_then_start, False
@@ -1665,9 +1665,7 @@ class Supervisor:
             return
         svc.reason = reason
         prog = svc.program
-        self.cancel_probe(svc)
-        self.timers.cancel(svc.health_timer)
-        self.timers.cancel(svc.watchdog_timer)
+        self.cancel_checks(svc)
         self.log("info", "stopping (%s, %s)" % (reason, signal_name(prog.stopsignal)), svc.name)
         self.set_state(svc, STOPPING)
         kill_group_or_pid(svc.pid, prog.stopsignal, prog.stopasgroup)
@@ -1678,7 +1676,6 @@ class Supervisor:
     def stop_timeout(self, svc):
         if svc.state == STOPPING and svc.alive():
             self.log("warn", "still alive after %gs: SIGKILL" % svc.program.stopwaitsecs, svc.name)
-            svc.kill_sent = True
             kill_group_or_pid(svc.pid, signal.SIGKILL, svc.program.killasgroup)
             svc.deadline = None
 
@@ -1911,9 +1908,13 @@ class Supervisor:
                 return
         self.schedule_probe(svc, monotonic(), ready=False)
 
-    def cancel_probe(self, svc):
+    def cancel_checks(self, svc):
+        """Stop every readiness and liveness check of a service: probes in flight,
+        the next health probe, the watchdog deadline."""
+        self.timers.cancel(svc.health_timer)
+        self.timers.cancel(svc.watchdog_timer)
         for attr in ("probe", "health_probe"):
-            handle = getattr(svc, attr, None)
+            handle = getattr(svc, attr)
             if isinstance(handle, list):
                 self.timers.cancel(handle[1])
             elif handle is not None:
@@ -2087,8 +2088,7 @@ class Supervisor:
                 summary["updated"].append(name)
                 if svc.state == RUNNING and (before.healthcheck != prog.healthcheck
                                              or before.watchdog != prog.watchdog):
-                    self.timers.cancel(svc.health_timer)
-                    self.timers.cancel(svc.watchdog_timer)
+                    self.cancel_checks(svc)
                     self.arm_liveness(svc)
                 if before.autostart != prog.autostart and not svc.alive():
                     svc.wanted = prog.autostart
@@ -2360,7 +2360,7 @@ class ControlMixin:
             sorted(self.services.values(), key=lambda s: (s.program.priority, s.name))
         return {"supervisor": {"pid": os.getpid(), "version": __version__, "hash": self.hash,
                                "started": round(self.started, 3), "reexecs": self.reexecs,
-                               "reexeced": round(self.reexeced, 3) if getattr(self, "reexeced", None) else None,
+                               "reexeced": round(self.reexeced, 3) if self.reexeced else None,
                                "config": self.config.path, "pidfds": isinstance(self.watcher, PidfdWatcher)},
                 "services": [self.service_json(s, now) for s in svcs]}
 
@@ -2397,13 +2397,11 @@ class ControlMixin:
             if cmd == "start":
                 for n in names:
                     svc = self.services[n]
-                    svc.failures = 0 if svc.state in (FATAL, BACKOFF, EXITED, STOPPED) else svc.failures
-                    if svc.state == BACKOFF:
-                        self.timers.cancel(svc.timer)
-                        svc.state = STOPPED
                     svc.wanted = True
+                    if not svc.alive():
+                        svc.failures = 0    # an operator's start is a fresh try, even after FATAL
                 for n in sorted(names, key=lambda n: (self.services[n].program.priority, n)):
-                    self.start(self.services[n])
+                    self.start(self.services[n])    # also ends a BACKOFF wait
             elif cmd == "stop":
                 for n in names:
                     self.services[n].wanted = False
@@ -2420,9 +2418,6 @@ class ControlMixin:
                 self.stop_many(alive)
                 for n in names:
                     if not self.services[n].alive():
-                        if self.services[n].state == BACKOFF:
-                            self.timers.cancel(self.services[n].timer)
-                            self.services[n].state = STOPPED
                         self.start(self.services[n])
             self.waiters.append((client, cmd, names))
             self.check_waiters()
@@ -2464,7 +2459,7 @@ class ControlMixin:
                 self.followers.setdefault(name, []).append(client)
         elif cmd == "shutdown":
             client.reply({"ok": True}, keep_open=True)
-            self.shutdown_clients = getattr(self, "shutdown_clients", []) + [client]
+            self.shutdown_clients.append(client)
             self.shutdown()
         else:
             client.reply({"ok": False, "error": "unknown command %r" % cmd})
@@ -2502,7 +2497,7 @@ class ControlMixin:
 
     def close_control(self):
         for client in list(self.clients.values()):
-            if client in getattr(self, "shutdown_clients", ()):
+            if client in self.shutdown_clients:
                 client.send({"ok": True, "stopped": True})
             client.flush()
             client.close()
@@ -2553,6 +2548,7 @@ class FileWatch:
         self.wds = {}             # wd -> folder (names created in it) or path (its writes)
         self.timer = None
         self.stats = {p: self.stat(p) for p in self.paths}
+        self.seen = {}            # the stat poll's previous look (no inotify)
         if os.environ.get("RESPAWN_NO_INOTIFY") != "1":
             self.fd = self.inotify()
         if self.fd is None:
@@ -2621,7 +2617,7 @@ class FileWatch:
     def poll(self):
         # without inotify: a change must hold still for a whole poll before we act
         now = [(p, self.stat(p)) for p in self.paths]
-        settled = [p for p, st in now if st != self.stats.get(p) and st == getattr(self, "seen", {}).get(p)]
+        settled = [p for p, st in now if st != self.stats.get(p) and st == self.seen.get(p)]
         self.seen = dict(now)
         for p in settled:
             self.stats[p] = self.seen[p]
@@ -2706,6 +2702,16 @@ def interpreter_flags():
         if flag not in flags:
             flags.insert(0, flag)
     return flags
+
+
+def handoff_fds(state):
+    """Every fd a handoff state names: the old image keeps them across the exec,
+    the new one claims them.  Missing keys are fine (a state from an older release)."""
+    fds = [p["fd"] for p in state.get("pipes", ())]
+    fds += [s["notify"][0] for s in state.get("services", ()) if s.get("notify")]
+    fds += [state.get(k) for k in ("listener", "lock", "client") if state.get(k) is not None]
+    fds += [c["fd"] for c in state.get("clients", ())]
+    return fds
 
 
 class ReexecMixin:
@@ -2866,9 +2872,9 @@ class ReexecMixin:
             fcntl.fcntl(rollback_fd, getattr(fcntl, "F_ADD_SEALS", 1033), 0xF)
         except OSError:
             pass
-        keep = [state_fd, rollback_fd] + self.handoff_fds(state)
+        keep = [state_fd, rollback_fd] + handoff_fds(state)
         args = [self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
-        checked, self.reexec_code = getattr(self, "reexec_code", None), None
+        checked, self.reexec_code = self.reexec_code, None
         code_fd = None
         if checked is not None and checked[0] == new_hash:
             argv, code_fd = loader_argv(checked[1], checked[2], args)
@@ -2891,13 +2897,6 @@ class ReexecMixin:
             for s in pending:
                 self.on_signal(s)
 
-    def handoff_fds(self, state):
-        fds = [p["fd"] for p in state["pipes"]]
-        fds += [s["notify"][0] for s in state["services"] if s.get("notify")]
-        fds += [fd for fd in (state["listener"], state["lock"], state["client"]) if fd is not None]
-        fds += [c["fd"] for c in state.get("clients", ())]
-        return fds
-
     def handoff_state(self, pending, new_hash, client):
         import base64
         services = []
@@ -2906,7 +2905,7 @@ class ReexecMixin:
             entry["name"] = svc.name
             entry["notify"] = [svc.notify[0].fileno(), svc.notify[1]] if svc.notify else None
             entry["tail"] = list(svc.tail) if svc.tail else []
-            entry["removed"] = getattr(svc, "removed", False)
+            entry["removed"] = svc.removed
             entry["program"] = {k: v for k, v in svc.program.raw.items()}
             services.append(entry)
         return {
@@ -2921,7 +2920,7 @@ class ReexecMixin:
             "clients": [{"fd": c.sock.fileno(), "inbuf": base64.b64encode(c.inbuf).decode()}
                         for c in self.clients.values()
                         if c.sock is not None and not c.closing and not c.streaming],
-            "pidfile": getattr(self, "pidfile", None),
+            "pidfile": self.pidfile,
             "helpers": list(self.helpers),
             "pipes": [{"fd": p.fd, "service": p.service, "stream": p.stream,
                        "partial": base64.b64encode(p.partial).decode()} for p in self.pipes.values()],
@@ -3285,7 +3284,7 @@ def resume(args, script, source):
     fd = args.handoff
     with os.fdopen(os.dup(fd), "rb") as f:
         state = json.loads(f.read().decode())
-    claimed = {fd, args.rollback} | set(_handoff_fds(state))
+    claimed = {fd, args.rollback} | set(handoff_fds(state))
     _close_strays(claimed)
     try:
         if state.get("format", 1) > HANDOFF_FORMAT:
@@ -3338,14 +3337,6 @@ def resume(args, script, source):
                       "error": None if sup.hash == state.get("new_hash") else "rolled back"})
     sup.check_all_done()
     return supervise(sup)
-
-
-def _handoff_fds(state):
-    fds = [p["fd"] for p in state.get("pipes", ())]
-    fds += [s["notify"][0] for s in state.get("services", ()) if s.get("notify")]
-    fds += [state.get(k) for k in ("listener", "lock", "client") if state.get(k) is not None]
-    fds += [c["fd"] for c in state.get("clients", ())]
-    return fds
 
 
 def _close_strays(claimed):

@@ -444,17 +444,22 @@ class RespawnPeer(Peer):
         return out, time.monotonic() - t0
 
 
-class SupervisordPeer(Peer):
-    name = "supervisord"
+class VenvPeer(Peer):
+    """A Python peer installed into the throwaway virtualenv."""
+    tool = None              # its executable's key in env
 
     def __init__(self, env):
         super().__init__(env)
-        self.exe = env.get("supervisord")
+        self.exe = env.get(self.tool)
         if not self.exe:
             self.missing = env.get("venv_error") or "not installed"
             return
         out = subprocess.run([self.exe, "--version"], capture_output=True, text=True)
-        self.version = out.stdout.strip()
+        self.version = (out.stdout or out.stderr).strip().split()[-1]
+
+
+class SupervisordPeer(VenvPeer):
+    name = tool = "supervisord"
 
     def command(self, work, services, output_log):
         lines = ["[supervisord]", "nodaemon = true", "user = root" if os.geteuid() == 0 else "",
@@ -476,17 +481,8 @@ class SupervisordPeer(Peer):
         return [self.exe, "-n", "-c", path]
 
 
-class CircusPeer(Peer):
-    name = "circus"
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.exe = env.get("circusd")
-        if not self.exe:
-            self.missing = env.get("venv_error") or "not installed"
-            return
-        out = subprocess.run([self.exe, "--version"], capture_output=True, text=True)
-        self.version = (out.stdout or out.stderr).strip().split()[-1]
+class CircusPeer(VenvPeer):
+    name, tool = "circus", "circusd"
 
     def command(self, work, services, output_log):
         lines = ["[circus]", "endpoint = ipc://%s/circus-ctl.sock" % work,
