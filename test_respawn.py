@@ -2051,7 +2051,15 @@ class TestCommands(unittest.TestCase):
         one_line(self, sup.ctl("start", "nope"), 1, "no such service: nope")
         one_line(self, sup.ctl("restart", "tick", "nope"), 1, "no such service: nope")
         self.assertEqual(sup.svc("tick")["pid"], after["tick"]["pid"])   # nothing was done
-        # signal
+        # signal, once the ticker has installed its USR1 handler (SigCgt): before
+        # that, USR1's default action would kill it
+        tick_pid = sup.svc("tick")["pid"]
+
+        def catches_usr1():
+            with open("/proc/%d/status" % tick_pid) as f:
+                caught = [line.split()[1] for line in f if line.startswith("SigCgt:")][0]
+            return int(caught, 16) & (1 << (signal.SIGUSR1 - 1))
+        wait_for(catches_usr1, what="the ticker's USR1 handler")
         self.assertEqual(self.ok(sup.ctl("signal", "USR1", "tick")), "tick: signalled\n")
         wait_for(lambda: "got USR1" in log_lines(sup, "tick", 50), what="the ticker to log its USR1")
         self.assertEqual(sup.svc("tick")["state"], "RUNNING")
