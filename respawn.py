@@ -23,12 +23,10 @@ import configparser
 import errno
 import fcntl
 import glob
-import hashlib
 import heapq
 import itertools
 import json
 import os
-import random
 import re
 import selectors
 import shlex
@@ -144,9 +142,36 @@ def describe_exit(status):
     return "exit %d" % status
 
 
+# CPython's own SHA-256, not hashlib's: hashlib loads OpenSSL's libcrypto, about
+# 3 MiB of a supervisor's memory for hashing one file now and then.  Same digest.
+try:
+    from _sha2 import sha256            # CPython 3.12+
+except ImportError:
+    try:
+        from _sha256 import sha256      # CPython 3.8 to 3.11
+    except ImportError:
+        from hashlib import sha256
+
+
+def uniform():
+    """A float in [0, 1) for backoff jitter (the random module is 0.5 MiB we
+    would import for this one number)."""
+    return int.from_bytes(os.urandom(7), "big") / (1 << 56)
+
+
+def which(command, path):
+    """shutil.which(command, path=path) without shutil (which imports bz2, lzma
+    and zlib: 2 MiB of a supervisor's memory)."""
+    for folder in path.split(os.pathsep):
+        full = os.path.join(folder or ".", command)
+        if os.path.isfile(full) and os.access(full, os.X_OK):
+            return full
+    return None
+
+
 def file_hash(path):
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return sha256(f.read()).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -431,7 +456,7 @@ class Config:
         self.files, self.warnings = files, warnings
 
     def digest(self):
-        h = hashlib.sha256()
+        h = sha256()
         for path in sorted(self.files):
             h.update(path.encode() + b"\0" + self.files[path].encode() + b"\0")
         return h.hexdigest()
@@ -718,8 +743,7 @@ def machine_problem(prog):
             return "command %r is not executable" % exe
     else:
         env_path = prog.environment.get("PATH", os.environ.get("PATH", os.defpath))
-        import shutil
-        if not shutil.which(exe, path=env_path):
+        if not which(exe, env_path):
             return "command %r not found in PATH" % exe
     return None
 
@@ -774,14 +798,14 @@ class Service:
         return now - self.started_mono if self.started_mono is not None else 0.0
 
 
-def backoff_delay(program, failures, rand=random.random):
+def backoff_delay(program, failures, rand=uniform):
     """Delay before the next start after `failures` failed starts in a row:
     d = min(backoff_max, backoff * 2**(n-1)), drawn uniformly from [d/2, d]."""
     d = min(program.backoff_max, program.backoff * 2 ** min(failures - 1, 64))
     return d / 2 + rand() * d / 2
 
 
-def decide_exit(svc, status, now, rand=random.random):
+def decide_exit(svc, status, now, rand=uniform):
     """The policy for a process that exited by itself (not stopped by us).
 
     Returns (state, delay): RUNNING with delay 0 means start again at once,
@@ -1244,7 +1268,7 @@ def default_socket(config_path):
     name = os.path.basename(path)
     if name.endswith(".ini"):
         name = name[:-4]
-    digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+    digest = sha256(path.encode()).hexdigest()[:8]
     return os.path.join(default_runtime_dir(), "%s-%s.sock" % (name, digest))
 
 
@@ -1277,7 +1301,7 @@ class Supervisor:
         self.script = script                  # absolute, resolved at start-up
         self.argv = argv                      # our command line, without handoff options
         self.source = source                  # bytes of the code now running
-        self.hash = hashlib.sha256(source).hexdigest() if source else None
+        self.hash = sha256(source).hexdigest() if source else None
         self.rejected_hash = None
         self.selector = selectors.DefaultSelector()
         self.timers = Timers()
@@ -2670,8 +2694,8 @@ def memfd(name, data):
 # could not load, so the loader compiles the source instead.
 LOADER = ("import marshal,os,sys;from importlib.util import MAGIC_NUMBER as m;f=int(sys.argv[1]);"
           "d=os.pread(f,os.fstat(f).st_size,0);os.close(f);del sys.argv[:2];"
-          "n=int.from_bytes(d[:4],'big');s=d[4:4+n];k=d[4+n:];"
-          "c=marshal.loads(k[len(m):]) if k[:len(m)]==m else compile(s,sys.argv[0],'exec');"
+          "n=int.from_bytes(d[:4],'big');s=d[4:4+n];k=d[4+n:];del d;"
+          "c=marshal.loads(k[len(m):]) if k[:len(m)]==m else compile(s,sys.argv[0],'exec');del k;"
           "exec(c,{'__name__':'__main__','__file__':sys.argv[0],'__builtins__':__builtins__,"
           "'_LOADED_SOURCE':s})")
 
@@ -2695,7 +2719,8 @@ def interpreter_flags():
         flags = [f for f in orig[1:len(orig) - len(sys.argv)] if f not in ("-m",)]
         if "-c" in flags:
             at = flags.index("-c")      # our own loader: the options before it are the user's
-            flags = flags[:at] if flags[at + 1:at + 2] == [LOADER] else []
+            # (a loader of an older version too: the line starts the same way)
+            flags = flags[:at] if flags[at + 1:at + 2] and flags[at + 1].startswith(LOADER[:22]) else []
     # -S: no site module.  The supervisor needs nothing from site-packages, and
     # site's .pth files would cost start-up time (part of every handoff) and memory.
     for flag in ("-S", "-I"):
@@ -2760,7 +2785,7 @@ class ReexecMixin:
                 code = f.read()
         except OSError as exc:
             return fail("cannot read %s: %s" % (self.script, exc.strerror))
-        new_hash = hashlib.sha256(code).hexdigest()
+        new_hash = sha256(code).hexdigest()
         # same bytes (a touch, a chmod): no new code, nothing to check or refuse
         if client is None and why == "file changed" and new_hash in (self.hash, self.rejected_hash):
             return
@@ -3390,8 +3415,7 @@ def client_socket(config_path):
 def cmd_client(args, config_path):
     path = client_socket(config_path)
     cmd = args.command
-    names = getattr(args, "names", None) or []
-    payload = {"names": names}
+    payload = {"names": args.names}
     if cmd == "signal":
         payload["signal"] = args.sig
     if cmd == "log":
@@ -3472,52 +3496,136 @@ def print_results(results):
             print("%s: ERROR (%s%s)" % (name, r.get("state"), ": %s" % r["reason"] if r.get("reason") else ""))
 
 
-def build_parser():
-    import argparse
-    p = argparse.ArgumentParser(
-        prog="respawn.py", description="A process supervisor in one file.",
-        epilog="Signals: TERM/INT stop everything, HUP reloads, USR2 re-executes, USR1 reopens logs.")
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="config file (default: $RESPAWN_CONFIG, ./respawn.ini, respawn.ini beside "
-                        "this script, /etc/respawn.ini)")
-    p.add_argument("--version", action="version", version="respawn.py " + __version__)
-    p.add_argument("--handoff", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--rollback", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--script", help=argparse.SUPPRESS)
-    p.add_argument("--handoff-selftest", metavar="FILE", help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="supervise in the foreground (the default)")
-    run.add_argument("--daemon", action="store_true", help="detach and log to the logfile")
-    check = sub.add_parser("check", help="validate the config; exit 0 or 2")
-    check.add_argument("--trial", action="store_true", help=argparse.SUPPRESS)
-    st = sub.add_parser("status", help="show services; exit 3 if one that should run does not")
-    st.add_argument("names", nargs="*", metavar="NAME")
-    st.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    for name, text in (("start", "start services"), ("stop", "stop services"),
-                       ("restart", "restart services")):
-        c = sub.add_parser(name, help=text + " (NAME... or all)")
-        c.add_argument("names", nargs="+", metavar="NAME")
-    sg = sub.add_parser("signal", help="send a signal to services")
-    sg.add_argument("sig", metavar="SIG")
-    sg.add_argument("names", nargs="+", metavar="NAME")
-    sub.add_parser("reload", help="re-read the config and apply the difference (= SIGHUP)")
-    sub.add_parser("reexec", help="re-execute the supervisor, services untouched (= SIGUSR2)")
-    lg = sub.add_parser("log", help="show a service's recent output")
-    lg.add_argument("name", metavar="NAME")
-    lg.add_argument("-n", type=int, default=20, help="lines to show (default 20)")
-    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    sub.add_parser("shutdown", help="stop every service, then the supervisor (= SIGTERM)")
-    return p
+HELP = """\
+usage: respawn.py [-c FILE] [COMMAND [ARGS]]
+
+A process supervisor in one file.
+
+commands:
+  run [--daemon]               supervise in the foreground (the default);
+                               --daemon detaches and logs to the logfile
+  check                        validate the config; exit 0 or 2
+  status [NAME...] [--json]    show services; exit 3 if one that should run does not
+  start|stop|restart NAME...   start, stop or restart services (or all)
+  signal SIG NAME...           send a signal to services
+  reload                       re-read the config and apply the difference (= SIGHUP)
+  reexec                       re-execute the supervisor, services untouched (= SIGUSR2)
+  log NAME [-n N] [-f]         show a service's recent output (-n lines, default 20);
+                               -f, --follow keeps printing new lines
+  shutdown                     stop every service, then the supervisor (= SIGTERM)
+
+options:
+  -c, --config FILE            config file (default: $RESPAWN_CONFIG, ./respawn.ini,
+                               respawn.ini beside this script, /etc/respawn.ini)
+  --version                    print the version and exit
+  -h, --help                   print this help and exit
+
+Signals: TERM/INT stop everything, HUP reloads, USR2 re-executes, USR1 reopens logs.
+"""
+
+# command: (least, most) arguments, and its own options (name: takes a value)
+COMMANDS = {
+    "run": ((0, 0), {"--daemon": False}),
+    "check": ((0, 0), {"--trial": False}),
+    "status": ((0, None), {"--json": False}),
+    "start": ((1, None), {}), "stop": ((1, None), {}), "restart": ((1, None), {}),
+    "signal": ((2, None), {}),
+    "reload": ((0, 0), {}), "reexec": ((0, 0), {}), "shutdown": ((0, 0), {}),
+    "log": ((1, 1), {"-n": True, "-f": False, "--follow": False}),
+}
+# options of every command; the --handoff family is how the supervisor calls itself
+GLOBAL_OPTIONS = {"-c": True, "--config": True, "-h": False, "--help": False, "--version": False,
+                  "--handoff": True, "--rollback": True, "--script": True,
+                  "--handoff-selftest": True}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv):
+    """The command line of SPEC.md, as a namespace.  Made by hand: argparse and
+    what it imports (gettext; shutil with bz2 and lzma on 3.8) would stay in a
+    supervisor's memory for its whole life, about 3 MiB."""
+    import types
+    args = types.SimpleNamespace(
+        config=None, handoff=None, rollback=None, script=None, handoff_selftest=None,
+        command=None, daemon=False, trial=False, json=False, names=[], sig=None, name=None,
+        n=20, follow=False)
+    words, positional = list(argv), []
+    while words:
+        word = words.pop(0)
+        if word == "--":
+            positional += words
+            break
+        if not word.startswith("-") or word == "-":
+            if args.command is None and not positional:
+                if word not in COMMANDS:
+                    raise UsageError("unknown command %r%s" % (word, did_you_mean(word, COMMANDS)))
+                args.command = word
+            else:
+                positional.append(word)
+            continue
+        known = dict(GLOBAL_OPTIONS, **COMMANDS.get(args.command, (None, {}))[1])
+        option, value = word, None
+        if word.startswith("--") and "=" in word:
+            option, value = word.split("=", 1)
+        elif not word.startswith("--") and len(word) > 2:
+            option, value = word[:2], word[2:]
+        if option not in known and option.startswith("--"):
+            matches = [o for o in known if o.startswith(option)]
+            option = matches[0] if len(matches) == 1 else option
+        if option not in known:
+            raise UsageError("unknown option %s%s%s" % (
+                option, " for %s" % args.command if args.command else "", did_you_mean(option, known)))
+        if known[option]:
+            if value is None:
+                if not words:
+                    raise UsageError("%s needs a value" % option)
+                value = words.pop(0)
+        elif value is not None:
+            raise UsageError("%s takes no value" % option)
+        if option in ("-h", "--help"):
+            sys.stdout.write(HELP)
+            sys.exit(EXIT_OK)
+        if option == "--version":
+            print("respawn.py " + __version__)
+            sys.exit(EXIT_OK)
+        attr = {"-c": "config", "-n": "n", "-f": "follow"}.get(option, option[2:].replace("-", "_"))
+        if option in ("-n", "--handoff", "--rollback"):
+            try:
+                value = int(value)
+            except ValueError:
+                raise UsageError("%s takes a number, not %r" % (option, value))
+            if value < 0:
+                raise UsageError("%s takes a number of 0 or more, not %d" % (option, value))
+        setattr(args, attr, True if value is None else value)
+    args.command = args.command or "run"
+    (least, most), _ = COMMANDS[args.command]
+    if len(positional) < least:
+        raise UsageError("%s needs %s" % (args.command, {
+            "signal": "a signal and one or more service names (or all)",
+            "log": "a service name"}.get(args.command, "one or more service names (or all)")))
+    if most is not None and len(positional) > most:
+        raise UsageError("%s takes %s, not %s" % (
+            args.command, "one service name" if most else "no arguments", " ".join(positional)))
+    if args.command == "signal":
+        args.sig, positional = positional[0], positional[1:]
+    if args.command == "log":
+        args.name = positional[0]
+    args.names = positional
+    return args
 
 
 def main(argv=None, code=None):
     """The command line.  `code`, this module's own code object, is given only
     when this file runs as a script: `run` then restarts through LOADER."""
-    args = build_parser().parse_args(argv)
-    command = args.command or "run"
-    args.command = command
-    if command == "run" and not hasattr(args, "daemon"):
-        args.daemon = False
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        sys.stderr.write("respawn.py: %s; respawn.py --help lists the commands\n" % exc)
+        return EXIT_CONFIG
+    command = args.command
     script = os.path.realpath(args.script or __file__)
     source = globals().get("_LOADED_SOURCE")
     try:

@@ -2620,7 +2620,9 @@ class TestLoader(unittest.TestCase):
     another Python version (sys.executable upgraded under us) compiles the source."""
 
     def run_loader(self, exe):
-        src = b"import sys\nprint('ran', sys.version_info[0], sys.version_info[1], sys.argv[1])\n"
+        src = (b"import sys\nprint('ran', sys.version_info[0], sys.version_info[1], sys.argv[1])\n"
+               # the loader keeps no copy of the memfd's bytes beside the code it runs
+               b"assert not {'d', 'k'} & set(vars(sys.modules['__main__'])), 'loader kept its buffers'\n")
         code = compile(src, "/nonexistent/respawn.py", "exec")
         argv, fd = respawn.loader_argv(code, src, ["/nonexistent/respawn.py", "arg"])
         self.addCleanup(os.close, fd)
@@ -2644,6 +2646,118 @@ class TestLoader(unittest.TestCase):
         p = self.run_loader(others[0])
         self.assertRegex(p.stdout.strip(), r"^ran 3 \d+ arg$", p.stdout)
         self.assertNotEqual(p.stdout.strip(), "ran %d %d arg" % sys.version_info[:2])
+
+
+class TestCommandLine(unittest.TestCase):
+    """The command line of SPEC.md, parsed by hand (no argparse in a supervisor)."""
+
+    def cli(self, *words):
+        return subprocess.run([PY, SCRIPT] + list(words), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+
+    def test_every_command_parses_to_its_arguments(self):
+        parse = respawn.parse_args
+        self.assertEqual(parse([]).command, "run")
+        self.assertFalse(parse([]).daemon)
+        self.assertTrue(parse(["run", "--daemon"]).daemon)
+        a = parse(["-c", "x.ini", "status", "web", "--json", "db"])
+        self.assertEqual((a.config, a.command, a.names, a.json), ("x.ini", "status", ["web", "db"], True))
+        self.assertEqual(parse(["--config=y.ini", "check"]).config, "y.ini")
+        self.assertEqual(parse(["-cz.ini", "reload"]).config, "z.ini")
+        self.assertEqual(parse(["--conf", "w.ini", "reexec"]).config, "w.ini")   # a unique prefix
+        self.assertEqual(parse(["stop", "all"]).names, ["all"])
+        a = parse(["signal", "HUP", "web", "db"])
+        self.assertEqual((a.sig, a.names), ("HUP", ["web", "db"]))
+        a = parse(["log", "web", "-n", "5", "-f"])
+        self.assertEqual((a.name, a.n, a.follow), ("web", 5, True))
+        a = parse(["log", "-n7", "--follow", "web"])
+        self.assertEqual((a.name, a.n, a.follow), ("web", 7, True))
+        self.assertEqual(parse(["log", "web"]).n, 20)
+        self.assertEqual(parse(["start", "--", "-odd"]).names, ["-odd"])
+        a = parse(["--handoff", "5", "--rollback", "6", "--script", "/x/respawn.py", "-c", "c", "run"])
+        self.assertEqual((a.handoff, a.rollback, a.script), (5, 6, "/x/respawn.py"))
+        self.assertEqual(parse(["--handoff-selftest", "s.json", "check", "--trial"]).handoff_selftest, "s.json")
+
+    def test_mistakes_get_one_line_and_exit_2(self):
+        for words, says in [
+                (["statsu"], "unknown command 'statsu' (did you mean 'status'?)"),
+                (["status", "--jsno"], "unknown option --jsno for status (did you mean '--json'?)"),
+                (["--daemon"], "unknown option --daemon"),
+                (["stop"], "stop needs one or more service names"),
+                (["signal", "TERM"], "signal needs a signal and one or more service names"),
+                (["log"], "log needs a service name"),
+                (["log", "a", "b"], "log takes one service name, not a b"),
+                (["log", "a", "-n", "x"], "-n takes a number, not 'x'"),
+                (["log", "a", "-n", "-3"], "-n takes a number of 0 or more"),
+                (["reload", "now"], "reload takes no arguments, not now"),
+                (["-c"], "-c needs a value"),
+                (["run", "--daemon=yes"], "--daemon takes no value")]:
+            with self.subTest(words=words):
+                p = self.cli(*words)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertEqual(p.stdout, "")
+                self.assertEqual(len(p.stderr.splitlines()), 1, p.stderr)
+                self.assertIn("respawn.py: " + says, p.stderr)
+                self.assertNotIn("Traceback", p.stderr)
+
+    def test_help_lists_every_command_and_version_prints_it(self):
+        p = self.cli("--help")
+        self.assertEqual(p.returncode, 0)
+        for command in ("run [--daemon]", "check", "status [NAME...] [--json]", "start|stop|restart NAME...",
+                        "signal SIG NAME...", "reload", "reexec", "log NAME [-n N] [-f]", "shutdown",
+                        "-c, --config FILE"):
+            self.assertIn(command, p.stdout)
+        self.assertEqual(self.cli("status", "-h").stdout, p.stdout)
+        p = self.cli("--version")
+        self.assertEqual((p.returncode, p.stdout), (0, "respawn.py %s\n" % respawn.__version__))
+
+
+class TestLean(unittest.TestCase):
+    """What the supervisor leaves out to stay small at rest (bench/ measures the
+    memory; this checks the causes): no OpenSSL, no shutil, no random, no argparse."""
+
+    def test_sha256_is_hashlibs(self):
+        import hashlib
+        for data in (b"", b"x", bytes(range(256)) * 1000):
+            self.assertEqual(respawn.sha256(data).hexdigest(), hashlib.sha256(data).hexdigest())
+
+    def test_uniform_draws_spread_over_zero_to_one(self):
+        draws = [respawn.uniform() for _ in range(2000)]
+        self.assertTrue(all(0.0 <= x < 1.0 for x in draws))
+        self.assertLess(min(draws), 0.05)
+        self.assertGreater(max(draws), 0.95)
+
+    def test_which_finds_executables_in_path_order(self):
+        folder = tempfile.mkdtemp(prefix="respawn-which-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        first, second = os.path.join(folder, "a"), os.path.join(folder, "b")
+        os.makedirs(os.path.join(second, "tool"))      # a folder is not a command
+        for where, mode in ((first, 0o644), (second, 0o755)):
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, "prog"), "w") as f:
+                f.write("#!/bin/sh\n")
+            os.chmod(os.path.join(where, "prog"), mode)
+        path = os.pathsep.join([first, second])
+        self.assertEqual(respawn.which("prog", path), os.path.join(second, "prog"))
+        self.assertIsNone(respawn.which("tool", path))
+        self.assertIsNone(respawn.which("missing", path))
+        os.chmod(os.path.join(first, "prog"), 0o755)
+        self.assertEqual(respawn.which("prog", path), os.path.join(first, "prog"))
+
+    def test_a_running_supervisor_maps_no_openssl_or_compression_library(self):
+        sup = core_sup(self, """\
+            [program:bare]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        sup.start()
+        sup.wait_state("bare", "RUNNING")
+        sup.ctl("reload")         # reload reads the config and checks commands again
+        with open("/proc/%d/maps" % sup.proc.pid) as f:
+            maps = f.read()
+        for library in ("libcrypto", "_hashlib", "_bz2", "_lzma", "_random"):
+            self.assertNotIn(library, maps)
+        self.assertEqual(sup.terminate(), 0)
 
 
 # ---------------------------------------------------------------------------
