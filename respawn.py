@@ -19,17 +19,14 @@ loop, supervisor, control socket and client, re-execution, command line.
 
 __version__ = "1.0.0"
 
-import configparser
 import errno
 import fcntl
-import glob
 import heapq
 import itertools
 import json
 import os
 import re
 import selectors
-import shlex
 import signal
 import socket
 import stat
@@ -37,6 +34,11 @@ import struct
 import subprocess
 import sys
 import time
+
+# configparser, glob and shlex are imported where they are used: an image
+# re-executed with its config handed over parses no INI, and starts sooner.
+# Nor are argparse, hashlib, random or shutil imported at all (see parse_args,
+# sha256, uniform, which): each would stay in a supervisor's memory for its life.
 
 # ---------------------------------------------------------------------------
 # Constants and small helpers
@@ -73,11 +75,6 @@ def did_you_mean(word, choices):
     import difflib  # only on the error path
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return " (did you mean %r?)" % close[0] if close else ""
-
-
-def set_nonblocking(fd):
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
 def write_all(fd, data):
@@ -285,6 +282,7 @@ _PLAIN_COMMAND = re.compile(r"[^\s'\"\\]+(?:[ \t]+[^\s'\"\\]+)*")
 def parse_command(text):
     if _PLAIN_COMMAND.fullmatch(text):
         return tuple(text.split())
+    import shlex
     try:
         argv = shlex.split(text)
     except ValueError as exc:
@@ -306,6 +304,7 @@ def parse_umask(text):
 
 def parse_environment(text):
     """supervisord's form: A="1",B="two words",C=3 (commas or newlines between)."""
+    import shlex
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace = ",\n"
     lexer.whitespace_split = True
@@ -419,6 +418,7 @@ PROGRAM_KEYS = {
     "healthcheck_failures": (parse_int, 3),
     "watchdog": (parse_duration, 0.0),
 }
+PROGRAM_DEFAULTS = {key: default for key, (_, default) in PROGRAM_KEYS.items()}
 
 # Keys that shape the running process: a change to one of them restarts the
 # service on reload.  Everything else is policy, applied to the running process.
@@ -429,9 +429,9 @@ class Program:
     """One [program:NAME] section, typed.  Plain data; `raw` keeps the text for diffs."""
 
     def __init__(self, name, values, raw, file=None, line=None):
+        self.__dict__.update(PROGRAM_DEFAULTS)
+        self.__dict__.update(values)
         self.name, self.raw, self.file, self.line = name, raw, file, line
-        for key, (_, default) in PROGRAM_KEYS.items():
-            setattr(self, key, values.get(key, default))
 
     def shape(self):
         """What a reload compares to decide whether the process must restart."""
@@ -451,9 +451,12 @@ class Program:
 class Config:
     """A whole config: the [respawn] settings, programs, and the text of every file read."""
 
-    def __init__(self, path, settings, programs, files, warnings):
+    def __init__(self, path, settings, programs, files, warnings, sections=()):
         self.path, self.settings, self.programs = path, settings, programs
         self.files, self.warnings = files, warnings
+        # [file, name, line, {key: text}] for every section as read: a re-exec hands
+        # them over, so the new image types them without parsing the INI again
+        self.sections = sections
 
     def digest(self):
         h = sha256()
@@ -534,6 +537,7 @@ class _Loader:
             self.error("cannot read the config: %s" % reason, stack[-1] if stack else path, line)
             return
         self.files[path] = text
+        import configparser
         parser = configparser.RawConfigParser(
             strict=True, inline_comment_prefixes=(";",), default_section="\0",
             empty_lines_in_values=False)
@@ -571,17 +575,30 @@ class _Loader:
                 here = os.path.dirname(path)
                 for pattern in parse_list(values.get("files", "")):
                     pattern = os.path.join(here, os.path.expanduser(pattern))
+                    import glob
                     for found in sorted(glob.glob(pattern)):
                         self.load(found, stack + (path,), lines.get((name, "files")))
 
 
-def load_config(path, machine_checks=False, read=_read_text):
+# The form of Config.sections in a handoff state: a new image that reads them
+# otherwise parses the carried config text instead.
+SECTIONS_FORMAT = 1
+
+
+def load_config(path, machine_checks=False, read=_read_text, carried=None):
     """Parse a config file and its includes into a Config; ConfigErrors on any mistake.
 
     machine_checks adds what depends on this machine (commands, directories,
-    users): errors for `check`, but for `run` only the one service fails."""
+    users): errors for `check`, but for `run` only the one service fails.
+    carried: {"files", "sections"} of a Config read before (a re-exec), used
+    instead of reading and parsing the files."""
     loader = _Loader(read)
-    loader.load(path)
+    if carried is None:
+        loader.load(path)
+    else:
+        loader.files = dict(carried["files"])
+        loader.sections = [(file, {(name, None): line}, name, values)
+                           for file, name, line, values in carried["sections"]]
     err = loader.error
     settings = {k: d for k, (_, d) in RESPAWN_KEYS.items()}
     programs = {}
@@ -656,7 +673,8 @@ def load_config(path, machine_checks=False, read=_read_text):
         exc = ConfigErrors(loader.errors, loader.warnings)
         exc.settings = settings
         raise exc
-    return Config(config_file, settings, programs, loader.files, loader.warnings)
+    return Config(config_file, settings, programs, loader.files, loader.warnings,
+                  [[file, name, lines.get((name, None)), values] for file, lines, name, values in loader.sections])
 
 
 def _check_program(prog, programs, err, warnings):
@@ -1378,8 +1396,8 @@ class Supervisor:
     def install_signals(self):
         """Handlers only wake the loop (wakeup fd); the loop does the work (research F9)."""
         self.wake_r, self.wake_w = os.pipe()
-        set_nonblocking(self.wake_r)
-        set_nonblocking(self.wake_w)
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.on_wakeup)
         for name in HANDLED_SIGNALS:
             signum = getattr(signal, name)
@@ -1525,6 +1543,7 @@ class Supervisor:
         svc.started_mono = now
         svc.reason = ""
         self.watcher.watch(pid, self.on_child_exit)
+        import shlex
         self.log("info", "started pid %d: %s" % (pid, shlex.join(prog.command)), svc.name)
         self.set_state(svc, STARTING)
         self.arm_start_timers(svc, now)
@@ -1759,7 +1778,7 @@ class Supervisor:
     # -- output -----------------------------------------------------------
 
     def add_pipe(self, pipe):
-        set_nonblocking(pipe.fd)
+        os.set_blocking(pipe.fd, False)
         self.pipes[pipe.fd] = pipe
         self.selector.register(pipe.fd, selectors.EVENT_READ, lambda mask, p=pipe: self.on_pipe(p))
 
@@ -2692,7 +2711,7 @@ def memfd(name, data):
 # matches the interpreter that runs the loader: when sys.executable has become
 # another Python version (a distribution upgrade), marshal data from the old one
 # could not load, so the loader compiles the source instead.
-LOADER = ("import marshal,os,sys;from importlib.util import MAGIC_NUMBER as m;f=int(sys.argv[1]);"
+LOADER = ("import marshal,os,sys;from _frozen_importlib_external import MAGIC_NUMBER as m;f=int(sys.argv[1]);"
           "d=os.pread(f,os.fstat(f).st_size,0);os.close(f);del sys.argv[:2];"
           "n=int.from_bytes(d[:4],'big');s=d[4:4+n];k=d[4+n:];del d;"
           "c=marshal.loads(k[len(m):]) if k[:len(m)]==m else compile(s,sys.argv[0],'exec');del k;"
@@ -2870,6 +2889,7 @@ class ReexecMixin:
         self.exec_new_image(new_hash, client)
 
     def exec_new_image(self, new_hash, client):
+        t0 = monotonic()
         handled = {getattr(signal, n) for n in HANDLED_SIGNALS}
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         pending, self.signals_due = self.signals_due + self.drain_wakeup(), []
@@ -2880,7 +2900,10 @@ class ReexecMixin:
             for s in pending:        # a stop request wins over the re-exec (research F9)
                 self.on_signal(s)
             return
-        self.drain_pipes(list(self.pipes.values()))
+        # what is waiting now, from the pipes that have something (one epoll_wait,
+        # not a read per pipe); what comes later waits in the pipe for the new image
+        ready = {key.fd for key, _ in self.selector.select(0)}
+        self.drain_pipes([pipe for fd, pipe in self.pipes.items() if fd in ready])
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -2890,7 +2913,7 @@ class ReexecMixin:
             for follower in list(follower_list):
                 follower.send({"event": "reexec"})
                 follower.flush()
-        state = self.handoff_state(pending, new_hash, client)
+        state = self.handoff_state(pending, new_hash, client, t0)
         state_fd = memfd("respawn-state", json.dumps(state).encode())
         rollback_fd = memfd("respawn-rollback", self.source or b"")
         try:
@@ -2922,22 +2945,31 @@ class ReexecMixin:
             for s in pending:
                 self.on_signal(s)
 
-    def handoff_state(self, pending, new_hash, client):
+    def handoff_state(self, pending, new_hash, client, t0=None):
+        """t0: when supervision paused for the handoff (the handoff time counts from it)."""
         import base64
         services = []
         for svc in self.services.values():
-            entry = {k: getattr(svc, k) for k in Service.CARRIED}
+            # a value still as a new Service starts out is left out (the state is
+            # written and read inside the handoff: smaller is sooner)
+            fresh = vars(Service(svc.program))
+            entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != fresh[k]}
             entry["name"] = svc.name
-            entry["notify"] = [svc.notify[0].fileno(), svc.notify[1]] if svc.notify else None
-            entry["tail"] = list(svc.tail) if svc.tail else []
-            entry["removed"] = svc.removed
-            entry["program"] = {k: v for k, v in svc.program.raw.items()}
+            if svc.notify:
+                entry["notify"] = [svc.notify[0].fileno(), svc.notify[1]]
+            if svc.tail:
+                entry["tail"] = list(svc.tail)
+            if svc.removed:
+                # the new image types programs from the config text; a removed one,
+                # still stopping, is in no config any more
+                entry["removed"], entry["program"] = True, dict(svc.program.raw)
             services.append(entry)
         return {
             "format": HANDOFF_FORMAT, "version": __version__, "hash": self.hash,
-            "new_hash": new_hash, "t0": monotonic(), "started": self.started,
+            "new_hash": new_hash, "t0": monotonic() if t0 is None else t0, "started": self.started,
             "reexecs": self.reexecs, "rejected_hash": self.rejected_hash,
             "config_path": self.config.path, "config_files": self.config.files,
+            "config_sections": {"format": SECTIONS_FORMAT, "sections": self.config.sections},
             "pending": list(pending), "script": self.script, "argv": self.argv,
             "listener": self.listener.fileno() if self.listener else None,
             "lock": self.lock_fd, "client": client.sock.fileno() if client and client.sock else None,
@@ -3315,7 +3347,10 @@ def resume(args, script, source):
         if state.get("format", 1) > HANDOFF_FORMAT:
             raise ValueError("state format %s is newer than this code" % state.get("format"))
         files = state["config_files"]
-        config = load_config(state["config_path"], read=lambda p: files[p] if p in files else _read_text(p))
+        carried = state.get("config_sections") or {}
+        config = load_config(state["config_path"], read=lambda p: files[p] if p in files else _read_text(p),
+                             carried={"files": files, "sections": carried["sections"]}
+                             if carried.get("format") == SECTIONS_FORMAT else None)
         sup = RespawnSupervisor(config, state["script"], state["argv"], source)
         sup.restore(state)
     except Exception as exc:      # anything at all: the old code takes over again

@@ -677,6 +677,48 @@ class TestCoreConfig(unittest.TestCase):
                          ["%s:3: startsecs: expected a duration such as 10, 0.5, 500ms, 2s or 1m, "
                           "not 'x'" % os.path.join(d, "conf.d", "more", "bad.ini")])
 
+    def test_sections_carried_by_a_reexec_type_to_the_same_config(self):
+        # A re-exec hands the sections over (through JSON) and the new image types
+        # them without reading or parsing a file: the result must be the same.
+        d = temp_dir(self)
+        main = write_file(os.path.join(d, "main.ini"), """\
+            [respawn]
+            socket = %(here)s/x.sock
+            watch_config = true
+            [include]
+            files = conf.d/*.ini
+            [program:a]
+            command = sh -c 'echo "a b"' %(program_name)s
+            environment = A="1",B="two words"
+            startsecs = 500ms
+            backoff_max = 7s
+            stopsignal = INT
+            exitcodes = 0,3
+            autorestart = unexpected
+            stdout_logfile_maxbytes = 5MB
+            ready = tcp:127.0.0.1:9
+            """)
+        os.mkdir(os.path.join(d, "conf.d"))
+        write_file(os.path.join(d, "conf.d", "b.ini"), """\
+            [program:b]
+            command = echo %(here)s %(ENV_HOME)s
+            requires = a
+            """)
+        full = respawn.load_config(main)
+        sections = json.loads(json.dumps(full.sections))
+
+        def no_reading(path):
+            raise AssertionError("a carried config read %s" % path)
+        again = respawn.load_config(main, read=no_reading,
+                                    carried={"files": full.files, "sections": sections})
+        self.assertEqual(again.settings, full.settings)
+        self.assertEqual(again.files, full.files)
+        self.assertEqual(sorted(again.programs), ["a", "b"])
+        for name, prog in full.programs.items():
+            self.assertEqual(vars(again.programs[name]), vars(prog), name)
+        self.assertEqual(again.programs["b"].command, ("echo", os.path.join(d, "conf.d"), os.environ["HOME"]))
+        self.assertEqual(again.sections, sections)
+
     def test_include_loop_names_the_files(self):
         d = temp_dir(self)
         os.makedirs(os.path.join(d, "sub"))
@@ -3751,6 +3793,34 @@ class TestReexecTimers(ReexecCase):
         self.assertGreaterEqual(took, 3.4)     # the clock starts before the "started" line
         self.assertLess(took, 4.0)
         self.assertEqual(zombies_of(sup.proc.pid), [])
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestReexecFromAnOlderRelease(ReexecCase):
+    """A state without the parsed sections (an older release) is still taken:
+    the new image parses the carried config text instead."""
+
+    def test_state_without_sections_is_parsed_from_the_config_text(self):
+        sup = self.sup(SLEEPERS)
+        base = read_text(sup.script)
+        older = patched(base, '"config_sections": {"format": SECTIONS_FORMAT, "sections": self.config.sections},',
+                        '')
+        rx_write_file(sup.script, with_version(older, "0.9.0"))
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        sup.wait_state("b", "RUNNING")
+        before = self.pids(sup)
+        install_by_rename(sup.script, with_version(base, "9.9.9"))
+        st = self.wait_reexecs(sup, 1, "9.9.9")
+        self.assertEqual(self.pids(sup), before)
+        self.assertEqual({s["state"] for s in st["services"]}, {"RUNNING"})
+        self.assertIn("0.9.0", rx_log_lines(sup, "re-executed: version")[-1])
+        # and the next re-exec, now with the sections handed over
+        install_by_rename(sup.script, with_version(base, "9.9.8"))
+        self.wait_reexecs(sup, 2, "9.9.8")
+        self.assertEqual(self.pids(sup), before)
+        os.kill(before["a"], signal.SIGKILL)          # policy still applies
+        sup.wait_pid_change("a", before["a"])
         self.assertEqual(sup.terminate(), 0)
 
 
