@@ -2689,10 +2689,11 @@ class FileWatch:
 def memfd(name, data):
     """A memory-only file holding data, rewound: the handoff channel (research F14)."""
     try:
-        fd = os.memfd_create(name, getattr(os, "MFD_ALLOW_SEALING", 0))
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
     except (AttributeError, OSError):
         import tempfile
-        fd = os.dup(tempfile.TemporaryFile().fileno())
+        with tempfile.TemporaryFile() as f:       # unlinked already: nobody can open it
+            fd = os.dup(f.fileno())
     write_all(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
@@ -2755,6 +2756,7 @@ def handoff_fds(state):
     fds += [s["notify"][0] for s in state.get("services", ()) if s.get("notify")]
     fds += [state.get(k) for k in ("listener", "lock", "client") if state.get(k) is not None]
     fds += [c["fd"] for c in state.get("clients", ())]
+    fds += [w["fd"] for w in state.get("waiters", ())]
     return fds
 
 
@@ -2977,6 +2979,10 @@ class ReexecMixin:
             "clients": [{"fd": c.sock.fileno(), "inbuf": base64.b64encode(c.inbuf).decode()}
                         for c in self.clients.values()
                         if c.sock is not None and not c.closing and not c.streaming],
+            # start/restart requests waiting for their services to settle: answered
+            # by the new image
+            "waiters": [{"fd": c.sock.fileno(), "cmd": cmd, "names": names}
+                        for c, cmd, names in self.waiters if c.sock is not None],
             "pidfile": self.pidfile,
             "helpers": list(self.helpers),
             "pipes": [{"fd": p.fd, "service": p.service, "stream": p.stream,
@@ -3388,6 +3394,14 @@ def resume(args, script, source):
     for entry in state.get("clients", ()):
         import base64
         ControlClient(sup, socket.socket(fileno=entry["fd"])).inbuf = base64.b64decode(entry["inbuf"])
+    for entry in state.get("waiters", ()):
+        client = ControlClient(sup, socket.socket(fileno=entry["fd"]))
+        client.closing = True             # its request was read by the old image
+        sup.timers.cancel(client.timer)
+        client.timer = None
+        sup.waiters.append((client, entry["cmd"], entry["names"]))
+    if sup.waiters:
+        sup.check_waiters()
     if state.get("client") is not None:
         client = ControlClient(sup, socket.socket(fileno=state["client"]))
         client.closing = True

@@ -8,6 +8,7 @@ control socket and client, re-execution, PID 1.  Tests wait on conditions
 under deadlines, never on bare sleeps, and every test kills what it started.
 """
 
+import errno
 import grp
 import selectors
 import threading
@@ -2657,6 +2658,32 @@ class TestHostileClients(unittest.TestCase):
 # The loader that runs a supervisor from precompiled code
 # ---------------------------------------------------------------------------
 
+class TestMemfd(unittest.TestCase):
+    """The handoff channel: a memfd, or an unlinked temporary file where the
+    kernel has no memfd_create (before Linux 3.17) or it is forbidden."""
+
+    def check(self, fd, data):
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.lseek(fd, 0, os.SEEK_CUR), 0, "not rewound")
+        self.assertEqual(os.pread(fd, len(data) + 1, 0), data)
+        self.assertEqual(os.fstat(fd).st_nlink, 0, "the file has a name someone could open")
+        self.assertFalse(os.get_inheritable(fd))
+
+    def test_memfd(self):
+        data = b"state" * 1000
+        fd = respawn.memfd("respawn-test", data)
+        self.check(fd, data)
+        self.assertTrue(os.readlink("/proc/self/fd/%d" % fd).startswith("/memfd:respawn-test"))
+
+    def test_temporary_file_where_memfd_create_fails(self):
+        from unittest import mock
+        data = b"rollback" * 1000
+        with mock.patch.object(os, "memfd_create", side_effect=OSError(errno.ENOSYS, "not here")):
+            fd = respawn.memfd("respawn-test", data)
+        self.check(fd, data)
+        self.assertFalse(os.readlink("/proc/self/fd/%d" % fd).startswith("/memfd:"))
+
+
 class TestLoader(unittest.TestCase):
     """The memfd loader runs marshalled code only on the interpreter that made it;
     another Python version (sys.executable upgraded under us) compiles the source."""
@@ -3331,6 +3358,25 @@ class TestReexecOneWatcher(ReexecCase):
         self.assertIn(b"\n", data, "the connection was closed without an answer")
         reply = json.loads(data.split(b"\n")[0])
         self.assertEqual(reply["supervisor"]["reexecs"], 1)
+
+    def test_a_start_waiting_across_the_exec_is_answered_by_the_new_image(self):
+        sup = self.sup("[program:slow]\ncommand = sleep 1000\nautostart = false\nstartsecs = 3\n"
+                       + SLEEPERS)
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        start = subprocess.Popen([PY, sup.script, "-c", sup.config, "start", "slow"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=sup.env)
+        self.addCleanup(lambda: start.poll() is None and start.kill())
+        sup.wait_state("slow", "STARTING")
+        pid = sup.svc("slow")["pid"]
+        sup.proc.send_signal(signal.SIGUSR2)
+        st = self.wait_reexecs(sup, 1)
+        self.assertEqual([s["state"] for s in st["services"] if s["name"] == "slow"], ["STARTING"],
+                         "slow was RUNNING before the exec: the test proves nothing")
+        out, _ = start.communicate(timeout=DEADLINE)
+        self.assertEqual((start.returncode, out), (0, "slow: RUNNING\n"))
+        self.assertEqual(sup.svc("slow")["pid"], pid)
+        self.assertEqual(sup.terminate(), 0)
 
     def test_a_stop_begun_during_the_trial_finishes_before_the_exec(self):
         sup = self.sup("[program:slow]\ncommand = {py} {dir}/ignore_term.py {dir}/slow.ready\n"
