@@ -908,8 +908,10 @@ def spawn(prog, stdout, stderr, extra_env=None):
     stdout/stderr are fds (or subprocess.DEVNULL).  The child starts clean:
     the supervisor keeps its own mask empty and no signal ignored but the two
     Python ignores itself, which restore_signals puts back (research F25)."""
-    env = dict(os.environ)
-    env.update(prog.environment)
+    env = None        # our own environment, as the kernel has it: nothing to copy or encode
+    if prog.environment or extra_env or prog.user:
+        env = dict(os.environ)
+        env.update(prog.environment)
     ids = None
     try:
         who = resolve_user(prog)
@@ -919,6 +921,7 @@ def spawn(prog, stdout, stderr, extra_env=None):
         uid, gid, groups, home, name = who
         if name:
             # supervisord leaves the supervisor's HOME and USER: a classic surprise
+            env = dict(os.environ) if env is None else env
             env.update(HOME=home, USER=name, LOGNAME=name)
         if os.geteuid() == 0:
             ids = (uid, gid, groups)
@@ -1422,12 +1425,26 @@ class Supervisor:
     def run_loop(self):
         select, timers, registered = self.selector.select, self.timers, self.selector.get_map()
         while not self.done:
-            for key, mask in select(timers.timeout(monotonic())):
-                # an earlier handler of this batch may have closed this fd (and a new
-                # one may even have reused its number): dispatch only live keys
-                if registered.get(key.fd) is key:
-                    key.data(mask)
-            timers.run_due(monotonic())
+            try:
+                for key, mask in select(timers.timeout(monotonic())):
+                    # an earlier handler of this batch may have closed this fd (and a new
+                    # one may even have reused its number): dispatch only live keys
+                    if registered.get(key.fd) is key:
+                        key.data(mask)
+                timers.run_due(monotonic())
+            except Exception as exc:
+                self.internal_error(exc)
+
+    def internal_error(self, exc):
+        """A bug in a handler: say where, and keep supervising.  Dying would leave
+        every service running with nobody watching (and a keep-alive cron line
+        would then start them twice).  What the batch had left is still pending:
+        the selector reports it again and the timers stay in the heap."""
+        import traceback
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        self.log("error", "internal error at %s:%d (%s): %s: %s; supervision goes on (please report it)"
+                 % (os.path.basename(where.filename), where.lineno, where.name, type(exc).__name__, exc))
+        time.sleep(0.05)          # a fault that repeats on every turn must not spin a CPU
 
     def on_wakeup(self, mask=None):
         # kept on self until handled: when one of them ends in an exec (SIGCHLD
@@ -1542,7 +1559,7 @@ class Supervisor:
         svc.started = time.time()
         svc.started_mono = now
         svc.reason = ""
-        self.watcher.watch(pid, self.on_child_exit)
+        self.watcher.watch(pid, lambda pid, status, svc=svc: self.on_child_exit(pid, status, svc))
         import shlex
         self.log("info", "started pid %d: %s" % (pid, shlex.join(prog.command)), svc.name)
         self.set_state(svc, STARTING)
@@ -1597,9 +1614,8 @@ class Supervisor:
 
     # -- exits and the policy ---------------------------------------------
 
-    def on_child_exit(self, pid, status):
-        svc = next((s for s in self.services.values() if s.pid == pid), None)
-        if svc is None:
+    def on_child_exit(self, pid, status, svc):
+        if svc.pid != pid:
             return
         self.drain_service_pipes(svc)
         if svc.program.killasgroup:
@@ -1718,6 +1734,17 @@ class Supervisor:
 
     def stop_timeout(self, svc):
         if svc.state == STOPPING and svc.alive():
+            try:
+                os.kill(svc.pid, 0)
+            except ProcessLookupError:
+                # reaped (by us: nobody else can) but its exit never reached the
+                # policy, which only a bug in a handler can do: gone, not waited on forever
+                self.log("error", "pid %d is gone but its exit was not handled" % svc.pid, svc.name)
+                svc.pid = None
+                self.after_exit(svc, None, "gone")
+                return
+            except OSError:
+                pass
             self.log("warn", "still alive after %gs: SIGKILL" % svc.program.stopwaitsecs, svc.name)
             kill_group_or_pid(svc.pid, signal.SIGKILL, svc.program.killasgroup)
             svc.deadline = None
@@ -2110,6 +2137,14 @@ class Supervisor:
             if svc is None:
                 summary["added"].append(name)
                 self.services[name] = Service(prog)
+                continue
+            if svc.removed:
+                # removed by an earlier reload and still stopping: back in the config,
+                # so it is started again once its old process is gone
+                summary["added"].append(name)
+                svc.removed = False
+                svc.program = prog
+                svc.wanted = svc.stop_then_start = prog.autostart
                 continue
             before = svc.program
             if before.raw == prog.raw:
@@ -3049,7 +3084,7 @@ class ReexecMixin:
                     svc.pid = None
                     self.after_exit(svc, None, "lost during re-exec")
                     continue
-                self.watcher.watch(svc.pid, self.on_child_exit)
+                self.watcher.watch(svc.pid, lambda pid, status, svc=svc: self.on_child_exit(pid, status, svc))
             self.rearm(svc, now)
         return state
 

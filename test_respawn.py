@@ -216,10 +216,15 @@ class Sup:
         read = self.stderr if stream == "stderr" else self.stdout
         return wait_for(lambda: text in read(), timeout, "%r in the supervisor's %s" % (text, stream))
 
-    def terminate(self, sig=signal.SIGTERM, timeout=DEADLINE):
-        """Signal the supervisor and wait for its exit code."""
+    def terminate(self, sig=signal.SIGTERM, timeout=DEADLINE, internal_errors=False):
+        """Signal the supervisor and wait for its exit code.  A bug caught by the
+        loop's guard fails the test, unless the test put it there."""
         self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        if not internal_errors and os.path.exists(self.err_path):
+            errors = [l for l in self.stderr().splitlines() if "internal error at" in l]
+            assert not errors, "the supervisor hit a bug: %s" % errors[0]
+        return code
 
     def cleanup(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -3842,6 +3847,30 @@ class TestReexecTimers(ReexecCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+class TestInternalError(ReexecCase):
+    """A bug in a handler is logged with its place, and supervision goes on."""
+
+    def test_an_exception_in_a_handler_does_not_end_supervision(self):
+        sup = self.sup("[program:boom]\ncommand = sleep 1000\nstartsecs = 0\nstopwaitsecs = 1\n"
+                       "[program:steady]\ncommand = sleep 1001\nstartsecs = 0\n")
+        rx_write_file(sup.script, patched(read_text(sup.script), "    def on_child_exit(self, pid, status, svc):\n",
+                                          "    def on_child_exit(self, pid, status, svc):\n"
+                                          "        if svc.name == 'boom':\n"
+                                          "            raise RuntimeError('injected')\n"))
+        sup.start()
+        boom = sup.wait_state("boom", "RUNNING")["pid"]
+        steady = sup.wait_state("steady", "RUNNING")["pid"]
+        os.kill(boom, signal.SIGKILL)
+        sup.wait_log("internal error at")
+        self.assertIn("(on_child_exit): RuntimeError: injected; supervision goes on", sup.stderr())
+        self.assertIsNone(sup.proc.poll())
+        os.kill(steady, signal.SIGKILL)           # the others are still supervised
+        sup.wait_pid_change("steady", steady)
+        # boom's exit was lost in the faulty handler: a stop finds it gone, not waits forever
+        self.assertEqual(sup.terminate(internal_errors=True), 0)
+        self.assertIn("boom: pid %d is gone but its exit was not handled" % boom, sup.stderr())
+
+
 class TestReexecFromAnOlderRelease(ReexecCase):
     """A state without the parsed sections (an older release) is still taken:
     the new image parses the carried config text instead."""
@@ -3963,6 +3992,26 @@ class TestReload(ReexecCase):
         self.assertEqual(self.pids(sup)["keep"], before["keep"])
         # policy is EXITED; a policy-only change does not start it behind the operator's back
         self.assertEqual(sup.svc("policy")["state"], "EXITED")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_a_service_put_back_while_it_is_still_stopping_starts_again(self):
+        text = ("[program:slow]\ncommand = {py} {dir}/ignore_term.py {dir}/slow.ready\n"
+                "startsecs = 0.2\nstopwaitsecs = 2\n" + SLEEPERS)
+        sup = self.sup(text)
+        rx_write_file(sup.path("ignore_term.py"), IGNORE_TERM_PY)
+        sup.start()
+        wait_for(lambda: os.path.exists(sup.path("slow.ready")), what="slow to ignore SIGTERM")
+        old = sup.svc("slow")["pid"]
+        sup.write_config(SLEEPERS)
+        self.assertIn("removed: slow", sup.ctl("reload").stdout)
+        sup.wait_state("slow", "STOPPING")
+        sup.write_config(text)
+        self.assertIn("added: slow", sup.ctl("reload").stdout)
+        # the old process is killed at stopwaitsecs, then slow starts again, in the config
+        new = sup.wait_pid_change("slow", old)
+        wait_for(lambda: not pid_alive(old), what="the old process to go")
+        sup.wait_state("slow", "RUNNING")
+        self.assertEqual(sup.svc("slow")["pid"], new["pid"])
         self.assertEqual(sup.terminate(), 0)
 
     def test_bad_config_is_rejected_with_the_lines_of_check(self):
