@@ -31,12 +31,12 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import time
 
-# configparser, glob and shlex are imported where they are used: an image
-# re-executed with its config handed over parses no INI, and starts sooner.
+# configparser, glob, shlex and subprocess are imported where they are used: an
+# image re-executed with its config handed over parses no INI and starts no
+# process until it must, and takes over sooner (the handoff window).
 # Nor are argparse, hashlib, random or shutil imported at all (see parse_args,
 # sha256, uniform, which): each would stay in a supervisor's memory for its life.
 
@@ -908,6 +908,7 @@ def spawn(prog, stdout, stderr, extra_env=None):
     stdout/stderr are fds (or subprocess.DEVNULL).  The child starts clean:
     the supervisor keeps its own mask empty and no signal ignored but the two
     Python ignores itself, which restore_signals puts back (research F25)."""
+    import subprocess
     env = None        # our own environment, as the kernel has it: nothing to copy or encode
     if prog.environment or extra_env or prog.user:
         env = dict(os.environ)
@@ -1520,6 +1521,7 @@ class Supervisor:
         svc.status_text = svc.mainpid = None
         svc.health_failures = 0
         fds = []
+        import subprocess
         try:
             out_w = err_w = subprocess.DEVNULL
             streams = {}
@@ -2214,6 +2216,7 @@ class Probe:
         else:
             prog = self.svc.program
             probe_prog = Program(prog.name, dict(vars(prog), command=arg), prog.raw)
+            import subprocess
             try:
                 self.pid = spawn(probe_prog, subprocess.DEVNULL, subprocess.DEVNULL)
             except SpawnError as exc:
@@ -3020,8 +3023,9 @@ class ReexecMixin:
                         for c, cmd, names in self.waiters if c.sock is not None],
             "pidfile": self.pidfile,
             "helpers": list(self.helpers),
-            "pipes": [{"fd": p.fd, "service": p.service, "stream": p.stream,
-                       "partial": base64.b64encode(p.partial).decode()} for p in self.pipes.values()],
+            "pipes": [dict({"fd": p.fd, "service": p.service, "stream": p.stream},
+                           **({"partial": base64.b64encode(p.partial).decode()} if p.partial else {}))
+                      for p in self.pipes.values()],
             "services": services,
         }
 
@@ -3074,7 +3078,7 @@ class ReexecMixin:
                 fd, address = entry["notify"]
                 self.adopt_notify(svc, socket.socket(fileno=fd), address)
         for p in state.get("pipes", ()):
-            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p["partial"])))
+            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", ""))))
         for svc in self.services.values():
             if svc.pid is not None:
                 try:
