@@ -139,15 +139,18 @@ def describe_exit(status):
     return "exit %d" % status
 
 
-# CPython's own SHA-256, not hashlib's: hashlib loads OpenSSL's libcrypto, about
-# 3 MiB of a supervisor's memory for hashing one file now and then.  Same digest.
-try:
-    from _sha2 import sha256            # CPython 3.12+
-except ImportError:
+# hashlib as on a Python built without OpenSSL: CPython's own SHA-256, same
+# digest.  With OpenSSL, hashlib loads libcrypto, about 3 MiB of a supervisor's
+# memory for hashing one file now and then.  A None in sys.modules makes an
+# import fail, and hashlib falls back to its built-in implementations.
+if "_hashlib" in sys.modules:
+    from hashlib import sha256
+else:
+    sys.modules["_hashlib"] = None
     try:
-        from _sha256 import sha256      # CPython 3.8 to 3.11
-    except ImportError:
         from hashlib import sha256
+    finally:
+        del sys.modules["_hashlib"]
 
 
 def uniform():
