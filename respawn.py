@@ -913,7 +913,7 @@ def spawn(prog, stdout, stderr, extra_env=None):
     Python ignores itself, which restore_signals puts back (research F25)."""
     import subprocess
     env = None        # our own environment, as the kernel has it: nothing to copy or encode
-    if prog.environment or extra_env or prog.user:
+    if prog.environment or extra_env:
         env = dict(os.environ)
         env.update(prog.environment)
     ids = None
