@@ -2862,17 +2862,19 @@ class ReexecMixin:
                                        % (getattr(exc, "msg", exc), getattr(exc, "lineno", "?")),
                                        new_hash, client)
         self.log("info", "%s: checking the new code (%s) before re-executing" % (why, new_hash[:12]))
-        self.reexec_busy = True
-        self.reexec_client = client
         import tempfile
-        out = tempfile.TemporaryFile()
         # The trial parses the config and restores a snapshot of the real state in
         # a dry run: a new file that would fail after the exec fails here instead.
-        snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
-        os.chmod(snapshot.name, 0o600)
-        snapshot.write(json.dumps(self.handoff_state([], new_hash, None)).encode())
-        snapshot.flush()
-        out.snapshot = snapshot
+        try:
+            out = tempfile.TemporaryFile()
+            out.snapshot = snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
+            os.chmod(snapshot.name, 0o600)
+            snapshot.write(json.dumps(self.handoff_state([], new_hash, None)).encode())
+            snapshot.flush()
+        except OSError as exc:      # a full or read-only temporary folder
+            return fail("cannot write the trial's files in %s: %s" % (tempfile.gettempdir(), exc))
+        self.reexec_busy = True
+        self.reexec_client = client
         try:
             pid = spawn(Program("trial", {"command": (
                 sys.executable, "-I", self.script, "--handoff-selftest", snapshot.name,
@@ -2943,6 +2945,19 @@ class ReexecMixin:
             for s in pending:        # a stop request wins over the re-exec (research F9)
                 self.on_signal(s)
             return
+        try:
+            self.leap(new_hash, client, pending, t0)          # returns only by raising
+        except Exception as exc:
+            why = ("exec of %s failed: %s" % (sys.executable, exc) if getattr(exc, "in_execv", False)
+                   else "the handoff failed: %s: %s" % (type(exc).__name__, exc))
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            self.reexec_refused(why, None, client)
+            for s in pending:
+                self.on_signal(s)
+
+    def leap(self, new_hash, client, pending, t0):
+        """Hand the state over and exec the new code.  If anything fails, every fd
+        it opened is closed again and the exception says whether execv failed."""
         # what is waiting now, from the pipes that have something (one epoll_wait,
         # not a read per pipe); what comes later waits in the pipe for the new image
         ready = {key.fd for key, _ in self.selector.select(0)}
@@ -2957,36 +2972,37 @@ class ReexecMixin:
                 follower.send({"event": "reexec"})
                 follower.flush()
         state = self.handoff_state(pending, new_hash, client, t0)
-        state_fd = memfd("respawn-state", json.dumps(state).encode())
-        rollback_fd = memfd("respawn-rollback", self.source or b"")
+        opened, kept = [], handoff_fds(state)
         try:
-            fcntl.fcntl(rollback_fd, getattr(fcntl, "F_ADD_SEALS", 1033), 0xF)
-        except OSError:
-            pass
-        keep = [state_fd, rollback_fd] + handoff_fds(state)
-        args = [self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
-        checked, self.reexec_code = self.reexec_code, None
-        code_fd = None
-        if checked is not None and checked[0] == new_hash:
-            argv, code_fd = loader_argv(checked[1], checked[2], args)
-        else:
-            argv = [sys.executable] + interpreter_flags() + args
-        self.log("info", "re-executing %s" % self.script)
-        for fd in keep:
-            os.set_inheritable(fd, True)
-        try:
-            os.execv(sys.executable, argv)
-        except OSError as exc:
-            for fd in keep[2:]:
+            state_fd = memfd("respawn-state", json.dumps(state).encode())
+            opened.append(state_fd)
+            rollback_fd = memfd("respawn-rollback", self.source or b"")
+            opened.append(rollback_fd)
+            try:
+                fcntl.fcntl(rollback_fd, getattr(fcntl, "F_ADD_SEALS", 1033), 0xF)
+            except OSError:
+                pass
+            args = [self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
+            checked, self.reexec_code = self.reexec_code, None
+            if checked is not None and checked[0] == new_hash:
+                argv, code_fd = loader_argv(checked[1], checked[2], args)
+                opened.append(code_fd)
+            else:
+                argv = [sys.executable] + interpreter_flags() + args
+            self.log("info", "re-executing %s" % self.script)
+            for fd in [state_fd, rollback_fd] + kept:
+                os.set_inheritable(fd, True)
+            try:
+                os.execv(sys.executable, argv)
+            except OSError as exc:
+                exc.in_execv = True
+                raise
+        except BaseException:
+            for fd in kept:
                 os.set_inheritable(fd, False)
-            os.close(state_fd)
-            os.close(rollback_fd)
-            if code_fd is not None:
-                os.close(code_fd)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            self.reexec_refused("exec of %s failed: %s" % (sys.executable, exc), None, client)
-            for s in pending:
-                self.on_signal(s)
+            for fd in opened:
+                os.close(fd)
+            raise
 
     def handoff_state(self, pending, new_hash, client, t0=None):
         """t0: when supervision paused for the handoff (the handoff time counts from it)."""

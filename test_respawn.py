@@ -3662,6 +3662,60 @@ class TestReexecExecFails(ReexecCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+class TestReexecHandoffFails(ReexecCase):
+    """A failure while writing the state (a bug) refuses the re-exec and leaves
+    the running image as it was: signals unblocked, no fd left open."""
+
+    def test_a_failing_handoff_keeps_the_old_image_whole(self):
+        sup = self.sup(SLEEPERS)
+        rx_write_file(sup.script, patched(read_text(sup.script),
+                                          "        state = self.handoff_state(pending, new_hash, client, t0)\n",
+                                          "        state = self.handoff_state(pending, new_hash, client, t0)\n"
+                                          "        state['unwritable'] = object()\n"))
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        before = self.pids(sup)
+        files_before = wait_for(lambda: quiet_fds(sup.proc.pid), what="no control connection open")
+        sup.proc.send_signal(signal.SIGUSR2)
+        sup.wait_log("re-exec refused: the handoff failed: TypeError")
+        self.assertEqual(self.status(sup)["supervisor"]["reexecs"], 0)
+        self.assertEqual(self.pids(sup), before)
+        wait_for(lambda: quiet_fds(sup.proc.pid) == files_before,
+                 what="the open files back to %s" % files_before)
+        with open("/proc/%d/status" % sup.proc.pid) as f:
+            blocked = [line.split()[1] for line in f if line.startswith("SigBlk:")][0]
+        self.assertEqual(int(blocked, 16), 0)
+        self.assertEqual(sup.terminate(), 0)        # TERM still reaches it
+        self.assert_all_gone(sup, before)
+
+
+class TestReexecTrialFilesFail(ReexecCase):
+    def test_an_unwritable_temporary_folder_refuses_once_and_the_next_try_works(self):
+        tmp = tempfile.mkdtemp(prefix="respawn-tmpdir-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        sup = self.sup(SLEEPERS, env={"TMPDIR": tmp})
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        before = self.pids(sup)
+        # a new file its trial rejects: the running image has chosen its temporary
+        # folder (tempfile caches it), and stays
+        base = read_text(sup.script)
+        install_by_rename(sup.script, after_version(base, 'import sys as _s\n'
+                                                          'if "--handoff-selftest" in _s.argv: _s.exit(1)\n'))
+        sup.wait_log("re-exec refused: the new code rejects")
+        install_by_rename(sup.script, base)
+        os.rmdir(tmp)
+        reply = self.reexec(sup)
+        self.assertFalse(reply["ok"])
+        self.assertIn("cannot write the trial's files in %s" % tmp, reply["error"])
+        sup.wait_log("re-exec refused: cannot write the trial's files")
+        os.mkdir(tmp)
+        self.assertEqual(self.reexec(sup)["ok"], True)      # not stuck "in progress"
+        self.wait_reexecs(sup, 1)
+        self.assertEqual(self.pids(sup), before)
+        self.assertEqual(sup.terminate(), 0)
+
+
 @unittest.skipUnless(os.geteuid() == 0, "the writable-file refusal applies only when running as root")
 class TestReexecAsRoot(ReexecCase):
     def test_group_writable_file_and_world_writable_folder_are_refused(self):
