@@ -1221,7 +1221,7 @@ class TestCoreRespawn(unittest.TestCase):
         self.assertEqual(s["state"], "RUNNING")
         self.assertEqual(sup.svc("bystander")["pid"], bystander)
         self.assertEqual(set(children_of(spid)), {pid, bystander})
-        self.assertEqual(zombies_of(spid), [])
+        wait_for(lambda: not zombies_of(spid), what="no zombie left")
         # every exit status reached the policy (one reaper: nothing stole one)
         self.assertEqual(sup.stderr().count("victim: killed by SIGKILL after "), kills)
         # the status request's connection is closed once answered: back to the baseline
@@ -1417,7 +1417,7 @@ class TestCoreStop(unittest.TestCase):
         self.assertEqual([s for s, _ in got["slow"]], ["SIGTERM"])
         self.assertIn("slow", exits)
         self.assertFalse(pid_alive(pid))
-        self.assertEqual(zombies_of(sup.proc.pid), [])
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
 
 
 # ---------------------------------------------------------------------------
@@ -3169,7 +3169,7 @@ class WatcherModes:
         line = rx_log_lines(sup, "re-executed: version")[-1]
         self.assertIn("-> 9.9.9", line)
         self.assertRegex(line, r"handoff took [\d.]+ ms")
-        self.assertEqual(zombies_of(sup.proc.pid), [])
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         self.assertEqual(sup.terminate(), 0)
 
     def test_service_exiting_in_the_exec_window_is_handled_by_the_new_image(self):
@@ -3207,7 +3207,7 @@ class WatcherModes:
         self.assertEqual(len(rx_log_lines(sup, "oneshot: exited (killed by SIGKILL)")), 1, sup.stderr())
         self.assertEqual(sup.svc("blip")["restarts"], 2)
         self.assertEqual(sup.svc("steady")["pid"], before["steady"])
-        self.assertEqual(zombies_of(sup.proc.pid), [])
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         self.assertEqual(sup.terminate(), 0)
 
 
@@ -3792,7 +3792,7 @@ class TestReexecHygiene(ReexecCase):
         self.assertEqual(argv.count(b"--handoff"), 1)
         self.assertEqual(argv.count(sup.script.encode()), 1)
         self.assertEqual(rx_proc_status(sup.proc.pid, "SigBlk"), "0" * 16)
-        self.assertEqual(zombies_of(sup.proc.pid), [])
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         for name, pid in before.items():
             self.assertEqual(fds_of(pid), [0, 1, 2], "%s holds more than stdio" % name)
         # a service started by the re-exec'd image starts clean
@@ -3897,7 +3897,7 @@ class TestReexecTimers(ReexecCase):
         self.assertTrue(crossed, "the re-exec came after startsecs: the machine is too slow")
         self.assertGreaterEqual(took, 3.4)     # the clock starts before the "started" line
         self.assertLess(took, 4.0)
-        self.assertEqual(zombies_of(sup.proc.pid), [])
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         self.assertEqual(sup.terminate(), 0)
 
 
@@ -4666,7 +4666,7 @@ while True:
                              sup.proc.pid)
             write_text(sup.path("release"), "")
             wait_for(lambda: not os.path.exists("/proc/%d" % gpid), what="the grandchild reaped")
-            self.assertEqual(zombies_of(sup.proc.pid), [])
+            wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
             self.assertEqual(sup.svc("daemon")["state"], "RUNNING")
             os.unlink(sup.path("release"))
             os.unlink(sup.path("grandchild"))
