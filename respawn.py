@@ -49,7 +49,7 @@ STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL = (
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROTOCOL = 1                      # control-socket protocol version
-HANDOFF_FORMAT = 1                # re-exec state format version
+HANDOFF_FORMAT = 2                # re-exec state format version (1, of respawn 1.0.0, is still read)
 READ_SIZE = 1 << 20               # one read from a service pipe
 MAX_PARTIAL = 64 * 1024           # a longer line without newline is cut here
 TAIL_LINES = 500                  # lines kept in memory per service for `log`
@@ -420,6 +420,7 @@ PROGRAM_KEYS = {
     "healthcheck_interval": (parse_duration, 10.0),
     "healthcheck_failures": (parse_int, 3),
     "watchdog": (parse_duration, 0.0),
+    "backoff_reset": (parse_duration, 60.0),
 }
 PROGRAM_DEFAULTS = {key: default for key, (_, default) in PROGRAM_KEYS.items()}
 
@@ -770,47 +771,61 @@ def machine_problem(prog):
 
 
 # ---------------------------------------------------------------------------
-# Service policy: states and restart decisions, plain data and a given clock
+# Service policy: the record, events and effects, and step() that decides
 # ---------------------------------------------------------------------------
+#
+# A service's life is one state machine.  Its record (Service) is plain data;
+# step(service, event, now, context) is the only code that changes it, and
+# returns what the supervisor must do (effects).  step does no I/O and reads no
+# clock: a fake clock and no processes test every transition.  A new transition
+# is a case of step; a new kind of input is an event; a new kind of I/O an effect.
+
+UP, DOWN, FORGET = "up", "down", "forget"        # what was asked of a service
+# what happens when a stopping process has exited (Service.then)
+THEN_START, THEN_FAILED, THEN_UNPLANNED = "start", "failed", "unplanned"
+CHECKS = ("probe", "health", "watchdog")         # deadlines of their own, beside the state's
+
 
 class Service:
-    """One program's life: plain data the policy reads and the handoff carries."""
+    """One service: what is, what was asked, what is awaited.  Plain data only:
+    the handoff carries CARRIED as it is; live handles (pidfd, pipes, sockets,
+    probes, timers) are the supervisor's, beside it."""
 
-    # what survives a re-exec, by name; the rest is rebuilt
-    CARRIED = ("state", "pid", "started", "started_mono", "failures", "restarts", "exitstatus",
-               "reason", "ready", "wanted", "deadline", "stop_then_start", "failing",
-               "health_failures", "health_at", "watchdog_at", "status_text", "mainpid",
-               "stopping_notified")
+    CARRIED = ("state", "pid", "started", "started_mono", "exitstatus", "reason", "ready",
+               "failures", "restarts", "unplanned", "last_unplanned", "health_failures",
+               "status_text", "mainpid", "stopping_notified",
+               "want", "then", "waiting_for",
+               "deadline", "on_deadline", "probe_at", "health_at", "watchdog_at")
 
     def __init__(self, program):
         self.program = program
         self.name = program.name
+        # what is
         self.state = STOPPED
         self.pid = None
         self.started = None           # wall clock of the last spawn, for status
         self.started_mono = None
-        self.failures = 0             # failed starts in a row
-        self.restarts = 0             # automatic restarts since the supervisor began
         self.exitstatus = None
-        self.reason = "not started"
+        self.reason = "not started"   # for status: why the service is in its state
         self.ready = False
-        self.wanted = program.autostart   # should be running (autostart or operator)
-        self.deadline = None          # monotonic time of the current state's timer
-        self.stop_then_start = False  # a restart in progress
-        self.failing = None           # set when we kill a start that failed (ready_timeout)
-        self.health_failures = 0
-        self.health_at = None
-        self.watchdog_at = None
+        self.failures = 0             # failed starts in a row; a start that succeeds resets it
+        self.restarts = 0             # automatic restarts since the supervisor began
+        self.unplanned = 0            # unplanned restarts since the last immediate one
+        self.last_unplanned = None    # monotonic time of the last unplanned restart
+        self.health_failures = 0      # failed healthchecks in a row
         self.status_text = None       # STATUS= from sd_notify
         self.mainpid = None           # MAINPID= from sd_notify
-        self.stopping_notified = False
-        self.removed = False          # removed by a reload, stopping before it is forgotten
-        # not carried: rebuilt after a re-exec
-        self.timer = self.health_timer = self.watchdog_timer = None
-        self.notify = None
-        self.probe = None
-        self.health_probe = None
-        self.tail = None
+        self.stopping_notified = False    # STOPPING=1: the service said it would exit
+        # what was asked
+        self.want = UP if program.autostart else DOWN
+        self.then = None              # once a stopping process is gone: THEN_*, or None
+        # what is awaited
+        self.waiting_for = None       # required services not ready yet (in STOPPED)
+        self.deadline = None          # the state's deadline (monotonic) ...
+        self.on_deadline = None       # ... and what happens at it (a Deadline's `what`)
+        self.probe_at = None          # next readiness probe (STARTING, ready = tcp/exec)
+        self.health_at = None         # next healthcheck (RUNNING)
+        self.watchdog_at = None       # WATCHDOG=1 is due by then (RUNNING)
 
     def alive(self):
         return self.pid is not None
@@ -818,41 +833,450 @@ class Service:
     def uptime(self, now):
         return now - self.started_mono if self.started_mono is not None else 0.0
 
+    def deadlines(self):
+        """(what, when) of every deadline armed: the timers are rebuilt from this alone."""
+        for what, when in ((self.on_deadline, self.deadline), ("probe", self.probe_at),
+                           ("health", self.health_at), ("watchdog", self.watchdog_at)):
+            if when is not None and what is not None:
+                yield what, when
 
-def backoff_delay(program, failures, rand=uniform):
-    """Delay before the next start after `failures` failed starts in a row:
-    d = min(backoff_max, backoff * 2**(n-1)), drawn uniformly from [d/2, d]."""
-    d = min(program.backoff_max, program.backoff * 2 ** min(failures - 1, 64))
+
+class Plain:
+    """Base of events and effects: positional fields, equal by value, readable."""
+    __slots__ = ()
+
+    def __init__(self, *values):
+        if len(values) > len(self.__slots__):
+            raise TypeError("%s takes %d values" % (type(self).__name__, len(self.__slots__)))
+        for name, value in itertools.zip_longest(self.__slots__, values):
+            setattr(self, name, value)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(repr(getattr(self, n)) for n in self.__slots__))
+
+
+def _plain(name, fields, doc):
+    return type(name, (Plain,), {"__slots__": tuple(fields.split()), "__doc__": doc})
+
+
+# Events: what happened to a service
+Want = _plain("Want", "want fresh", "Asked: UP, DOWN, FORGET or 'restart'; fresh: an operator's try, even after FATAL.")
+Stop = _plain("Stop", "reason", "Its turn in a stop wave: signal it if it runs.")
+Spawned = _plain("Spawned", "pid wall", "The process started.")
+SpawnFailed = _plain("SpawnFailed", "message", "The process could not be started.")
+Exited = _plain("Exited", "status how", "The process exited (status as Popen.returncode, None if unknown).")
+Deadline = _plain("Deadline", "what", "A deadline came: what the record paired it with.")
+ProbeDone = _plain("ProbeDone", "kind ok why", "A readiness ('ready') or liveness ('health') probe ended.")
+NotifyMessage = _plain("NotifyMessage", "fields", "An sd_notify message from the service, as {key: value}.")
+ProgramChanged = _plain("ProgramChanged", "program restart", "A reload changed its section; restart: its process must.")
+Shutdown = _plain("Shutdown", "", "The supervisor is stopping everything.")
+
+# Effects: what the supervisor must do for it
+Spawn = _plain("Spawn", "", "Start the process; answer with Spawned or SpawnFailed.")
+Signal = _plain("Signal", "pid sig group", "Send a signal to a process (group: its whole process group).")
+Kill = _plain("Kill", "", "stopwaitsecs are over: SIGKILL, or find it gone (Exited).")
+Arm = _plain("Arm", "what when", "(Re)arm the deadline slot of `what` for `when` (None: cancel); then Deadline(what).")
+StartProbe = _plain("StartProbe", "kind", "Run one probe ('ready' or 'health'); answer with ProbeDone.")
+CancelProbes = _plain("CancelProbes", "", "Probes in flight no longer count.")
+Log = _plain("Log", "level message", "One line in the supervisor's log, about this service.")
+StateChanged = _plain("StateChanged", "old new", "The state changed: every subscriber hears of it.")
+Forget = _plain("Forget", "", "Removed from the config and stopped: drop it.")
+ExitOnFatal = _plain("ExitOnFatal", "", "exit_on_fatal: a FATAL service stops everything, exit 1.")
+
+
+class Context:
+    """What step may know beyond the service itself."""
+
+    def __init__(self, blockers=lambda svc: [], rand=uniform):
+        self.shutting_down = False
+        self.exit_on_fatal = False
+        self.blockers = blockers      # svc -> names of required services not ready yet
+        self.rand = rand              # [0, 1) for the backoff jitter
+
+
+def slot_of(what):
+    """The timer slot a deadline uses: each check its own, the rest the state's."""
+    return what if what in CHECKS else "state"
+
+
+def backoff_delay(program, n, rand=uniform):
+    """Delay before the n-th retry: d = min(backoff_max, backoff * 2**(n-1)),
+    drawn uniformly from [d/2, d]."""
+    d = min(program.backoff_max, program.backoff * 2 ** min(n - 1, 64))
     return d / 2 + rand() * d / 2
 
 
-def decide_exit(svc, status, now, rand=uniform):
-    """The policy for a process that exited by itself (not stopped by us).
+def parse_notify(text):
+    """An sd_notify datagram as {key: value}."""
+    fields = {}
+    for line in text.split("\n"):
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value
+    return fields
 
-    Returns (state, delay): RUNNING with delay 0 means start again at once,
-    BACKOFF with the delay before the next start, or EXITED / FATAL."""
+
+def step(svc, event, now, ctx):
+    """The policy: one event for one service at time `now`.  Updates the record
+    and returns the effects, in order; never does I/O itself."""
+    out = []
+    TRANSITIONS[type(event)](svc, event, now, ctx, out)
+    return out
+
+
+# -- the small moves every transition is made of ----------------------------
+
+def _enter(svc, state, reason, out):
+    if reason is not None:
+        svc.reason = reason
+    if svc.state != state:
+        old, svc.state = svc.state, state
+        out.append(StateChanged(old, state))
+
+
+def _arm(svc, what, when, out):
+    """The state's own deadline (one at a time)."""
+    if svc.deadline is None and when is None:
+        return
+    if when is None:
+        what = svc.on_deadline            # the one cancelled
+    svc.deadline, svc.on_deadline = when, (what if when is not None else None)
+    out.append(Arm(what, when))
+
+
+def _arm_check(svc, what, when, out):
+    setattr(svc, what + "_at", when)
+    out.append(Arm(what, when))
+
+
+def _stop_checks(svc, out):
+    for what in CHECKS:
+        if getattr(svc, what + "_at") is not None:
+            _arm_check(svc, what, None, out)
+    out.append(CancelProbes())
+
+
+def _try_start(svc, now, ctx, out, reason=""):
+    """Start now, or wait (STOPPED) for what it requires to be ready."""
+    if ctx.shutting_down or svc.alive():
+        return
+    _arm(svc, None, None, out)
+    blockers = ctx.blockers(svc)
+    if blockers:
+        if svc.waiting_for != blockers:
+            out.append(Log("info", "waiting for " + ", ".join(blockers)))
+        svc.waiting_for = blockers
+        _enter(svc, STOPPED, "waiting for " + ", ".join(blockers), out)
+        return
+    svc.waiting_for = None
+    svc.reason = reason
+    out.append(Spawn())
+
+
+def _stop(svc, reason, now, out):
+    """Signal a live process to stop; SIGKILL at stopwaitsecs."""
+    if svc.state == STOPPING:
+        return
     prog = svc.program
-    svc.exitstatus = status
-    expected = status in prog.exitcodes
+    _stop_checks(svc, out)
+    out.append(Log("info", "stopping (%s, %s)" % (reason, signal_name(prog.stopsignal))))
+    _enter(svc, STOPPING, reason, out)
+    out.append(Signal(svc.pid, prog.stopsignal, prog.stopasgroup))
+    if prog.stopsignal not in (signal.SIGKILL, signal.SIGCONT):
+        out.append(Signal(svc.pid, signal.SIGCONT, prog.stopasgroup))    # a stopped process must wake to die
+    _arm(svc, "stop_timeout", now + prog.stopwaitsecs, out)
+
+
+def _became_ready(svc, now, out, how=None):
+    prog = svc.program
+    svc.ready = True
+    _stop_checks(svc, out)
+    _enter(svc, RUNNING, None, out)
+    if how:
+        out.append(Log("info", how))
+    out.append(Log("info", "running (pid %d)" % svc.pid))
+    _arm_liveness(svc, now, out)
+    if svc.uptime(now) >= prog.startsecs:
+        svc.failures = 0          # a start that succeeds resets the failed starts
+        _arm(svc, None, None, out)
+    else:                         # ready before startsecs: the start succeeds at startsecs
+        _arm(svc, "started", svc.started_mono + prog.startsecs, out)
+
+
+def _arm_liveness(svc, now, out):
+    prog = svc.program
+    if prog.healthcheck:
+        _arm_check(svc, "health", now + prog.healthcheck_interval, out)
+    if prog.watchdog and prog.ready[0] == "notify":
+        _arm_check(svc, "watchdog", now + prog.watchdog, out)
+
+
+def _failed_start(svc, how, now, ctx, out):
+    prog = svc.program
+    svc.failures += 1
+    if prog.startretries is not None and svc.failures > prog.startretries:
+        reason = "%s; gave up after %d failed starts" % (how, svc.failures)
+        out.append(Log("error", reason))
+        _enter(svc, FATAL, reason, out)
+        if ctx.exit_on_fatal:
+            out.append(ExitOnFatal())
+        return
+    delay = backoff_delay(prog, svc.failures, ctx.rand)
+    out.append(Log("warn", "%s: failed start %d, retrying in %.2fs" % (how, svc.failures, delay)))
+    _enter(svc, BACKOFF, how, out)
+    _arm(svc, "backoff_over", now + delay, out)
+
+
+def _unplanned_restart(svc, cause, now, ctx, out):
+    """SPEC's unplanned restarts: immediate after a stable run (no unplanned
+    restart within backoff_reset), else a backoff in BACKOFF; never FATAL."""
+    prog = svc.program
+    if svc.last_unplanned is None or prog.backoff_reset <= 0 or now - svc.last_unplanned > prog.backoff_reset:
+        svc.unplanned = 0
+        svc.last_unplanned = now
+        svc.restarts += 1
+        out.append(Log("info", "%s; restarting" % cause))
+        _try_start(svc, now, ctx, out, reason=cause)
+        return
+    svc.unplanned += 1
+    delay = backoff_delay(prog, svc.unplanned, ctx.rand)
+    # measured from the restart itself: a stable run is one that lasted backoff_reset
+    svc.last_unplanned = now + delay
+    out.append(Log("warn", "%s; unplanned restart %d within %gs, restarting in %.2fs"
+                   % (cause, svc.unplanned, prog.backoff_reset, delay)))
+    _enter(svc, BACKOFF, cause, out)
+    _arm(svc, "backoff_over", now + delay, out)
+
+
+def _restart_live(svc, cause, now, out):
+    """A health or watchdog restart: stop it, then restart by the unplanned policy."""
+    out.append(Log("warn", "restarting: %s" % cause))
+    svc.then = THEN_UNPLANNED
+    _stop(svc, cause, now, out)
+
+
+# -- one function per event --------------------------------------------------
+
+def _on_want(svc, ev, now, ctx, out):
+    if ev.want == "restart":
+        svc.want, svc.failures = UP, 0
+        if svc.alive():
+            svc.then = THEN_START     # stopped by its stop wave, then started
+    elif ev.want == UP:
+        svc.want = UP
+        if ev.fresh and not svc.alive():
+            svc.failures = 0          # an operator's start is a fresh try, even after FATAL
+        if svc.state == STOPPING:
+            svc.then = svc.then or THEN_START
+        elif not svc.alive():
+            _try_start(svc, now, ctx, out)        # also ends a BACKOFF wait
+    elif ev.want == DOWN:
+        if svc.want != FORGET:
+            svc.want = DOWN
+        svc.then = None
+    elif ev.want == FORGET:
+        svc.want, svc.then = FORGET, None
+        if svc.alive():
+            _stop(svc, "removed from the config", now, out)
+        else:
+            _arm(svc, None, None, out)
+            out.append(Forget())
+
+
+def _on_stop(svc, ev, now, ctx, out):
+    if svc.alive():
+        _stop(svc, ev.reason, now, out)
+    elif svc.state in (BACKOFF, STARTING) or svc.waiting_for:
+        _arm(svc, None, None, out)
+        svc.waiting_for = None
+        _enter(svc, STOPPED, ev.reason, out)
+
+
+def _on_spawned(svc, ev, now, ctx, out):
+    prog = svc.program
+    svc.pid, svc.started, svc.started_mono = ev.pid, ev.wall, now
+    svc.ready = svc.stopping_notified = False
+    svc.status_text = svc.mainpid = None
+    svc.health_failures = 0
+    _enter(svc, STARTING, None, out)
+    if prog.ready[0] == "none":
+        if prog.startsecs <= 0:
+            _became_ready(svc, now, out)
+        else:
+            _arm(svc, "startsecs", now + prog.startsecs, out)
+        return
+    _arm(svc, "ready_timeout", now + prog.ready_timeout, out)
+    if prog.ready[0] in ("tcp", "exec"):
+        _arm_check(svc, "probe", now + (0.05 if prog.ready[0] == "tcp" else 0.1), out)
+
+
+def _on_spawn_failed(svc, ev, now, ctx, out):
+    out.append(Log("error", ev.message))
+    svc.exitstatus = None
+    svc.started_mono = now
+    _failed_start(svc, ev.message, now, ctx, out)
+
+
+def _on_exited(svc, ev, now, ctx, out):
+    prog = svc.program
+    pid, svc.pid = svc.pid, None
+    if pid is not None and prog.killasgroup:
+        out.append(Signal(pid, signal.SIGKILL, True))    # no grandchild outlives its service
+    _stop_checks(svc, out)
+    _arm(svc, None, None, out)
+    svc.ready = False
+    svc.exitstatus = ev.status
+    how = ev.how or describe_exit(ev.status)
+    then, svc.then = svc.then, None
+    if svc.state == STOPPING and then != THEN_FAILED:
+        cause = svc.reason
+        out.append(Log("info", "stopped (%s)" % describe_exit(ev.status)))
+        _enter(svc, STOPPED, svc.reason or "stopped", out)
+        if svc.want == FORGET:
+            out.append(Forget())
+        elif ctx.shutting_down or svc.want != UP:
+            pass
+        elif then == THEN_START:
+            svc.restarts += 1
+            _try_start(svc, now, ctx, out)
+        elif then == THEN_UNPLANNED:
+            _unplanned_restart(svc, cause, now, ctx, out)
+        return
+    if ctx.shutting_down or svc.want != UP:
+        _enter(svc, EXITED, how, out)
+        return
+    if then == THEN_FAILED:       # killed at ready_timeout: its reason says why
+        _failed_start(svc, svc.reason, now, ctx, out)
+        return
+    expected = ev.status in prog.exitcodes
     restart_wanted = prog.autorestart is True or (prog.autorestart == "unexpected" and not expected)
-    started_ok = (svc.failing is None and svc.state in (RUNNING, STOPPING)
-                  and svc.uptime(now) >= prog.startsecs)
+    # STOPPING=1 announced the exit: it ran as it should, whatever its uptime
+    started_ok = svc.stopping_notified or (svc.state == RUNNING and svc.uptime(now) >= prog.startsecs)
     if started_ok:
         svc.failures = 0
         if restart_wanted:
-            return RUNNING, 0.0
-        return EXITED, None
-    if not restart_wanted and expected and svc.failing is None:
-        return EXITED, None       # a one-shot that finished as expected, however fast
-    svc.failures += 1
-    if prog.startretries is not None and svc.failures > prog.startretries:
-        return FATAL, None
-    return BACKOFF, backoff_delay(prog, svc.failures, rand)
+            _unplanned_restart(svc, "%s after %s" % (how, fmt_duration(svc.uptime(now))), now, ctx, out)
+            return
+    elif restart_wanted or not expected:
+        _failed_start(svc, how, now, ctx, out)
+        return
+    # done as asked: autorestart false, or a one-shot that exited as expected, however fast
+    out.append(Log("info", "exited (%s)" % how))
+    _enter(svc, EXITED, how, out)
+
+
+def _on_deadline(svc, ev, now, ctx, out):
+    what = ev.what
+    if what in CHECKS:
+        if getattr(svc, what + "_at") is None:
+            return                # cancelled meanwhile
+    elif what != svc.on_deadline:
+        return
+    else:
+        svc.deadline = svc.on_deadline = None
+    alive = svc.alive()
+    prog = svc.program
+    if what == "startsecs" and svc.state == STARTING and alive:
+        _became_ready(svc, now, out)
+    elif what == "started" and svc.state == RUNNING:
+        svc.failures = 0
+    elif what == "ready_timeout" and svc.state == STARTING and alive:
+        why = "not ready within %gs" % prog.ready_timeout
+        out.append(Log("warn", why))
+        svc.then = THEN_FAILED
+        _stop(svc, why, now, out)
+    elif what == "backoff_over" and svc.state == BACKOFF:
+        if svc.want == UP and not ctx.shutting_down:
+            svc.restarts += 1
+            _try_start(svc, now, ctx, out)
+    elif what == "stop_timeout" and svc.state == STOPPING and alive:
+        out.append(Kill())
+    # a check's time stays in the record until it is re-armed: a re-exec while a
+    # probe runs finds a time in the past, and probes again at once
+    elif what == "probe" and svc.state == STARTING and alive:
+        out.append(StartProbe("ready"))
+    elif what == "health" and svc.state == RUNNING and alive:
+        out.append(StartProbe("health"))
+    elif what == "watchdog" and svc.state == RUNNING and alive:
+        _restart_live(svc, "watchdog: no WATCHDOG=1 for %gs" % prog.watchdog, now, out)
+
+
+def _on_probe_done(svc, ev, now, ctx, out):
+    prog = svc.program
+    if ev.kind == "ready":
+        if svc.state == STARTING and svc.alive():
+            if ev.ok:
+                _became_ready(svc, now, out)
+            else:
+                _arm_check(svc, "probe", now + 0.1, out)
+        return
+    if svc.state != RUNNING or not svc.alive():
+        return
+    if ev.ok:
+        svc.health_failures = 0
+    else:
+        svc.health_failures += 1
+        out.append(Log("warn", "healthcheck failed (%d/%d): %s"
+                       % (svc.health_failures, prog.healthcheck_failures, ev.why)))
+        if svc.health_failures >= prog.healthcheck_failures:
+            _restart_live(svc, "healthcheck failed %d times: %s" % (svc.health_failures, ev.why), now, out)
+            return
+    _arm_check(svc, "health", now + prog.healthcheck_interval, out)
+
+
+def _on_notify(svc, ev, now, ctx, out):
+    fields, prog = ev.fields, svc.program
+    if "STATUS" in fields:
+        svc.status_text = fields["STATUS"]
+    if "MAINPID" in fields and fields["MAINPID"].isdigit():
+        svc.mainpid = int(fields["MAINPID"])
+    if fields.get("STOPPING") == "1":
+        svc.stopping_notified = True
+    if fields.get("READY") == "1" and svc.state == STARTING and svc.alive():
+        _became_ready(svc, now, out, "READY=1")
+    if fields.get("WATCHDOG") == "1" and svc.state == RUNNING and prog.watchdog:
+        _arm_check(svc, "watchdog", now + prog.watchdog, out)
+    if fields.get("WATCHDOG") == "trigger" and svc.state == RUNNING and svc.alive():
+        _restart_live(svc, "watchdog triggered by the service", now, out)
+
+
+def _on_program_changed(svc, ev, now, ctx, out):
+    before, prog = svc.program, ev.program
+    svc.program = prog
+    if ev.restart and svc.alive():
+        svc.then = THEN_START
+        _stop(svc, "config changed", now, out)
+        return
+    if svc.state == RUNNING and svc.alive() and (before.healthcheck, before.watchdog) != (
+            prog.healthcheck, prog.watchdog):
+        _stop_checks(svc, out)
+        _arm_liveness(svc, now, out)
+    if before.autostart != prog.autostart and not svc.alive() and svc.want != FORGET:
+        svc.want = UP if prog.autostart else DOWN
+
+
+def _on_shutdown(svc, ev, now, ctx, out):
+    if svc.want != FORGET:
+        svc.want = DOWN
+    svc.then = None
+
+
+TRANSITIONS = {
+    Want: _on_want, Stop: _on_stop, Spawned: _on_spawned, SpawnFailed: _on_spawn_failed,
+    Exited: _on_exited, Deadline: _on_deadline, ProbeDone: _on_probe_done,
+    NotifyMessage: _on_notify, ProgramChanged: _on_program_changed, Shutdown: _on_shutdown,
+}
 
 
 def should_be_running(svc):
     """For `status` exit code 3: a wanted service that is not running as it should."""
-    if not svc.wanted:
+    if svc.want != UP:
         return True
     if svc.state in (FATAL, BACKOFF, STOPPED):
         return False
@@ -882,6 +1306,39 @@ def stop_waves(names, services):
         waves.append(wave)
         alive.difference_update(wave)
     return waves
+
+
+def record_from_format1(entry, prog, now):
+    """A service entry of a format-1 handoff (respawn 1.0.0) as record fields:
+    what 1.0.0 kept in flags and timer callbacks, made explicit."""
+    keep = ("state", "pid", "started", "started_mono", "exitstatus", "reason", "ready", "failures",
+            "restarts", "health_failures", "status_text", "mainpid", "stopping_notified")
+    out = {k: entry[k] for k in keep if k in entry}
+    state, alive, when = entry.get("state", STOPPED), entry.get("pid") is not None, entry.get("deadline")
+    out["want"] = FORGET if entry.get("removed") else (UP if entry.get("wanted", prog.autostart) else DOWN)
+    then = entry.get("stop_then_start", False)
+    out["then"] = (THEN_FAILED if entry.get("failing") else THEN_UNPLANNED if isinstance(then, str) and then
+                   else THEN_START if then else None)
+    if entry.get("failing"):
+        out["reason"] = entry["failing"]
+    if state == BACKOFF and when is not None:
+        out["deadline"], out["on_deadline"] = when, "backoff_over"
+    elif state == STOPPING and when is not None and alive:
+        out["deadline"], out["on_deadline"] = when, "stop_timeout"
+    elif state == STARTING and alive:
+        out["on_deadline"] = "startsecs" if prog.ready[0] == "none" else "ready_timeout"
+        out["deadline"] = when if when is not None else now
+        if prog.ready[0] in ("tcp", "exec"):
+            out["probe_at"] = now
+    elif state == RUNNING and alive:
+        if prog.healthcheck:
+            out["health_at"] = entry.get("health_at") or now
+        if prog.watchdog and prog.ready[0] == "notify" and entry.get("watchdog_at") is not None:
+            out["watchdog_at"] = entry["watchdog_at"]
+    reason = entry.get("reason") or ""
+    if state == STOPPED and reason.startswith("waiting for "):
+        out["waiting_for"] = reason[len("waiting for "):].split(", ")
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -986,13 +1443,39 @@ class ChildWatcher:
     the loop never asks which.  In reaper mode (PID 1 or subreaper) orphans are
     reaped too, without ever taking a watched child's status (research F21)."""
 
+    needs_sigchld = False         # the loop must turn SIGCHLD into sigchld() calls
+    uses_pidfds = False
+    description = ""
+
     def __init__(self, selector, reap_orphans):
         self.selector = selector
         self.reap_orphans = reap_orphans
         self.callbacks = {}       # pid -> callback(pid, exitstatus)
+        self.abandoned = set()    # reaped quietly: nobody waits for them
 
     def watch(self, pid, callback):
         raise NotImplementedError
+
+    def adopt(self, pid, callback):
+        """After a re-exec: watch a child the previous image started.  False if it
+        is not our child any more (nothing to watch)."""
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        self.watch(pid, callback)
+        return True
+
+    def abandon(self, pid):
+        """Nobody waits for this child any more: reap it quietly when it exits."""
+        self.abandoned.add(pid)
+        if pid in self.callbacks:
+            self.callbacks[pid] = self._reaped_quietly
+        else:
+            self.watch(pid, self._reaped_quietly)
+
+    def _reaped_quietly(self, pid, status):
+        self.abandoned.discard(pid)
 
     def sigchld(self):
         """SIGCHLD arrived (reaper mode and fallback): collect what exited."""
@@ -1027,6 +1510,7 @@ class SigchldWatcher(ChildWatcher):
     dispatches by pid.  Safe because this process has no other reaper."""
 
     needs_sigchld = True
+    description = "SIGCHLD + waitpid"
 
     def watch(self, pid, callback):
         self.callbacks[pid] = callback
@@ -1037,6 +1521,9 @@ class SigchldWatcher(ChildWatcher):
 
 class PidfdWatcher(ChildWatcher):
     """Each child's pidfd sits in the selector: its exit wakes the loop at once."""
+
+    uses_pidfds = True
+    description = "pidfds"
 
     def __init__(self, selector, reap_orphans):
         super().__init__(selector, reap_orphans)
@@ -1318,8 +1805,28 @@ def make_private_dir(path):
         os.chmod(path, 0o700)
 
 
+
+class Live:
+    """A service's live handles, beside its record: timers by slot, probes in
+    flight, its notify socket, and the recent lines `log` shows."""
+
+    __slots__ = ("timers", "probes", "notify", "tail")
+
+    def __init__(self):
+        self.timers = {}              # slot -> Timers entry
+        self.probes = {}              # 'ready' / 'health' -> Probe
+        self.notify = None            # (socket, address) for $NOTIFY_SOCKET
+        self.tail = None              # deque of recent lines (prefixed output only)
+
+
 class Supervisor:
-    """Holds the services and runs the loop: wait for events, dispatch, repeat."""
+    """Holds the services and runs the loop: wait for events, dispatch them to
+    the policy (feed), perform what it decides (perform), repeat.
+
+    Hooks for other parts: `on_state_change` (callbacks (svc, old, new), called
+    on every state change of every service), `status_json()` (the snapshot of
+    everything), and the narrow interface helpers use instead of our insides:
+    call_at / cancel_timer / watch_fd / unwatch_fd / watch_helper / abandon_helper."""
 
     def __init__(self, config, script, argv, source=None):
         self.config = config
@@ -1330,7 +1837,15 @@ class Supervisor:
         self.rejected_hash = None
         self.selector = selectors.DefaultSelector()
         self.timers = Timers()
-        self.services = {name: Service(p) for name, p in config.programs.items()}
+        self.services = {}                    # name -> Service (the plain records)
+        self.live = {}                        # name -> Live (their handles)
+        for prog in config.programs.values():
+            self.add_service(prog)
+        self.context = Context(blockers=lambda svc: start_blockers(svc, self.services))
+        self.on_state_change = []             # subscribers: callback(svc, old, new)
+        self.depth = 0                        # feed() nesting: settle only at the outermost
+        self.settle_due = False
+        self.readiness_due = False
         self.pipes = {}                       # fd -> Pipe
         self.grown_pipes = 0                  # pipes enlarged by grow_pipe
         self.sinks = {}                       # (service name, stream) -> LogFile
@@ -1341,7 +1856,6 @@ class Supervisor:
         self.watcher = make_watcher(self.selector, self.reaper)
         self.done = False
         self.exit_code = EXIT_OK
-        self.shutting_down = False
         self.waves = []                       # stop waves still to run
         self.after_waves = None
         self.wave_begun = None                # the wave already signalled (advance_waves)
@@ -1359,10 +1873,20 @@ class Supervisor:
         self.signals_due = []                 # drained from the wakeup fd, not yet handled
         self.maybe_waiting = True             # a service may wait for what it requires
         self.helpers = {}                     # pid -> purpose, for trial checks and probes
+        self.helper_done = {}                 # pid -> callback(pid, status)
         self.shutdown_clients = []            # told when the supervisor has stopped
         self.reexeced = None                  # wall time of the last re-exec
         self.pidfile = None
         self.apply_settings()
+
+    @property
+    def shutting_down(self):
+        return self.context.shutting_down
+
+    def add_service(self, prog):
+        svc = self.services[prog.name] = Service(prog)
+        self.live[prog.name] = Live()
+        return svc
 
     # -- logging ----------------------------------------------------------
 
@@ -1371,6 +1895,8 @@ class Supervisor:
         self.loglevel = LOG_LEVELS[s["loglevel"]]
         self.json_logs = s["log_format"] == "json"
         self.reopen_log()
+        if hasattr(self, "context"):
+            self.context.exit_on_fatal = s["exit_on_fatal"]
 
     def reopen_log(self):
         path = self.config.settings["logfile"]
@@ -1446,6 +1972,7 @@ class Supervisor:
         the selector reports it again and the timers stay in the heap."""
         import traceback
         where = traceback.extract_tb(exc.__traceback__)[-1]
+        self.depth = 0            # a feed cut short by the bug must not block settling
         self.log("error", "internal error at %s:%d (%s): %s: %s; supervision goes on (please report it)"
                  % (os.path.basename(where.filename), where.lineno, where.name, type(exc).__name__, exc))
         time.sleep(0.05)          # a fault that repeats on every turn must not spin a CPU
@@ -1492,37 +2019,87 @@ class Supervisor:
         elif signum == signal.SIGUSR2:
             self.request_reexec("SIGUSR2")
 
-    # -- starting ---------------------------------------------------------
+    # -- the narrow interface of helpers (probes, file watch) -------------------
 
-    def start_all(self):
-        """Start every wanted service: ascending priority, requires waits for readiness."""
-        for svc in sorted(self.services.values(), key=lambda s: (s.program.priority, s.name)):
-            if svc.wanted and not svc.alive() and svc.state not in (BACKOFF,):
-                self.start(svc)
+    def call_at(self, when, callback, *args):
+        return self.timers.at(when, callback, *args)
 
-    def start(self, svc):
-        if svc.alive() or self.shutting_down:
-            return
-        svc.wanted = True
-        self.timers.cancel(svc.timer)
-        blockers = start_blockers(svc, self.services)
-        if blockers:
+    def cancel_timer(self, entry):
+        self.timers.cancel(entry)
+
+    def watch_fd(self, fileobj, events, callback):
+        self.selector.register(fileobj, events, callback)
+
+    def unwatch_fd(self, fileobj):
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def watch_helper(self, pid, purpose, callback):
+        """A process of ours that is not a service (a probe, a trial check)."""
+        self.helpers[pid] = purpose
+        self.helper_done[pid] = callback
+        self.watcher.watch(pid, self.helper_exited)
+
+    def helper_exited(self, pid, status):
+        self.helpers.pop(pid, None)
+        callback = self.helper_done.pop(pid, None)
+        if callback is not None:
+            callback(pid, status)
+
+    def abandon_helper(self, pid):
+        """Nobody waits for this helper any more; it is still reaped (and handed over)."""
+        self.helpers.pop(pid, None)
+        self.helper_done.pop(pid, None)
+        self.watcher.abandon(pid)
+
+    # -- the lifecycle: events in, effects out ----------------------------
+
+    def feed(self, svc, event):
+        """Every event of every service passes here: the policy decides (step),
+        we perform.  What depends on several services (waiting for requires,
+        stop waves, waiting clients, container exit) is settled once the outermost
+        event is done."""
+        self.depth += 1
+        try:
+            self.perform(svc, step(svc, event, monotonic(), self.context))
+        finally:
+            self.depth -= 1
+        if svc.waiting_for:
             self.maybe_waiting = True
-            if svc.reason != "waiting for " + ", ".join(blockers):
-                svc.reason = "waiting for " + ", ".join(blockers)
-                self.log("info", svc.reason, svc.name)
-            self.set_state(svc, STOPPED)
-            return
-        self.spawn(svc)
+        if self.depth == 0 and self.settle_due:
+            self.settle()
 
-    def spawn(self, svc):
+    def perform(self, svc, effects):
+        for effect in effects:
+            PERFORM[type(effect)](self, svc, effect)
+
+    def state_changed(self, svc, old, new):
+        """The one place every state change passes: subscribers, then what waits on states."""
+        for callback in self.on_state_change:
+            callback(svc, old, new)
+        if new == RUNNING:
+            self.readiness_due = True
+        self.settle_due = True
+
+    def settle(self):
+        self.depth += 1
+        try:
+            while self.settle_due:
+                self.settle_due = False
+                if self.readiness_due:
+                    self.readiness_due = False
+                    self.start_waiting()
+                self.advance_waves()
+                if self.waiters:
+                    self.check_waiters()
+                self.check_all_done()
+        finally:
+            self.depth -= 1
+
+    def do_spawn(self, svc, effect):
         prog = svc.program
-        now = monotonic()
-        svc.failing = None
-        svc.ready = False
-        svc.stopping_notified = False
-        svc.status_text = svc.mainpid = None
-        svc.health_failures = 0
         fds = []
         import subprocess
         try:
@@ -1551,150 +2128,106 @@ class Supervisor:
             for fd in fds:
                 os.close(fd)
             message = str(exc) if isinstance(exc, SpawnError) else "cannot start: %s" % exc
-            self.log("error", message, svc.name)
-            svc.started_mono = now
-            svc.state = STARTING
-            self.after_exit(svc, None, reason=message)
+            self.feed(svc, SpawnFailed(message))
             return
         for fd in fds[1::2]:
             os.close(fd)
         for stream, r in streams.items():
             self.add_pipe(Pipe(r, svc.name, stream))
-        svc.pid = pid
-        svc.started = time.time()
-        svc.started_mono = now
-        svc.reason = ""
-        self.watcher.watch(pid, lambda pid, status, svc=svc: self.on_child_exit(pid, status, svc))
+        self.watcher.watch(pid, self.child_callback(svc))
         import shlex
         self.log("info", "started pid %d: %s" % (pid, shlex.join(prog.command)), svc.name)
-        self.set_state(svc, STARTING)
-        self.arm_start_timers(svc, now)
+        self.feed(svc, Spawned(pid, time.time()))
 
-    def arm_start_timers(self, svc, now):
-        prog = svc.program
-        if prog.ready[0] == "none":
-            if prog.startsecs <= 0:
-                self.became_ready(svc)
-            else:
-                self.arm(svc, svc.started_mono + prog.startsecs, self.became_ready)
-        else:
-            self.arm(svc, svc.started_mono + prog.ready_timeout, self.ready_timeout)
-            if prog.ready[0] in ("tcp", "exec"):
-                self.schedule_probe(svc, now, ready=True)
+    def child_callback(self, svc):
+        return lambda pid, status: self.on_child_exit(pid, status, svc)
 
-    def arm(self, svc, when, callback):
-        self.timers.cancel(svc.timer)
-        svc.deadline = when
-        svc.timer = self.timers.at(when, callback, svc) if when is not None else None
-
-    def became_ready(self, svc):
-        if svc.state != STARTING or not svc.alive():
+    def on_child_exit(self, pid, status, svc):
+        if svc.pid != pid:
             return
-        svc.ready = True
-        self.cancel_checks(svc)
-        self.arm(svc, None, None)
-        self.set_state(svc, RUNNING)
-        self.log("info", "running (pid %d)" % svc.pid, svc.name)
-        self.arm_liveness(svc)
-        self.start_waiting()
+        self.drain_service_pipes(svc)
+        self.feed(svc, Exited(status))
+
+    def do_signal(self, svc, effect):
+        kill_group_or_pid(effect.pid, effect.sig, effect.group)
+
+    def do_kill(self, svc, effect):
+        try:
+            os.kill(svc.pid, 0)
+        except ProcessLookupError:
+            # reaped (by us: nobody else can) but its exit never reached the
+            # policy, which only a bug in a handler can do: gone, not waited on forever
+            self.log("error", "pid %d is gone but its exit was not handled" % svc.pid, svc.name)
+            self.feed(svc, Exited(None, "gone"))
+            return
+        except OSError:
+            pass
+        self.log("warn", "still alive after %gs: SIGKILL" % svc.program.stopwaitsecs, svc.name)
+        kill_group_or_pid(svc.pid, signal.SIGKILL, svc.program.killasgroup)
+
+    def do_arm(self, svc, effect):
+        timers = self.live[svc.name].timers
+        slot = slot_of(effect.what)
+        self.timers.cancel(timers.pop(slot, None))
+        if effect.when is not None:
+            timers[slot] = self.timers.at(effect.when, self.feed, svc, Deadline(effect.what))
+
+    def do_start_probe(self, svc, effect):
+        prog, kind = svc.program, effect.kind
+        ready = kind == "ready"
+        spec = prog.ready if ready else prog.healthcheck
+        timeout = min(5.0, prog.ready_timeout) if ready else prog.healthcheck_interval
+        probes = self.live[svc.name].probes
+        old = probes.pop(kind, None)
+        if old is not None:
+            old.cancel()
+
+        def done(ok, why=None):
+            if probes.get(kind) is probe:
+                del probes[kind]
+                self.feed(svc, ProbeDone(kind, ok, why))
+        probe = probes[kind] = Probe(spec, prog, timeout, done, self)
+        probe.start()
+
+    def do_cancel_probes(self, svc, effect):
+        probes = self.live[svc.name].probes
+        while probes:
+            probes.popitem()[1].cancel()
+
+    def do_log(self, svc, effect):
+        self.log(effect.level, effect.message, svc.name)
+
+    def do_state_changed(self, svc, effect):
+        self.state_changed(svc, effect.old, effect.new)
+
+    def do_forget(self, svc, effect):
+        self.forget_service(svc)
+        self.settle_due = True
+
+    def do_exit_on_fatal(self, svc, effect):
+        self.log("error", "exit_on_fatal: stopping everything")
+        self.exit_code = EXIT_FAIL
+        self.shutdown()
+
+    # -- what depends on several services -------------------------------------
+
+    def start_all(self):
+        """Start every wanted service: ascending priority, requires waits for readiness."""
+        for svc in sorted(self.services.values(), key=lambda s: (s.program.priority, s.name)):
+            if svc.want == UP and not svc.alive() and svc.state != BACKOFF:
+                self.feed(svc, Want(UP))
 
     def start_waiting(self):
         # called each time a service becomes ready: sorting every service each time
         # made starting 500 of them quadratic, so only those waiting are looked at
         if not self.maybe_waiting:
             return
-        waiting = lambda s: s.wanted and s.state == STOPPED and s.reason.startswith("waiting for")
+        waiting = lambda s: s.want == UP and s.state == STOPPED and s.waiting_for
         found = [s for s in self.services.values() if waiting(s)]
         self.maybe_waiting = bool(found)
         for other in sorted(found, key=lambda s: (s.program.priority, s.name)):
             if waiting(other):
-                self.start(other)
-
-    def ready_timeout(self, svc):
-        if svc.state != STARTING:
-            return
-        svc.failing = "not ready within %gs" % svc.program.ready_timeout
-        self.log("warn", svc.failing, svc.name)
-        self.stop(svc, svc.failing)
-
-    # -- exits and the policy ---------------------------------------------
-
-    def on_child_exit(self, pid, status, svc):
-        if svc.pid != pid:
-            return
-        self.drain_service_pipes(svc)
-        if svc.program.killasgroup:
-            kill_group_or_pid(pid, signal.SIGKILL, True)   # no grandchild outlives its service
-        svc.pid = None
-        self.after_exit(svc, status)
-
-    def after_exit(self, svc, status, reason=None):
-        now = monotonic()
-        self.cancel_checks(svc)
-        svc.ready = False
-        svc.exitstatus = status
-        how = reason or describe_exit(status)
-        if svc.state == STOPPING and svc.failing is None:
-            self.arm(svc, None, None)
-            svc.reason = svc.reason or "stopped"
-            self.log("info", "stopped (%s)" % describe_exit(status), svc.name)
-            self.set_state(svc, STOPPED)
-            if svc.removed:
-                self.forget_service(svc)
-            elif svc.stop_then_start and not self.shutting_down:
-                why, svc.stop_then_start = svc.stop_then_start, False
-                svc.restarts += 1
-                self.start(svc)
-                if svc.alive() and isinstance(why, str):
-                    svc.reason = why          # a health or watchdog restart says why in status
-            self.advance_waves()
-            return
-        if self.shutting_down or not svc.wanted:
-            self.arm(svc, None, None)
-            svc.reason = how
-            self.set_state(svc, EXITED)
-            self.advance_waves()
-            return
-        if svc.failing:
-            how = svc.failing
-        if svc.stopping_notified:                  # STOPPING=1: the service said it would exit
-            svc.state = RUNNING
-            svc.started_mono = min(svc.started_mono, now - svc.program.startsecs)
-        state, delay = decide_exit(svc, status, now)
-        svc.failing = None
-        self.arm(svc, None, None)
-        if state == RUNNING:
-            self.log("info", "%s after %s; restarting" % (how, fmt_duration(svc.uptime(now))),
-                     svc.name)
-            svc.restarts += 1
-            # through start(): a restart waits, as a first start does, for what it requires
-            self.start(svc)
-            if svc.alive():
-                svc.reason = how              # status says why it was restarted
-        elif state == BACKOFF:
-            svc.reason = how
-            self.log("warn", "%s: failed start %d, retrying in %.2fs"
-                     % (how, svc.failures, delay), svc.name)
-            self.set_state(svc, BACKOFF)
-            self.arm(svc, now + delay, self.backoff_over)
-        elif state == FATAL:
-            svc.reason = "%s; gave up after %d failed starts" % (how, svc.failures)
-            self.log("error", svc.reason, svc.name)
-            self.set_state(svc, FATAL)
-            if self.config.settings["exit_on_fatal"]:
-                self.log("error", "exit_on_fatal: stopping everything")
-                self.exit_code = EXIT_FAIL
-                self.shutdown()
-        else:
-            svc.reason = how
-            self.log("info", "exited (%s)" % how, svc.name)
-            self.set_state(svc, EXITED)
-        self.check_all_done()
-
-    def backoff_over(self, svc):
-        if svc.state == BACKOFF and svc.wanted and not self.shutting_down:
-            svc.restarts += 1
-            self.start(svc)
+                self.feed(other, Want(UP))
 
     def check_all_done(self):
         """Container mode: nothing runs and nothing will: exit, 0 only if all succeeded."""
@@ -1702,57 +2235,13 @@ class Supervisor:
             return
         svcs = list(self.services.values())
         if not svcs or any(s.alive() or s.state in (BACKOFF, STARTING, STOPPING)
-                           or (s.wanted and s.state == STOPPED) for s in svcs):
+                           or (s.want == UP and s.state == STOPPED) for s in svcs):
             return
         ok = all(s.state != FATAL and (s.state != EXITED or s.exitstatus in s.program.exitcodes)
                  for s in svcs)
         self.log("info", "every service has exited; exiting %s" % ("0" if ok else "1"))
         self.exit_code = EXIT_OK if ok else EXIT_FAIL
         self.shutdown()
-
-    def set_state(self, svc, state):
-        svc.state = state
-        if self.waiters:
-            self.check_waiters()
-
-    # -- stopping ---------------------------------------------------------
-
-    def stop(self, svc, reason="stopped"):
-        """Stop one service: stopsignal, then SIGKILL after stopwaitsecs."""
-        self.timers.cancel(svc.timer)
-        if not svc.alive():
-            if svc.state in (BACKOFF, STARTING) or svc.reason.startswith("waiting"):
-                svc.reason = reason
-                self.set_state(svc, STOPPED)
-            return
-        if svc.state == STOPPING:
-            return
-        svc.reason = reason
-        prog = svc.program
-        self.cancel_checks(svc)
-        self.log("info", "stopping (%s, %s)" % (reason, signal_name(prog.stopsignal)), svc.name)
-        self.set_state(svc, STOPPING)
-        kill_group_or_pid(svc.pid, prog.stopsignal, prog.stopasgroup)
-        if prog.stopsignal not in (signal.SIGKILL, signal.SIGCONT):
-            kill_group_or_pid(svc.pid, signal.SIGCONT, prog.stopasgroup)   # a stopped process must wake to die
-        self.arm(svc, monotonic() + prog.stopwaitsecs, self.stop_timeout)
-
-    def stop_timeout(self, svc):
-        if svc.state == STOPPING and svc.alive():
-            try:
-                os.kill(svc.pid, 0)
-            except ProcessLookupError:
-                # reaped (by us: nobody else can) but its exit never reached the
-                # policy, which only a bug in a handler can do: gone, not waited on forever
-                self.log("error", "pid %d is gone but its exit was not handled" % svc.pid, svc.name)
-                svc.pid = None
-                self.after_exit(svc, None, "gone")
-                return
-            except OSError:
-                pass
-            self.log("warn", "still alive after %gs: SIGKILL" % svc.program.stopwaitsecs, svc.name)
-            kill_group_or_pid(svc.pid, signal.SIGKILL, svc.program.killasgroup)
-            svc.deadline = None
 
     def stop_many(self, names, then=None):
         """Stop services wave by wave (reverse priority, dependants first)."""
@@ -1770,15 +2259,10 @@ class Supervisor:
             if self.wave_begun is not self.waves[0]:
                 self.wave_begun = self.waves[0]
                 for name in wave:
-                    svc = self.services[name]
-                    if not svc.alive() and (svc.state in (BACKOFF, STARTING)
-                                            or (svc.state == STOPPED and svc.wanted)):
-                        self.timers.cancel(svc.timer)
-                        svc.reason = "stopped"
-                        self.set_state(svc, STOPPED)
-                    elif svc.alive() and svc.state != STOPPING:
-                        self.stop(svc)
-            if any(self.services[n].alive() and self.services[n].state == STOPPING for n in wave):
+                    if name in self.services:
+                        self.feed(self.services[name], Stop("stopped"))
+            if any(self.services[n].alive() and self.services[n].state == STOPPING
+                   for n in wave if n in self.services):
                 return
             self.waves.pop(0)
         if self.after_waves:
@@ -1788,9 +2272,13 @@ class Supervisor:
     def shutdown(self):
         if self.shutting_down:
             return
-        self.shutting_down = True
-        for svc in self.services.values():
-            svc.wanted = False
+        # a trial check still running is pointless now, and must not outlive us
+        for pid, purpose in list(self.helpers.items()):
+            if purpose == "trial":
+                kill_group_or_pid(pid, signal.SIGKILL, True)
+        self.context.shutting_down = True
+        for svc in list(self.services.values()):
+            self.feed(svc, Shutdown())
         self.waves = []
         self.stop_many(list(self.services), then=self.finish)
 
@@ -1800,8 +2288,13 @@ class Supervisor:
             self.done = True
 
     def forget_service(self, svc):
+        if self.services.get(svc.name) is not svc:
+            return
         self.services.pop(svc.name, None)
         self.close_notify(svc)
+        self.do_cancel_probes(svc, None)
+        for entry in self.live.pop(svc.name).timers.values():
+            self.timers.cancel(entry)
         for stream in ("stdout", "stderr"):
             sink = self.sinks.pop((svc.name, stream), None)
             if sink:
@@ -1912,12 +2405,12 @@ class Supervisor:
         if sink is not None:
             sink.write(data)
         lines = data.decode("utf-8", "replace").split("\n")[:-1]
-        svc = self.services.get(name)
-        if svc is not None and sink is None:
-            if svc.tail is None:
+        live = self.live.get(name)
+        if live is not None and sink is None:
+            if live.tail is None:
                 from collections import deque
-                svc.tail = deque(maxlen=TAIL_LINES)
-            svc.tail.extend(lines)
+                live.tail = deque(maxlen=TAIL_LINES)
+            live.tail.extend(lines)
         for client in self.followers.get(name, ()):
             client.send_lines(lines)
         if sink is None:
@@ -1934,115 +2427,33 @@ class Supervisor:
             out = "".join(prefix + line + "\n" for line in lines)
         write_all(fd, out.encode("utf-8", "replace"))
 
-    # -- readiness and liveness probes ----------------------------------------
-
-    def schedule_probe(self, svc, now, ready):
-        spec = svc.program.ready if ready else svc.program.healthcheck
-        interval = 0.1 if ready else svc.program.healthcheck_interval
-        timeout = min(5.0, svc.program.ready_timeout) if ready else svc.program.healthcheck_interval
-        if ready:
-            svc.probe = ["wait", self.timers.at(now + (0.05 if spec[0] == "tcp" else 0.1),
-                                                self.run_probe, svc, spec, ready, timeout, interval)]
-        else:
-            svc.health_at = now + interval
-            svc.health_timer = self.timers.at(svc.health_at, self.run_probe, svc, spec, ready,
-                                              timeout, interval)
-
-    def run_probe(self, svc, spec, ready, timeout, interval):
-        if not svc.alive() or (ready and svc.state != STARTING) or (not ready and svc.state != RUNNING):
-            return
-        done = lambda ok, why=None: self.probe_done(svc, ready, ok, why, interval)
-        handle = Probe(self, svc, spec, timeout, done)
-        if ready:
-            svc.probe = handle
-        else:
-            svc.health_probe = handle
-        handle.start()
-
-    def probe_done(self, svc, ready, ok, why, interval):
-        if ready:
-            svc.probe = None
-            if ok:
-                self.became_ready(svc)
-            elif svc.state == STARTING and svc.alive():
-                svc.probe = ["wait", self.timers.at(monotonic() + interval, self.run_probe, svc,
-                                                    svc.program.ready, True,
-                                                    min(5.0, svc.program.ready_timeout), interval)]
-            return
-        svc.health_probe = None
-        if svc.state != RUNNING or not svc.alive():
-            return
-        if ok:
-            svc.health_failures = 0
-        else:
-            svc.health_failures += 1
-            self.log("warn", "healthcheck failed (%d/%d): %s" % (
-                svc.health_failures, svc.program.healthcheck_failures, why), svc.name)
-            if svc.health_failures >= svc.program.healthcheck_failures:
-                self.restart_for(svc, "healthcheck failed %d times: %s" % (svc.health_failures, why))
-                return
-        self.schedule_probe(svc, monotonic(), ready=False)
-
-    def cancel_checks(self, svc):
-        """Stop every readiness and liveness check of a service: probes in flight,
-        the next health probe, the watchdog deadline."""
-        self.timers.cancel(svc.health_timer)
-        self.timers.cancel(svc.watchdog_timer)
-        for attr in ("probe", "health_probe"):
-            handle = getattr(svc, attr)
-            if isinstance(handle, list):
-                self.timers.cancel(handle[1])
-            elif handle is not None:
-                handle.cancel()
-            setattr(svc, attr, None)
-
-    def arm_liveness(self, svc):
-        now = monotonic()
-        if svc.program.healthcheck:
-            self.schedule_probe(svc, now, ready=False)
-        if svc.program.watchdog and svc.program.ready[0] == "notify":
-            self.arm_watchdog(svc, now + svc.program.watchdog)
-
-    def arm_watchdog(self, svc, when):
-        self.timers.cancel(svc.watchdog_timer)
-        svc.watchdog_at = when
-        svc.watchdog_timer = self.timers.at(when, self.watchdog_expired, svc)
-
-    def watchdog_expired(self, svc):
-        if svc.state == RUNNING and svc.alive():
-            self.restart_for(svc, "watchdog: no WATCHDOG=1 for %gs" % svc.program.watchdog)
-
-    def restart_for(self, svc, why):
-        self.log("warn", "restarting: %s" % why, svc.name)
-        svc.stop_then_start = why         # truthy, and kept for status once restarted
-        self.stop(svc, why)
-        svc.reason = why
-
     # -- sd_notify --------------------------------------------------------------
 
     def notify_socket(self, svc):
         """The service's $NOTIFY_SOCKET: an abstract datagram socket of its own."""
-        if svc.notify is None:
+        live = self.live[svc.name]
+        if live.notify is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             name = "respawn-%d-%s-%s" % (os.getpid(), svc.name, os.urandom(4).hex())
             sock.bind("\0" + name)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             sock.setblocking(False)
             self.adopt_notify(svc, sock, "@" + name)
-        return svc.notify[1]
+        return live.notify[1]
 
     def adopt_notify(self, svc, sock, address):
-        svc.notify = (sock, address)
+        self.live[svc.name].notify = (sock, address)
         self.selector.register(sock, selectors.EVENT_READ, lambda mask, s=svc: self.on_notify(s))
 
     def close_notify(self, svc):
-        if svc.notify is not None:
-            self.selector.unregister(svc.notify[0])
-            svc.notify[0].close()
-            svc.notify = None
+        live = self.live.get(svc.name)
+        if live is not None and live.notify is not None:
+            self.selector.unregister(live.notify[0])
+            live.notify[0].close()
+            live.notify = None
 
     def on_notify(self, svc):
-        sock = svc.notify[0]
+        sock = self.live[svc.name].notify[0]
         creds_size = struct.calcsize("3i")
         while True:
             try:
@@ -2062,7 +2473,9 @@ class Supervisor:
                 self.log("warn", "ignored a notify message from pid %s outside the service"
                          % (sender[0] if sender else "?"), svc.name)
                 continue
-            self.on_notify_message(svc, data.decode("utf-8", "replace"))
+            self.feed(svc, NotifyMessage(parse_notify(data.decode("utf-8", "replace"))))
+            if self.live.get(svc.name) is None or self.live[svc.name].notify is None:
+                return            # closed by what the message caused (a reload, a forget)
 
     def notify_allowed(self, svc, sender):
         """Accept messages from the service's process group (systemd-notify runs as a
@@ -2083,26 +2496,6 @@ class Supervisor:
             if who:
                 allowed.add(who[0])
             return uid in allowed
-
-    def on_notify_message(self, svc, text):
-        fields = {}
-        for line in text.split("\n"):
-            key, sep, value = line.partition("=")
-            if sep:
-                fields[key.strip()] = value
-        if "STATUS" in fields:
-            svc.status_text = fields["STATUS"]
-        if "MAINPID" in fields and fields["MAINPID"].isdigit():
-            svc.mainpid = int(fields["MAINPID"])
-        if fields.get("STOPPING") == "1":
-            svc.stopping_notified = True
-        if fields.get("READY") == "1" and svc.state == STARTING:
-            self.log("info", "READY=1", svc.name)
-            self.became_ready(svc)
-        if fields.get("WATCHDOG") == "1" and svc.state == RUNNING and svc.program.watchdog:
-            self.arm_watchdog(svc, monotonic() + svc.program.watchdog)
-        if fields.get("WATCHDOG") == "trigger" and svc.state == RUNNING:
-            self.restart_for(svc, "watchdog triggered by the service")
 
     # -- reload -----------------------------------------------------------
 
@@ -2130,26 +2523,20 @@ class Supervisor:
         for name, svc in list(self.services.items()):
             if name not in new.programs:
                 summary["removed"].append(name)
-                svc.removed = True
-                svc.wanted = False
-                if svc.alive():
-                    self.stop(svc, "removed from the config")
-                else:
-                    self.timers.cancel(svc.timer)
-                    self.forget_service(svc)
+                self.feed(svc, Want(FORGET))
         for name, prog in new.programs.items():
             svc = self.services.get(name)
             if svc is None:
                 summary["added"].append(name)
-                self.services[name] = Service(prog)
+                self.add_service(prog)
                 continue
-            if svc.removed:
+            if svc.want == FORGET:
                 # removed by an earlier reload and still stopping: back in the config,
                 # so it is started again once its old process is gone
                 summary["added"].append(name)
-                svc.removed = False
-                svc.program = prog
-                svc.wanted = svc.stop_then_start = prog.autostart
+                svc.want = DOWN
+                self.feed(svc, ProgramChanged(prog, False))
+                self.feed(svc, Want(UP if prog.autostart else DOWN))
                 continue
             before = svc.program
             if before.raw == prog.raw:
@@ -2160,24 +2547,14 @@ class Supervisor:
                 sink = self.sinks.pop((name, stream), None)
                 if sink:
                     sink.close()        # reopened with the new path and limits
-            svc.program = prog
-            if before.shape() != prog.shape() and svc.alive():
-                summary["restarted"].append(name)
-                if prog.ready[0] != "notify":
-                    self.close_notify(svc)
-                svc.stop_then_start = True
-                self.stop(svc, "config changed")
-            else:
-                summary["updated"].append(name)
-                if svc.state == RUNNING and (before.healthcheck != prog.healthcheck
-                                             or before.watchdog != prog.watchdog):
-                    self.cancel_checks(svc)
-                    self.arm_liveness(svc)
-                if before.autostart != prog.autostart and not svc.alive():
-                    svc.wanted = prog.autostart
+            restart = before.shape() != prog.shape() and svc.alive()
+            summary["restarted" if restart else "updated"].append(name)
+            if restart and prog.ready[0] != "notify":
+                self.close_notify(svc)
+            self.feed(svc, ProgramChanged(prog, restart))
         for name in summary["added"]:
-            if self.services[name].wanted:
-                self.start(self.services[name])
+            if self.services[name].want == UP:
+                self.feed(self.services[name], Want(UP))
         self.start_waiting()
         # watch what the new config asks for (also when nothing was watched before)
         watched = lambda c: (c.settings["watch_self"], c.settings["watch_config"], sorted(c.files))
@@ -2185,20 +2562,430 @@ class Supervisor:
             self.setup_file_watch()
         return summary
 
+    # -- the control socket: the snapshot, and requests (REQUESTS) -----------------
+
+    def open_listener(self, path):
+        make_private_dir(os.path.dirname(path))
+        try:
+            os.unlink(path)          # we hold the lock: whatever is there is stale
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        self.adopt_listener(sock)
+
+    def adopt_listener(self, sock):
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+
+    def on_accept(self, mask):
+        for _ in range(64):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log("warn", "control socket accept: %s" % exc)
+                return
+            try:
+                uid = peer_uid(conn)
+            except OSError:
+                uid = -1
+            client = ControlClient(self, conn)
+            if uid not in (0, os.geteuid()):
+                client.refused = "permission denied: uid %d is neither root nor the supervisor's user" % uid
+
+    def service_json(self, svc, now):
+        up = svc.uptime(now) if svc.alive() else None
+        return {"name": svc.name, "state": svc.state, "pid": svc.pid,
+                "started": round(svc.started, 3) if svc.started else None,
+                "uptime": round(up, 3) if up is not None else None,
+                "restarts": svc.restarts, "exitstatus": svc.exitstatus,
+                "reason": svc.reason or None, "ready": bool(svc.ready),
+                "ok": should_be_running(svc), "wanted": svc.want == UP,
+                "status": svc.status_text, "mainpid": svc.mainpid,
+                "retry_in": round(svc.deadline - now, 3)
+                if svc.state == BACKOFF and svc.deadline is not None else None,
+                "failures": svc.failures, "waiting_for": svc.waiting_for}
+
+    def status_json(self, names=None):
+        """The snapshot of the supervisor and its services (status --json)."""
+        now = monotonic()
+        svcs = [self.services[n] for n in names] if names else \
+            sorted(self.services.values(), key=lambda s: (s.program.priority, s.name))
+        return {"supervisor": {"pid": os.getpid(), "version": __version__, "hash": self.hash,
+                               "started": round(self.started, 3), "reexecs": self.reexecs,
+                               "reexeced": round(self.reexeced, 3) if self.reexeced else None,
+                               "config": self.config.path, "pidfds": self.watcher.uses_pidfds},
+                "services": [self.service_json(s, now) for s in svcs]}
+
+    def resolve_names(self, names, client):
+        if not names:
+            client.reply({"ok": False, "error": "name a service, or all"})
+            return None
+        if names == ["all"]:
+            return sorted(self.services, key=lambda n: (self.services[n].program.priority, n))
+        unknown = [n for n in names if n not in self.services]
+        if unknown:
+            client.reply({"ok": False, "error": "no such service: %s" % ", ".join(unknown)})
+            return None
+        return list(dict.fromkeys(names))
+
+    def handle_request(self, client, req):
+        cmd, args = req.get("cmd"), req.get("args") or {}
+        if req.get("v", PROTOCOL) > PROTOCOL:
+            self.log("debug", "client speaks protocol %s; answering as %d" % (req.get("v"), PROTOCOL))
+        serve = REQUESTS.get(cmd) if isinstance(cmd, str) else None
+        if serve is None:
+            client.reply({"ok": False, "error": "unknown command %r" % cmd})
+            return
+        serve(self, client, args)
+
+    def check_waiters(self):
+        still = []
+        for client, cmd, names in self.waiters:
+            if client.sock is None:
+                continue
+            svcs = [self.services.get(n) for n in names]
+            if all(s is None or self.settled(s, cmd) for s in svcs):
+                results = {n: self.outcome(s, cmd) for n, s in zip(names, svcs) if s is not None}
+                ok = all(r["ok"] for r in results.values())
+                client.reply({"ok": ok, "results": results})
+            else:
+                still.append((client, cmd, names))
+        self.waiters = still
+
+    def settled(self, svc, cmd):
+        if cmd == "stop":
+            return not svc.alive() and svc.state != STOPPING
+        if svc.then or svc.state in (STARTING, STOPPING):
+            return False
+        if svc.state == STOPPED and svc.waiting_for:
+            blockers = [self.services[b] for b in start_blockers(svc, self.services)]
+            return all(b.state in (FATAL, EXITED) or b.want != UP for b in blockers)
+        return True
+
+    def outcome(self, svc, cmd):
+        if cmd == "stop":
+            return {"ok": True, "state": svc.state}
+        # a one-shot that ran and exited as expected did what it was asked to
+        ok = svc.state == RUNNING or (svc.state == EXITED and should_be_running(svc))
+        return {"ok": ok, "state": svc.state, "reason": None if ok else svc.reason}
+
+    def close_control(self):
+        for client in list(self.clients.values()):
+            if client in self.shutdown_clients:
+                client.send({"ok": True, "stopped": True})
+            client.flush()
+            client.close()
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    # -- re-execution: trigger, checks, exec, restore ---------------------------
+
+    def setup_file_watch(self):
+        if self.file_watch:
+            self.file_watch.close()
+            self.file_watch = None
+        paths = []
+        if self.config.settings["watch_self"]:
+            paths.append(self.script)
+        if self.config.settings["watch_config"]:
+            paths.extend(self.config.files)
+        if paths:
+            self.file_watch = FileWatch(self, paths, self.on_files_changed)
+
+    def on_files_changed(self, paths):
+        if self.script in paths and self.config.settings["watch_self"]:
+            self.request_reexec("file changed")
+        if self.config.settings["watch_config"] and any(p in self.config.files for p in paths):
+            try:
+                texts = {p: _read_text(p) for p in self.config.files}
+            except (OSError, UnicodeDecodeError):
+                texts = None
+            if texts != self.config.files:
+                self.log("info", "the config changed on disk: reloading")
+                self.reload()
+
+    def request_reexec(self, why, client=None):
+        if self.reexec_busy or self.shutting_down:
+            if client:
+                client.reply({"ok": False, "error": "a re-exec or shutdown is already in progress"})
+            return
+        if self.waves:
+            # the stop waves still to run are not part of the handoff: finish them first
+            if client:
+                client.reply({"ok": False, "error": "a stop is in progress; try again when it is done"})
+            else:
+                self.log("info", "%s: re-exec postponed until the stop in progress is done" % why)
+                self.timers.at(monotonic() + 1.0, self.request_reexec, why)
+            return
+        fail = lambda msg: self.reexec_refused(msg, None, client)
+        try:
+            with open(self.script, "rb") as f:
+                code = f.read()
+        except OSError as exc:
+            return fail("cannot read %s: %s" % (self.script, exc.strerror))
+        new_hash = sha256(code).hexdigest()
+        # same bytes (a touch, a chmod): no new code, nothing to check or refuse
+        if client is None and why == "file changed" and new_hash in (self.hash, self.rejected_hash):
+            return
+        if os.geteuid() == 0:
+            problem = unsafe_path(self.script) or unsafe_path(sys.executable)
+            if problem:
+                return fail("refusing to re-execute as root: %s" % problem)
+        try:
+            self.reexec_code = (new_hash, compile(code, self.script, "exec", dont_inherit=True), code)
+        except (SyntaxError, ValueError) as exc:
+            return self.reexec_refused("new code does not compile: %s (line %s)"
+                                       % (getattr(exc, "msg", exc), getattr(exc, "lineno", "?")),
+                                       new_hash, client)
+        self.log("info", "%s: checking the new code (%s) before re-executing" % (why, new_hash[:12]))
+        import tempfile
+        # The trial parses the config and restores a snapshot of the real state in
+        # a dry run: a new file that would fail after the exec fails here instead.
+        try:
+            out = tempfile.TemporaryFile()
+            out.snapshot = snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
+            os.chmod(snapshot.name, 0o600)
+            snapshot.write(json.dumps(encode_handoff(self, [], new_hash, None)).encode())
+            snapshot.flush()
+        except OSError as exc:      # a full or read-only temporary folder
+            return fail("cannot write the trial's files in %s: %s" % (tempfile.gettempdir(), exc))
+        self.reexec_busy = True
+        self.reexec_client = client
+        try:
+            pid = spawn(Program("trial", {"command": (
+                sys.executable, "-I", self.script, "--handoff-selftest", snapshot.name,
+                "-c", self.config.path, "check", "--trial")}, {}), out.fileno(), out.fileno())
+        except SpawnError as exc:
+            snapshot.close()
+            out.close()
+            self.reexec_busy = False
+            return self.reexec_refused(str(exc), None, client)
+        timer = self.timers.at(monotonic() + 30.0, kill_group_or_pid, pid, signal.SIGKILL, True)
+        self.watch_helper(pid, "trial", lambda p, status: self.trial_done(p, status, out, timer, new_hash))
+
+    def reexec_refused(self, message, bad_hash, client):
+        self.log("error", "re-exec refused: %s; the running code keeps supervising" % message)
+        self.reexec_code = None
+        if bad_hash:
+            self.rejected_hash = bad_hash
+        if client:
+            client.reply({"ok": False, "error": message})
+
+    def trial_done(self, pid, status, out, timer, new_hash):
+        self.timers.cancel(timer)
+        self.reexec_busy = False
+        client, self.reexec_client = self.reexec_client, None
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace").strip().splitlines()
+        out.snapshot.close()
+        out.close()
+        if self.shutting_down:        # a stop request came first: it wins (research F9)
+            self.log("info", "re-exec abandoned: the supervisor is stopping")
+            if client:
+                client.reply({"ok": False, "error": "shutting down instead"})
+            return
+        if status != 0:
+            why = text[-1] if text else describe_exit(status)
+            return self.reexec_refused("the new code rejects the config or fails to start (%s): %s"
+                                       % (describe_exit(status), why), new_hash, client)
+        try:
+            now_hash = file_hash(self.script)
+        except OSError as exc:
+            return self.reexec_refused("cannot read %s: %s" % (self.script, exc.strerror), None, client)
+        if now_hash != new_hash:
+            self.log("info", "the file changed again during the check; checking again")
+            return self.request_reexec("file changed", client)
+        if self.waves:
+            # a stop began while the check ran: its waves are not handed over either
+            return self.request_reexec("the checked code", client)
+        self.exec_new_image(new_hash, client)
+
+    def exec_new_image(self, new_hash, client):
+        t0 = monotonic()
+        handled = {getattr(signal, n) for n in HANDLED_SIGNALS}
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        pending, self.signals_due = self.signals_due + self.drain_wakeup(), []
+        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in pending):
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            if client:
+                client.reply({"ok": False, "error": "shutting down instead"})
+            for s in pending:        # a stop request wins over the re-exec (research F9)
+                self.on_signal(s)
+            return
+        try:
+            self.leap(new_hash, client, pending, t0)          # returns only by raising
+        except Exception as exc:
+            why = ("exec of %s failed: %s" % (sys.executable, exc) if getattr(exc, "in_execv", False)
+                   else "the handoff failed: %s: %s" % (type(exc).__name__, exc))
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            self.reexec_refused(why, None, client)
+            for s in pending:
+                self.on_signal(s)
+
+    def leap(self, new_hash, client, pending, t0):
+        """Hand the state over and exec the new code.  If anything fails, every fd
+        it opened is closed again and the exception says whether execv failed."""
+        # what is waiting now, from the pipes that have something (one epoll_wait,
+        # not a read per pipe); what comes later waits in the pipe for the new image
+        ready = {key.fd for key, _ in self.selector.select(0)}
+        self.drain_pipes([pipe for fd, pipe in self.pipes.items() if fd in ready])
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for follower_list in self.followers.values():
+            for follower in list(follower_list):
+                follower.send({"event": "reexec"})
+                follower.flush()
+        state = encode_handoff(self, pending, new_hash, client, t0)
+        opened, kept = [], handoff_fds(state)
+        try:
+            state_fd = memfd("respawn-state", json.dumps(state).encode())
+            opened.append(state_fd)
+            rollback_fd = memfd("respawn-rollback", self.source or b"")
+            opened.append(rollback_fd)
+            try:
+                fcntl.fcntl(rollback_fd, getattr(fcntl, "F_ADD_SEALS", 1033), 0xF)
+            except OSError:
+                pass
+            args = [self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
+            checked, self.reexec_code = self.reexec_code, None
+            if checked is not None and checked[0] == new_hash:
+                argv, code_fd = loader_argv(checked[1], checked[2], args)
+                opened.append(code_fd)
+            else:
+                argv = [sys.executable] + interpreter_flags() + args
+            self.log("info", "re-executing %s" % self.script)
+            for fd in [state_fd, rollback_fd] + kept:
+                os.set_inheritable(fd, True)
+            try:
+                os.execv(sys.executable, argv)
+            except OSError as exc:
+                exc.in_execv = True
+                raise
+        except BaseException:
+            for fd in kept:
+                os.set_inheritable(fd, False)
+            for fd in opened:
+                os.close(fd)
+            raise
+
+    def restore_data(self, state):
+        """The plain part of a handoff state (any format we read): what a trial
+        run checks before the exec.  Returns the state decoded."""
+        state = decode_handoff(state, self.config.programs, monotonic())
+        self.started = state.get("started", self.started)
+        self.reexecs = state.get("reexecs", 0) + 1
+        self.reexeced = time.time()
+        self.rejected_hash = state.get("rejected_hash")
+        self.pidfile = state.get("pidfile")
+        if self.hash != state.get("new_hash"):
+            # we are the previous code, rolled back to: the new file is bad
+            self.rejected_hash = state.get("new_hash")
+        for entry in state["services"]:
+            svc = self.services.get(entry.get("name"))
+            if svc is None and entry.get("want") == FORGET and entry.get("pid"):
+                # removed by a reload and still stopping: not in the config any more,
+                # but its process is ours to kill at stopwaitsecs and to reap
+                raw = entry.get("program") or {}
+                try:
+                    values = {k: PROGRAM_KEYS[k][0](v) for k, v in raw.items() if k in PROGRAM_KEYS}
+                except ValueError:
+                    values = {}
+                if "command" in values:
+                    svc = self.add_service(Program(entry["name"], values, raw))
+            if svc is None:
+                continue
+            for key in Service.CARRIED:
+                if key in entry:
+                    setattr(svc, key, entry[key])
+            if entry.get("tail"):
+                from collections import deque
+                self.live[svc.name].tail = deque(entry["tail"], maxlen=TAIL_LINES)
+        return state
+
+    def restore(self, state):
+        """The new image takes over: services, pipes, sockets, timers (one pass)."""
+        import base64
+        state = self.restore_data(state)
+        fds = state["fds"]
+        if fds.get("listener") is not None:
+            self.adopt_listener(socket.socket(fileno=fds["listener"]))
+        self.lock_fd = fds.get("lock")
+        for pid in state.get("helpers", ()):
+            self.watcher.abandon(pid)         # probes and trials of the old image: reaped, quietly
+        for name, (fd, address) in fds["notify"].items():
+            if name in self.services:
+                self.adopt_notify(self.services[name], socket.socket(fileno=fd), address)
+            else:
+                os.close(fd)
+        for p in fds["pipes"]:
+            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", ""))))
+        lost = []
+        for svc in list(self.services.values()):
+            for what, when in svc.deadlines():
+                self.do_arm(svc, Arm(what, when))
+            if svc.pid is not None and not self.watcher.adopt(svc.pid, self.child_callback(svc)):
+                lost.append(svc)
+        for svc in lost:
+            self.log("error", "pid %d is no longer our child" % svc.pid, svc.name)
+            self.feed(svc, Exited(None, "lost during re-exec"))
+        return state
+
+    def resume_clients(self, state):
+        """After the takeover: the control connections the old image handed over."""
+        import base64
+        fds = state["fds"]
+        for entry in fds["clients"]:
+            ControlClient(self, socket.socket(fileno=entry["fd"])).inbuf = base64.b64decode(entry["inbuf"])
+        for entry in fds["waiters"]:
+            client = ControlClient(self, socket.socket(fileno=entry["fd"]))
+            client.closing = True             # its request was read by the old image
+            self.timers.cancel(client.timer)
+            client.timer = None
+            self.waiters.append((client, entry["cmd"], entry["names"]))
+        if self.waiters:
+            self.check_waiters()
+
+
+PERFORM = {
+    Spawn: Supervisor.do_spawn, Signal: Supervisor.do_signal, Kill: Supervisor.do_kill,
+    Arm: Supervisor.do_arm, StartProbe: Supervisor.do_start_probe,
+    CancelProbes: Supervisor.do_cancel_probes, Log: Supervisor.do_log,
+    StateChanged: Supervisor.do_state_changed, Forget: Supervisor.do_forget,
+    ExitOnFatal: Supervisor.do_exit_on_fatal,
+}
+RespawnSupervisor = Supervisor        # the name of respawn 1.0.0
+
 
 class Probe:
     """One readiness or health probe: a non-blocking TCP connect or a command,
-    never blocking the loop; calls done(ok, why) once."""
+    never blocking the loop; calls done(ok, why) once.  It reaches the loop only
+    through `host` (call_at, cancel_timer, watch_fd, unwatch_fd, watch_helper,
+    abandon_helper)."""
 
-    def __init__(self, sup, svc, spec, timeout, done):
-        self.sup, self.svc, self.spec, self.timeout, self.done_cb = sup, svc, spec, timeout, done
+    def __init__(self, spec, program, timeout, done, host):
+        self.spec, self.program, self.timeout, self.done_cb, self.host = spec, program, timeout, done, host
         self.sock = self.pid = self.timer = None
         self.finished = False
 
     def start(self):
         kind, arg = self.spec
-        self.timer = self.sup.timers.at(monotonic() + self.timeout, self.finish, False,
-                                        "no answer within %gs" % self.timeout)
+        self.timer = self.host.call_at(monotonic() + self.timeout, self.finish, False,
+                                       "no answer within %gs" % self.timeout)
         if kind == "tcp":
             host, port = arg
             try:
@@ -2213,11 +3000,11 @@ class Probe:
             if err == 0:
                 self.finish(True)
             elif err in (errno.EINPROGRESS, errno.EAGAIN):
-                self.sup.selector.register(self.sock, selectors.EVENT_WRITE, self.on_connect)
+                self.host.watch_fd(self.sock, selectors.EVENT_WRITE, self.on_connect)
             else:
                 self.finish(False, "tcp %s:%d: %s" % (host, port, os.strerror(err)))
         else:
-            prog = self.svc.program
+            prog = self.program
             probe_prog = Program(prog.name, dict(vars(prog), command=arg), prog.raw)
             import subprocess
             try:
@@ -2225,8 +3012,7 @@ class Probe:
             except SpawnError as exc:
                 self.finish(False, str(exc))
                 return
-            self.sup.helpers[self.pid] = "probe"
-            self.sup.watcher.watch(self.pid, self.on_exit)
+            self.host.watch_helper(self.pid, "probe", self.on_exit)
 
     def on_connect(self, mask):
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -2234,7 +3020,6 @@ class Probe:
         self.finish(err == 0, "tcp %s:%d: %s" % (host, port, os.strerror(err)))
 
     def on_exit(self, pid, status):
-        self.sup.helpers.pop(pid, None)
         self.pid = None
         self.finish(status == 0, "%s exited with %s" % (self.spec[1][0], describe_exit(status)))
 
@@ -2244,18 +3029,15 @@ class Probe:
             self.cleanup()
 
     def cleanup(self):
-        self.sup.timers.cancel(self.timer)
+        self.host.cancel_timer(self.timer)
         if self.sock is not None:
-            try:
-                self.sup.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
+            self.host.unwatch_fd(self.sock)
             self.sock.close()
             self.sock = None
         if self.pid is not None:
-            # still ours to reap: the watcher keeps it, with nobody listening
+            # still ours to reap: the supervisor keeps it, with nobody listening
             kill_group_or_pid(self.pid, signal.SIGKILL, True)
-            self.sup.watcher.callbacks[self.pid] = lambda pid, status: self.sup.helpers.pop(pid, None)
+            self.host.abandon_helper(self.pid)
             self.pid = None
 
     def finish(self, ok, why=None):
@@ -2385,210 +3167,121 @@ def peer_uid(sock):
     return struct.unpack("3i", creds)[1]
 
 
-class ControlMixin:
-    """The supervisor's side of each command."""
 
-    def open_listener(self, path):
-        make_private_dir(os.path.dirname(path))
-        try:
-            os.unlink(path)          # we hold the lock: whatever is there is stale
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-        self.adopt_listener(sock)
+# The supervisor's side of each command: one small function each, in REQUESTS.
 
-    def adopt_listener(self, sock):
-        sock.setblocking(False)
-        self.listener = sock
-        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+def _names_or_refuse(sup, client, args):
+    """The named services, or None once the client has been told why not."""
+    names = sup.resolve_names(args.get("names") or [], client)
+    if names is not None and sup.shutting_down:
+        client.reply({"ok": False, "error": "the supervisor is shutting down"})
+        return None
+    return names
 
-    def on_accept(self, mask):
-        for _ in range(64):
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.log("warn", "control socket accept: %s" % exc)
-                return
-            try:
-                uid = peer_uid(conn)
-            except OSError:
-                uid = -1
-            client = ControlClient(self, conn)
-            if uid not in (0, os.geteuid()):
-                client.refused = "permission denied: uid %d is neither root nor the supervisor's user" % uid
 
-    def service_json(self, svc, now):
-        up = svc.uptime(now) if svc.alive() else None
-        return {"name": svc.name, "state": svc.state, "pid": svc.pid,
-                "started": round(svc.started, 3) if svc.started else None,
-                "uptime": round(up, 3) if up is not None else None,
-                "restarts": svc.restarts, "exitstatus": svc.exitstatus,
-                "reason": svc.reason or None, "ready": bool(svc.ready),
-                "ok": should_be_running(svc), "wanted": svc.wanted,
-                "status": svc.status_text, "mainpid": svc.mainpid,
-                "retry_in": round(svc.deadline - now, 3) if svc.state == BACKOFF and svc.deadline else None,
-                "failures": svc.failures}
+def by_priority(sup, names):
+    return sorted(names, key=lambda n: (sup.services[n].program.priority, n))
 
-    def status_json(self, names=None):
-        now = monotonic()
-        svcs = [self.services[n] for n in names] if names else \
-            sorted(self.services.values(), key=lambda s: (s.program.priority, s.name))
-        return {"supervisor": {"pid": os.getpid(), "version": __version__, "hash": self.hash,
-                               "started": round(self.started, 3), "reexecs": self.reexecs,
-                               "reexeced": round(self.reexeced, 3) if self.reexeced else None,
-                               "config": self.config.path, "pidfds": isinstance(self.watcher, PidfdWatcher)},
-                "services": [self.service_json(s, now) for s in svcs]}
 
-    def resolve_names(self, names, client):
-        if not names:
-            client.reply({"ok": False, "error": "name a service, or all"})
-            return None
-        if names == ["all"]:
-            return sorted(self.services, key=lambda n: (self.services[n].program.priority, n))
-        unknown = [n for n in names if n not in self.services]
-        if unknown:
-            client.reply({"ok": False, "error": "no such service: %s" % ", ".join(unknown)})
-            return None
-        return list(dict.fromkeys(names))
+def serve_status(sup, client, args):
+    names = args.get("names") or []
+    if names:
+        names = sup.resolve_names(names, client)
+        if names is None:
+            return
+    client.reply(dict(sup.status_json(names), ok=True))
 
-    def handle_request(self, client, req):
-        cmd, args = req.get("cmd"), req.get("args") or {}
-        names = args.get("names") or []
-        if req.get("v", PROTOCOL) > PROTOCOL:
-            self.log("debug", "client speaks protocol %s; answering as %d" % (req.get("v"), PROTOCOL))
-        if cmd == "status":
-            if names:
-                names = self.resolve_names(names, client)
-                if names is None:
-                    return
-            client.reply(dict(self.status_json(names), ok=True))
-        elif cmd in ("start", "stop", "restart"):
-            names = self.resolve_names(names, client)
-            if names is None:
-                return
-            if self.shutting_down:
-                client.reply({"ok": False, "error": "the supervisor is shutting down"})
-                return
-            if cmd == "start":
-                for n in names:
-                    svc = self.services[n]
-                    svc.wanted = True
-                    if not svc.alive():
-                        svc.failures = 0    # an operator's start is a fresh try, even after FATAL
-                for n in sorted(names, key=lambda n: (self.services[n].program.priority, n)):
-                    self.start(self.services[n])    # also ends a BACKOFF wait
-            elif cmd == "stop":
-                for n in names:
-                    self.services[n].wanted = False
-                    self.services[n].stop_then_start = False
-                self.stop_many(names)
-            else:
-                for n in names:
-                    svc = self.services[n]
-                    svc.wanted = True
-                    svc.failures = 0
-                alive = [n for n in names if self.services[n].alive()]
-                for n in alive:
-                    self.services[n].stop_then_start = True
-                self.stop_many(alive)
-                for n in names:
-                    if not self.services[n].alive():
-                        self.start(self.services[n])
-            self.waiters.append((client, cmd, names))
-            self.check_waiters()
-        elif cmd == "signal":
-            names = self.resolve_names(names, client)
-            if names is None:
-                return
-            try:
-                sig = signal_number(str(args.get("signal", "")))
-            except ValueError:
-                client.reply({"ok": False, "error": "unknown signal %r" % args.get("signal")})
-                return
-            sent = {}
-            for n in names:
-                svc = self.services[n]
-                sent[n] = bool(svc.alive() and kill_group_or_pid(svc.pid, sig, False))
-            client.reply({"ok": all(sent.values()), "results": sent,
-                          "error": None if all(sent.values()) else "not running: %s"
-                          % ", ".join(n for n, ok in sent.items() if not ok)})
-        elif cmd == "reload":
-            self.reload(client)
-        elif cmd == "reexec":
-            self.request_reexec("reexec command", client)
-        elif cmd == "log":
-            name = args.get("name")
-            if name not in self.services:
-                client.reply({"ok": False, "error": "no such service: %s" % name})
-                return
-            n = max(0, int(args.get("n", 20)))
-            svc = self.services[name]
-            sink = self.sink_for(name, "stdout") or self.sink_for(name, "stderr")
-            if sink is not None:
-                lines = tail_file(sink.path, n)
-            else:
-                lines = list(svc.tail or ())[-n:] if n else []
-            follow = bool(args.get("follow"))
-            client.reply({"ok": True, "lines": lines}, keep_open=follow)
-            if follow:
-                self.followers.setdefault(name, []).append(client)
-        elif cmd == "shutdown":
-            client.reply({"ok": True}, keep_open=True)
-            self.shutdown_clients.append(client)
-            self.shutdown()
-        else:
-            client.reply({"ok": False, "error": "unknown command %r" % cmd})
 
-    def check_waiters(self):
-        still = []
-        for client, cmd, names in self.waiters:
-            if client.sock is None:
-                continue
-            svcs = [self.services.get(n) for n in names]
-            if all(s is None or self.settled(s, cmd) for s in svcs):
-                results = {n: self.outcome(s, cmd) for n, s in zip(names, svcs) if s is not None}
-                ok = all(r["ok"] for r in results.values())
-                client.reply({"ok": ok, "results": results})
-            else:
-                still.append((client, cmd, names))
-        self.waiters = still
+def serve_start(sup, client, args):
+    names = _names_or_refuse(sup, client, args)
+    if names is None:
+        return
+    for n in by_priority(sup, names):
+        sup.feed(sup.services[n], Want(UP, True))
+    sup.waiters.append((client, "start", names))
+    sup.check_waiters()
 
-    def settled(self, svc, cmd):
-        if cmd == "stop":
-            return not svc.alive() and svc.state != STOPPING
-        if svc.stop_then_start or svc.state in (STARTING, STOPPING):
-            return False
-        if svc.state == STOPPED and svc.reason.startswith("waiting for"):
-            blockers = [self.services[b] for b in start_blockers(svc, self.services)]
-            return all(b.state in (FATAL, EXITED) or not b.wanted for b in blockers)
-        return True
 
-    def outcome(self, svc, cmd):
-        if cmd == "stop":
-            return {"ok": True, "state": svc.state}
-        # a one-shot that ran and exited as expected did what it was asked to
-        ok = svc.state == RUNNING or (svc.state == EXITED and should_be_running(svc))
-        return {"ok": ok, "state": svc.state, "reason": None if ok else svc.reason}
+def serve_stop(sup, client, args):
+    names = _names_or_refuse(sup, client, args)
+    if names is None:
+        return
+    for n in names:
+        sup.feed(sup.services[n], Want(DOWN))
+    sup.stop_many(names)
+    sup.waiters.append((client, "stop", names))
+    sup.check_waiters()
 
-    def close_control(self):
-        for client in list(self.clients.values()):
-            if client in self.shutdown_clients:
-                client.send({"ok": True, "stopped": True})
-            client.flush()
-            client.close()
-        if self.listener is not None:
-            self.selector.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
+
+def serve_restart(sup, client, args):
+    names = _names_or_refuse(sup, client, args)
+    if names is None:
+        return
+    alive = [n for n in names if sup.services[n].alive()]
+    for n in names:
+        sup.feed(sup.services[n], Want("restart"))
+    sup.stop_many(alive)
+    for n in names:
+        if n in sup.services and not sup.services[n].alive():
+            sup.feed(sup.services[n], Want(UP))
+    sup.waiters.append((client, "restart", names))
+    sup.check_waiters()
+
+
+def serve_signal(sup, client, args):
+    names = sup.resolve_names(args.get("names") or [], client)
+    if names is None:
+        return
+    try:
+        sig = signal_number(str(args.get("signal", "")))
+    except ValueError:
+        client.reply({"ok": False, "error": "unknown signal %r" % args.get("signal")})
+        return
+    sent = {}
+    for n in names:
+        svc = sup.services[n]
+        sent[n] = bool(svc.alive() and kill_group_or_pid(svc.pid, sig, False))
+    client.reply({"ok": all(sent.values()), "results": sent,
+                  "error": None if all(sent.values()) else "not running: %s"
+                  % ", ".join(n for n, ok in sent.items() if not ok)})
+
+
+def serve_reload(sup, client, args):
+    sup.reload(client)
+
+
+def serve_reexec(sup, client, args):
+    sup.request_reexec("reexec command", client)
+
+
+def serve_log(sup, client, args):
+    name = args.get("name")
+    if not isinstance(name, str) or name not in sup.services:
+        client.reply({"ok": False, "error": "no such service: %s" % name})
+        return
+    n = max(0, int(args.get("n", 20)))
+    sink = sup.sink_for(name, "stdout") or sup.sink_for(name, "stderr")
+    if sink is not None:
+        lines = tail_file(sink.path, n)
+    else:
+        lines = list(sup.live[name].tail or ())[-n:] if n else []
+    follow = bool(args.get("follow"))
+    client.reply({"ok": True, "lines": lines}, keep_open=follow)
+    if follow:
+        sup.followers.setdefault(name, []).append(client)
+
+
+def serve_shutdown(sup, client, args):
+    client.reply({"ok": True}, keep_open=True)
+    sup.shutdown_clients.append(client)
+    sup.shutdown()
+
+
+REQUESTS = {
+    "status": serve_status, "start": serve_start, "stop": serve_stop, "restart": serve_restart,
+    "signal": serve_signal, "reload": serve_reload, "reexec": serve_reexec, "log": serve_log,
+    "shutdown": serve_shutdown,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -2636,7 +3329,7 @@ class FileWatch:
         if os.environ.get("RESPAWN_NO_INOTIFY") != "1":
             self.fd = self.inotify()
         if self.fd is None:
-            self.timer = sup.timers.at(monotonic() + 1.0, self.poll)
+            self.timer = sup.call_at(monotonic() + 1.0, self.poll)
 
     def inotify(self):
         # The folder is watched only for names created or renamed into it (a file
@@ -2659,7 +3352,7 @@ class FileWatch:
             return None
         self.fd = fd
         self.watch_files()
-        self.sup.selector.register(fd, selectors.EVENT_READ, self.on_inotify)
+        self.sup.watch_fd(fd, selectors.EVENT_READ, self.on_inotify)
         return fd
 
     def watch_files(self):
@@ -2685,8 +3378,8 @@ class FileWatch:
             if (os.path.join(watched, name) if name else watched) in self.paths:
                 hit = True
         if hit:
-            self.sup.timers.cancel(self.timer)
-            self.timer = self.sup.timers.at(monotonic() + 0.3, self.settle)
+            self.sup.cancel_timer(self.timer)
+            self.timer = self.sup.call_at(monotonic() + 0.3, self.settle)
 
     def settle(self):
         self.timer = None
@@ -2707,7 +3400,7 @@ class FileWatch:
             self.stats[p] = self.seen[p]
         # armed before the callback: a reload in it may close this watch, and
         # close() must be able to cancel the next poll
-        self.timer = self.sup.timers.at(monotonic() + 1.0, self.poll)
+        self.timer = self.sup.call_at(monotonic() + 1.0, self.poll)
         if settled:
             self.callback(settled)
 
@@ -2720,9 +3413,9 @@ class FileWatch:
             return None
 
     def close(self):
-        self.sup.timers.cancel(self.timer)
+        self.sup.cancel_timer(self.timer)
         if self.fd is not None:
-            self.sup.selector.unregister(self.fd)
+            self.sup.unwatch_fd(self.fd)
             os.close(self.fd)
             self.fd = None
 
@@ -2792,7 +3485,15 @@ def interpreter_flags():
 
 def handoff_fds(state):
     """Every fd a handoff state names: the old image keeps them across the exec,
-    the new one claims them.  Missing keys are fine (a state from an older release)."""
+    the new one claims them.  Format 2 lists them in one table; format 1 had
+    them in its parts (missing keys are fine: a state from an older release)."""
+    if state.get("format", 1) >= 2:
+        fds = state.get("fds") or {}
+        out = [fds.get(k) for k in ("listener", "lock", "client") if fds.get(k) is not None]
+        out += [p["fd"] for p in fds.get("pipes", ())]
+        out += [n[0] for n in (fds.get("notify") or {}).values()]
+        out += [c["fd"] for c in fds.get("clients", ())] + [w["fd"] for w in fds.get("waiters", ())]
+        return out
     fds = [p["fd"] for p in state.get("pipes", ())]
     fds += [s["notify"][0] for s in state.get("services", ()) if s.get("notify")]
     fds += [state.get(k) for k in ("listener", "lock", "client") if state.get(k) is not None]
@@ -2801,342 +3502,97 @@ def handoff_fds(state):
     return fds
 
 
-class ReexecMixin:
-    """The supervisor's side of re-execution: trigger, checks, exec, restore."""
+def encode_handoff(sup, pending, new_hash, client, t0=None):
+    """The state a re-exec hands over (format 2): each service's record (CARRIED,
+    only what differs from a new one: smaller is sooner), and one table of the
+    fds the new image takes over.  t0: when supervision paused for the handoff."""
+    import base64
+    services = []
+    for svc in sup.services.values():
+        fresh = vars(Service(svc.program))
+        entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != fresh[k]}
+        entry["name"] = svc.name
+        tail = sup.live[svc.name].tail
+        if tail:
+            entry["tail"] = list(tail)
+        if svc.want == FORGET:
+            # the new image types programs from the config text; a removed one,
+            # still stopping, is in no config any more
+            entry["program"] = dict(svc.program.raw)
+        services.append(entry)
+    fds = {
+        "listener": sup.listener.fileno() if sup.listener else None,
+        "lock": sup.lock_fd,
+        # the client that asked for this re-exec: answered by the new image
+        "client": client.sock.fileno() if client and client.sock else None,
+        # accepted, request not read in full yet: the new image answers them (risk 15)
+        "clients": [{"fd": c.sock.fileno(), "inbuf": base64.b64encode(c.inbuf).decode()}
+                    for c in sup.clients.values()
+                    if c.sock is not None and not c.closing and not c.streaming],
+        # start/restart requests waiting for their services to settle
+        "waiters": [{"fd": c.sock.fileno(), "cmd": cmd, "names": names}
+                    for c, cmd, names in sup.waiters if c.sock is not None],
+        "pipes": [dict({"fd": p.fd, "service": p.service, "stream": p.stream},
+                       **({"partial": base64.b64encode(p.partial).decode()} if p.partial else {}))
+                  for p in sup.pipes.values()],
+        "notify": {name: [live.notify[0].fileno(), live.notify[1]]
+                   for name, live in sup.live.items() if live.notify is not None},
+    }
+    return {
+        "format": HANDOFF_FORMAT, "version": __version__, "hash": sup.hash,
+        "new_hash": new_hash, "t0": monotonic() if t0 is None else t0, "started": sup.started,
+        "reexecs": sup.reexecs, "rejected_hash": sup.rejected_hash,
+        "config_path": sup.config.path, "config_files": sup.config.files,
+        "config_sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections},
+        "pending": list(pending), "script": sup.script, "argv": sup.argv,
+        "pidfile": sup.pidfile,
+        "helpers": sorted(set(sup.helpers) | sup.watcher.abandoned),
+        "services": services,
+        "fds": fds,
+    }
 
-    def setup_file_watch(self):
-        if self.file_watch:
-            self.file_watch.close()
-            self.file_watch = None
-        paths = []
-        if self.config.settings["watch_self"]:
-            paths.append(self.script)
-        if self.config.settings["watch_config"]:
-            paths.extend(self.config.files)
-        if paths:
-            self.file_watch = FileWatch(self, paths, self.on_files_changed)
 
-    def on_files_changed(self, paths):
-        if self.script in paths and self.config.settings["watch_self"]:
-            self.request_reexec("file changed")
-        if self.config.settings["watch_config"] and any(p in self.config.files for p in paths):
-            try:
-                texts = {p: _read_text(p) for p in self.config.files}
-            except (OSError, UnicodeDecodeError):
-                texts = None
-            if texts != self.config.files:
-                self.log("info", "the config changed on disk: reloading")
-                self.reload()
-
-    def request_reexec(self, why, client=None):
-        if self.reexec_busy or self.shutting_down:
-            if client:
-                client.reply({"ok": False, "error": "a re-exec or shutdown is already in progress"})
-            return
-        if self.waves:
-            # the stop waves still to run are not part of the handoff: finish them first
-            if client:
-                client.reply({"ok": False, "error": "a stop is in progress; try again when it is done"})
-            else:
-                self.log("info", "%s: re-exec postponed until the stop in progress is done" % why)
-                self.timers.at(monotonic() + 1.0, self.request_reexec, why)
-            return
-        fail = lambda msg: self.reexec_refused(msg, None, client)
-        try:
-            with open(self.script, "rb") as f:
-                code = f.read()
-        except OSError as exc:
-            return fail("cannot read %s: %s" % (self.script, exc.strerror))
-        new_hash = sha256(code).hexdigest()
-        # same bytes (a touch, a chmod): no new code, nothing to check or refuse
-        if client is None and why == "file changed" and new_hash in (self.hash, self.rejected_hash):
-            return
-        if os.geteuid() == 0:
-            problem = unsafe_path(self.script) or unsafe_path(sys.executable)
-            if problem:
-                return fail("refusing to re-execute as root: %s" % problem)
-        try:
-            self.reexec_code = (new_hash, compile(code, self.script, "exec", dont_inherit=True), code)
-        except (SyntaxError, ValueError) as exc:
-            return self.reexec_refused("new code does not compile: %s (line %s)"
-                                       % (getattr(exc, "msg", exc), getattr(exc, "lineno", "?")),
-                                       new_hash, client)
-        self.log("info", "%s: checking the new code (%s) before re-executing" % (why, new_hash[:12]))
-        import tempfile
-        # The trial parses the config and restores a snapshot of the real state in
-        # a dry run: a new file that would fail after the exec fails here instead.
-        try:
-            out = tempfile.TemporaryFile()
-            out.snapshot = snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
-            os.chmod(snapshot.name, 0o600)
-            snapshot.write(json.dumps(self.handoff_state([], new_hash, None)).encode())
-            snapshot.flush()
-        except OSError as exc:      # a full or read-only temporary folder
-            return fail("cannot write the trial's files in %s: %s" % (tempfile.gettempdir(), exc))
-        self.reexec_busy = True
-        self.reexec_client = client
-        try:
-            pid = spawn(Program("trial", {"command": (
-                sys.executable, "-I", self.script, "--handoff-selftest", snapshot.name,
-                "-c", self.config.path, "check", "--trial")}, {}), out.fileno(), out.fileno())
-        except SpawnError as exc:
-            snapshot.close()
-            out.close()
-            self.reexec_busy = False
-            return self.reexec_refused(str(exc), None, client)
-        self.helpers[pid] = "trial"
-        timer = self.timers.at(monotonic() + 30.0, kill_group_or_pid, pid, signal.SIGKILL, True)
-        self.watcher.watch(pid, lambda p, status: self.trial_done(p, status, out, timer, new_hash))
-
-    def shutdown(self):
-        # a trial check still running is pointless now, and must not outlive us
-        for pid, purpose in list(self.helpers.items()):
-            if purpose == "trial":
-                kill_group_or_pid(pid, signal.SIGKILL, True)
-        super().shutdown()
-
-    def reexec_refused(self, message, bad_hash, client):
-        self.log("error", "re-exec refused: %s; the running code keeps supervising" % message)
-        self.reexec_code = None
-        if bad_hash:
-            self.rejected_hash = bad_hash
-        if client:
-            client.reply({"ok": False, "error": message})
-
-    def trial_done(self, pid, status, out, timer, new_hash):
-        self.helpers.pop(pid, None)
-        self.timers.cancel(timer)
-        self.reexec_busy = False
-        client, self.reexec_client = self.reexec_client, None
-        out.seek(0)
-        text = out.read().decode("utf-8", "replace").strip().splitlines()
-        out.snapshot.close()
-        out.close()
-        if self.shutting_down:        # a stop request came first: it wins (research F9)
-            self.log("info", "re-exec abandoned: the supervisor is stopping")
-            if client:
-                client.reply({"ok": False, "error": "shutting down instead"})
-            return
-        if status != 0:
-            why = text[-1] if text else describe_exit(status)
-            return self.reexec_refused("the new code rejects the config or fails to start (%s): %s"
-                                       % (describe_exit(status), why), new_hash, client)
-        try:
-            now_hash = file_hash(self.script)
-        except OSError as exc:
-            return self.reexec_refused("cannot read %s: %s" % (self.script, exc.strerror), None, client)
-        if now_hash != new_hash:
-            self.log("info", "the file changed again during the check; checking again")
-            return self.request_reexec("file changed", client)
-        if self.waves:
-            # a stop began while the check ran: its waves are not handed over either
-            return self.request_reexec("the checked code", client)
-        self.exec_new_image(new_hash, client)
-
-    def exec_new_image(self, new_hash, client):
-        t0 = monotonic()
-        handled = {getattr(signal, n) for n in HANDLED_SIGNALS}
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-        pending, self.signals_due = self.signals_due + self.drain_wakeup(), []
-        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) for s in pending):
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            if client:
-                client.reply({"ok": False, "error": "shutting down instead"})
-            for s in pending:        # a stop request wins over the re-exec (research F9)
-                self.on_signal(s)
-            return
-        try:
-            self.leap(new_hash, client, pending, t0)          # returns only by raising
-        except Exception as exc:
-            why = ("exec of %s failed: %s" % (sys.executable, exc) if getattr(exc, "in_execv", False)
-                   else "the handoff failed: %s: %s" % (type(exc).__name__, exc))
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            self.reexec_refused(why, None, client)
-            for s in pending:
-                self.on_signal(s)
-
-    def leap(self, new_hash, client, pending, t0):
-        """Hand the state over and exec the new code.  If anything fails, every fd
-        it opened is closed again and the exception says whether execv failed."""
-        # what is waiting now, from the pipes that have something (one epoll_wait,
-        # not a read per pipe); what comes later waits in the pipe for the new image
-        ready = {key.fd for key, _ in self.selector.select(0)}
-        self.drain_pipes([pipe for fd, pipe in self.pipes.items() if fd in ready])
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        for follower_list in self.followers.values():
-            for follower in list(follower_list):
-                follower.send({"event": "reexec"})
-                follower.flush()
-        state = self.handoff_state(pending, new_hash, client, t0)
-        opened, kept = [], handoff_fds(state)
-        try:
-            state_fd = memfd("respawn-state", json.dumps(state).encode())
-            opened.append(state_fd)
-            rollback_fd = memfd("respawn-rollback", self.source or b"")
-            opened.append(rollback_fd)
-            try:
-                fcntl.fcntl(rollback_fd, getattr(fcntl, "F_ADD_SEALS", 1033), 0xF)
-            except OSError:
-                pass
-            args = [self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
-            checked, self.reexec_code = self.reexec_code, None
-            if checked is not None and checked[0] == new_hash:
-                argv, code_fd = loader_argv(checked[1], checked[2], args)
-                opened.append(code_fd)
-            else:
-                argv = [sys.executable] + interpreter_flags() + args
-            self.log("info", "re-executing %s" % self.script)
-            for fd in [state_fd, rollback_fd] + kept:
-                os.set_inheritable(fd, True)
-            try:
-                os.execv(sys.executable, argv)
-            except OSError as exc:
-                exc.in_execv = True
-                raise
-        except BaseException:
-            for fd in kept:
-                os.set_inheritable(fd, False)
-            for fd in opened:
-                os.close(fd)
-            raise
-
-    def handoff_state(self, pending, new_hash, client, t0=None):
-        """t0: when supervision paused for the handoff (the handoff time counts from it)."""
-        import base64
-        services = []
-        for svc in self.services.values():
-            # a value still as a new Service starts out is left out (the state is
-            # written and read inside the handoff: smaller is sooner)
-            fresh = vars(Service(svc.program))
-            entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != fresh[k]}
-            entry["name"] = svc.name
-            if svc.notify:
-                entry["notify"] = [svc.notify[0].fileno(), svc.notify[1]]
-            if svc.tail:
-                entry["tail"] = list(svc.tail)
-            if svc.removed:
-                # the new image types programs from the config text; a removed one,
-                # still stopping, is in no config any more
-                entry["removed"], entry["program"] = True, dict(svc.program.raw)
-            services.append(entry)
-        return {
-            "format": HANDOFF_FORMAT, "version": __version__, "hash": self.hash,
-            "new_hash": new_hash, "t0": monotonic() if t0 is None else t0, "started": self.started,
-            "reexecs": self.reexecs, "rejected_hash": self.rejected_hash,
-            "config_path": self.config.path, "config_files": self.config.files,
-            "config_sections": {"format": SECTIONS_FORMAT, "sections": self.config.sections},
-            "pending": list(pending), "script": self.script, "argv": self.argv,
-            "listener": self.listener.fileno() if self.listener else None,
-            "lock": self.lock_fd, "client": client.sock.fileno() if client and client.sock else None,
-            # accepted, request not read in full yet: the new image answers them (risk 15)
-            "clients": [{"fd": c.sock.fileno(), "inbuf": base64.b64encode(c.inbuf).decode()}
-                        for c in self.clients.values()
-                        if c.sock is not None and not c.closing and not c.streaming],
-            # start/restart requests waiting for their services to settle: answered
-            # by the new image
-            "waiters": [{"fd": c.sock.fileno(), "cmd": cmd, "names": names}
-                        for c, cmd, names in self.waiters if c.sock is not None],
-            "pidfile": self.pidfile,
-            "helpers": list(self.helpers),
-            "pipes": [dict({"fd": p.fd, "service": p.service, "stream": p.stream},
-                           **({"partial": base64.b64encode(p.partial).decode()} if p.partial else {}))
-                      for p in self.pipes.values()],
-            "services": services,
-        }
-
-    def restore_data(self, state):
-        """The plain part of the state: what a trial run checks before the exec."""
-        self.started = state.get("started", self.started)
-        self.reexecs = state.get("reexecs", 0) + 1
-        self.reexeced = time.time()
-        self.rejected_hash = state.get("rejected_hash")
-        self.pidfile = state.get("pidfile")
-        if self.hash != state.get("new_hash"):
-            # we are the previous code, rolled back to: the new file is bad
-            self.rejected_hash = state.get("new_hash")
-        for entry in state.get("services", ()):
-            svc = self.services.get(entry.get("name"))
-            if svc is None and entry.get("removed") and entry.get("pid"):
-                # removed by a reload and still stopping: not in the config any more,
-                # but its process is ours to kill at stopwaitsecs and to reap
-                raw = entry.get("program") or {}
-                try:
-                    values = {k: PROGRAM_KEYS[k][0](v) for k, v in raw.items() if k in PROGRAM_KEYS}
-                except ValueError:
-                    values = {}
-                if "command" in values:
-                    svc = self.services[entry["name"]] = Service(Program(entry["name"], values, raw))
-            if svc is None:
-                continue
-            for key in Service.CARRIED:
-                if key in entry:
-                    setattr(svc, key, entry[key])
-            svc.removed = entry.get("removed", False)
-            if entry.get("tail"):
-                from collections import deque
-                svc.tail = deque(entry["tail"], maxlen=TAIL_LINES)
-
-    def restore(self, state):
-        """The new image takes over: services, pipes, sockets, timers (one pass)."""
-        import base64
-        now = monotonic()
-        self.restore_data(state)
-        if state.get("listener") is not None:
-            self.adopt_listener(socket.socket(fileno=state["listener"]))
-        self.lock_fd = state.get("lock")
-        for pid in state.get("helpers", ()):
-            self.helpers[pid] = "old helper"
-            self.watcher.watch(pid, lambda p, s: self.helpers.pop(p, None))
-        for entry in state.get("services", ()):
-            svc = self.services.get(entry.get("name"))
-            if svc is not None and entry.get("notify"):
-                fd, address = entry["notify"]
-                self.adopt_notify(svc, socket.socket(fileno=fd), address)
-        for p in state.get("pipes", ()):
-            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", ""))))
-        for svc in self.services.values():
-            if svc.pid is not None:
-                try:
-                    os.waitid(os.P_PID, svc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                except ChildProcessError:
-                    self.log("error", "pid %d is no longer our child" % svc.pid, svc.name)
-                    svc.pid = None
-                    self.after_exit(svc, None, "lost during re-exec")
-                    continue
-                self.watcher.watch(svc.pid, lambda pid, status, svc=svc: self.on_child_exit(pid, status, svc))
-            self.rearm(svc, now)
+def decode_handoff(state, programs, now):
+    """A handoff state of any format we read, as format 2.  Format 1 (respawn
+    1.0.0) kept fds beside what they belong to, and meanings in flags and timer
+    callbacks: both are made explicit here, so restore knows one format."""
+    fmt = state.get("format", 1)
+    if fmt > HANDOFF_FORMAT:
+        raise ValueError("state format %s is newer than this code" % fmt)
+    if fmt >= 2:
         return state
+    state = dict(state)
+    services = []
+    notify = {}
+    for entry in state.get("services", ()):
+        name = entry.get("name")
+        prog = programs.get(name)
+        if prog is None and entry.get("removed"):
+            raw = entry.get("program") or {}
+            try:
+                prog = Program(name, {k: PROGRAM_KEYS[k][0](v) for k, v in raw.items()
+                                      if k in PROGRAM_KEYS}, raw)
+            except ValueError:
+                prog = None
+        if entry.get("notify"):
+            notify[name] = entry["notify"]
+        if prog is None:
+            continue
+        new = record_from_format1(entry, prog, now)
+        new["name"] = name
+        for key in ("tail", "program"):
+            if key in entry:
+                new[key] = entry[key]
+        services.append(new)
+    state["services"] = services
+    state["fds"] = {
+        "listener": state.pop("listener", None), "lock": state.pop("lock", None),
+        "client": state.pop("client", None), "clients": state.pop("clients", []),
+        "waiters": state.pop("waiters", []), "pipes": state.pop("pipes", []), "notify": notify,
+    }
+    state["format"] = HANDOFF_FORMAT
+    return state
 
-    def rearm(self, svc, now):
-        """Timers from the carried absolute monotonic deadlines (research F15)."""
-        when = svc.deadline
-        if svc.state == BACKOFF and when is not None:
-            self.arm(svc, when, self.backoff_over)
-        elif svc.state == STOPPING and when is not None:
-            self.arm(svc, when, self.stop_timeout)
-        elif svc.state == STARTING and svc.alive():
-            if svc.program.ready[0] == "none":
-                self.arm(svc, when if when is not None else now, self.became_ready)
-            else:
-                self.arm(svc, when if when is not None else now, self.ready_timeout)
-                if svc.program.ready[0] in ("tcp", "exec"):
-                    self.schedule_probe(svc, now, ready=True)
-        elif svc.state == RUNNING and svc.alive():
-            if svc.program.healthcheck:
-                at = svc.health_at if svc.health_at is not None else now
-                svc.health_timer = self.timers.at(at, self.run_probe, svc, svc.program.healthcheck,
-                                                  False, svc.program.healthcheck_interval,
-                                                  svc.program.healthcheck_interval)
-            if svc.program.watchdog and svc.watchdog_at is not None:
-                self.arm_watchdog(svc, svc.watchdog_at)
-
-
-class RespawnSupervisor(ControlMixin, ReexecMixin, Supervisor):
-    """The supervisor with its control socket and its re-execution."""
 
 
 # ---------------------------------------------------------------------------
@@ -3346,7 +3802,7 @@ def cmd_run(args, config_path, script, source):
             os.write(report, message.encode())
         sys.stderr.write(message + "\n")
         return EXIT_FAIL
-    sup = RespawnSupervisor(config, script, ["-c", config.path, "run"], source)
+    sup = Supervisor(config, script, ["-c", config.path, "run"], source)
     sup.lock_fd = lock_fd
     sup.pidfile = config.settings["pidfile"]
     try:
@@ -3366,7 +3822,7 @@ def cmd_run(args, config_path, script, source):
     sup.setup_file_watch()
     sup.log("info", "respawn %s (pid %d) supervising %d services from %s; control socket %s; %s"
             % (__version__, os.getpid(), len(sup.services), config.path, sock_path,
-               "pidfds" if isinstance(sup.watcher, PidfdWatcher) else "SIGCHLD + waitpid"))
+               sup.watcher.description))
     # systemd's socket is ours, not our services' (sd_notify's unset_environment):
     # a service must not tell systemd it is ready, or stopping, in our name
     sup.notify_parent = os.environ.pop("NOTIFY_SOCKET", None)
@@ -3408,15 +3864,13 @@ def resume(args, script, source):
     claimed = {fd, args.rollback} | set(handoff_fds(state))
     _close_strays(claimed)
     try:
-        if state.get("format", 1) > HANDOFF_FORMAT:
-            raise ValueError("state format %s is newer than this code" % state.get("format"))
         files = state["config_files"]
         carried = state.get("config_sections") or {}
         config = load_config(state["config_path"], read=lambda p: files[p] if p in files else _read_text(p),
                              carried={"files": files, "sections": carried["sections"]}
                              if carried.get("format") == SECTIONS_FORMAT else None)
-        sup = RespawnSupervisor(config, state["script"], state["argv"], source)
-        sup.restore(state)
+        sup = Supervisor(config, state["script"], state["argv"], source)
+        state = sup.restore(state)
     except Exception as exc:      # anything at all: the old code takes over again
         if args.rollback is not None and os.environ.get("RESPAWN_ROLLED_BACK") != state.get("new_hash"):
             sys.stderr.write("respawn: restore failed (%s: %s); rolling back to the previous code\n"
@@ -3449,19 +3903,9 @@ def resume(args, script, source):
     sup.watcher.sweep()
     for signum in state.get("pending", ()):
         sup.timers.at(0, sup.on_signal, signum)
-    for entry in state.get("clients", ()):
-        import base64
-        ControlClient(sup, socket.socket(fileno=entry["fd"])).inbuf = base64.b64decode(entry["inbuf"])
-    for entry in state.get("waiters", ()):
-        client = ControlClient(sup, socket.socket(fileno=entry["fd"]))
-        client.closing = True             # its request was read by the old image
-        sup.timers.cancel(client.timer)
-        client.timer = None
-        sup.waiters.append((client, entry["cmd"], entry["names"]))
-    if sup.waiters:
-        sup.check_waiters()
-    if state.get("client") is not None:
-        client = ControlClient(sup, socket.socket(fileno=state["client"]))
+    sup.resume_clients(state)
+    if state["fds"].get("client") is not None:
+        client = ControlClient(sup, socket.socket(fileno=state["fds"]["client"]))
         client.closing = True
         client.reply({"ok": sup.rejected_hash != state.get("new_hash") or sup.hash == state.get("new_hash"),
                       "pid": os.getpid(), "version": __version__, "hash": sup.hash,
@@ -3759,7 +4203,7 @@ def main(argv=None, code=None):
             files = state["config_files"]
             config = load_config(state["config_path"],
                                  read=lambda p: files[p] if p in files else _read_text(p))
-            RespawnSupervisor(config, state["script"], state["argv"], source).restore_data(state)
+            Supervisor(config, state["script"], state["argv"], source).restore_data(state)
         except ConfigErrors as exc:
             print_problems(exc, sys.stdout)
             return EXIT_CONFIG
@@ -3790,3 +4234,4 @@ def main(argv=None, code=None):
 
 if __name__ == "__main__":
     sys.exit(main(code=sys._getframe().f_code))
+

@@ -10,6 +10,7 @@ under deadlines, never on bare sleeps, and every test kills what it started.
 
 import errno
 import grp
+import itertools
 import selectors
 import threading
 import random
@@ -850,24 +851,74 @@ class TestCoreConfig(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Service policy: a fake clock, no processes
+# Service policy: step() with a fake clock, no processes
 # ---------------------------------------------------------------------------
 
-def failed_starts_until_fatal(prog, limit=10000, rand=lambda: 0.5):
-    """Run the policy on a service whose every start fails at once; the number of
-    starts until FATAL (None if not FATAL within limit) and the delays."""
-    svc = respawn.Service(prog)
-    now, delays = 1000.0, []
+R = respawn
+
+
+class World:
+    """One service under the policy alone: events in, effects out, time by hand."""
+
+    def __init__(self, rand=lambda: 0.5, blockers=None, **values):
+        self.svc = R.Service(program(**values))
+        self.ctx = R.Context(blockers=blockers or (lambda svc: []), rand=rand)
+        self.now = 1000.0
+        self.pids = itertools.count(100)
+        self.log = []
+
+    def feed(self, event):
+        effects = R.step(self.svc, event, self.now, self.ctx)
+        self.log.extend(effects)
+        return effects
+
+    def later(self, seconds):
+        self.now += seconds
+
+    def spawned(self, effects):
+        """Answer a Spawn effect the way the supervisor does."""
+        assert R.Spawn() in effects, effects
+        return self.feed(R.Spawned(next(self.pids), 0.0))
+
+    def start(self):
+        return self.spawned(self.feed(R.Want(R.UP)))
+
+    def running(self):
+        """Started and ready (ready = none: alive for startsecs)."""
+        self.start()
+        if self.svc.state == R.STARTING:
+            self.later(self.svc.program.startsecs)
+            self.feed(R.Deadline("startsecs"))
+        assert self.svc.state == R.RUNNING, self.svc.state
+        return self.svc.pid
+
+    def due(self, effects, what):
+        """The time an Arm effect set for `what`."""
+        arms = [e.when for e in effects if isinstance(e, R.Arm) and e.what == what]
+        assert arms, "no Arm(%s) in %s" % (what, effects)
+        return arms[-1]
+
+    def logged(self, text):
+        return [e.message for e in self.log if isinstance(e, R.Log) and text in e.message]
+
+
+def failed_starts_until_fatal(prog_values, limit=10000, rand=lambda: 0.5):
+    """A service whose every start fails at once: the number of starts until
+    FATAL (None if not FATAL within limit) and the backoff delays."""
+    w = World(rand=rand, **prog_values)
+    delays = []
+    effects = w.feed(R.Want(R.UP))
     for start in range(1, limit + 1):
-        svc.state, svc.started_mono = respawn.STARTING, now
-        now += 0.01                                   # dies long before startsecs
-        state, delay = respawn.decide_exit(svc, 1, now, rand)
-        if state == respawn.FATAL:
+        w.spawned(effects)
+        w.later(0.01)                                 # dies long before startsecs
+        effects = w.feed(R.Exited(1))
+        if w.svc.state == R.FATAL:
             return start, delays
-        assert state == respawn.BACKOFF, state
+        assert w.svc.state == R.BACKOFF, w.svc.state
+        delay = w.due(effects, "backoff_over") - w.now
         delays.append(delay)
-        svc.state = respawn.BACKOFF
-        now += delay
+        w.later(delay)
+        effects = w.feed(R.Deadline("backoff_over"))
     return None, delays
 
 
@@ -888,58 +939,122 @@ class TestCorePolicy(unittest.TestCase):
     def test_startretries_n_means_n_more_attempts(self):
         for n in (0, 1, 3, 7):
             with self.subTest(startretries=n):
-                starts, delays = failed_starts_until_fatal(program(startretries=n, backoff=1.0,
-                                                                   backoff_max=100.0))
+                starts, delays = failed_starts_until_fatal(dict(startretries=n, backoff=1.0,
+                                                                backoff_max=100.0))
                 self.assertEqual(starts, n + 1)
                 self.assertEqual(len(delays), n)
                 # exponential: 1, 2, 4, ... each drawn at 0.75 of d
-                self.assertEqual(delays, [0.75 * 2 ** i for i in range(n)])
+                for got, want in zip(delays, [0.75 * 2 ** i for i in range(n)]):
+                    self.assertAlmostEqual(got, want)
 
     def test_startretries_zero_is_fatal_at_first_failure(self):
-        svc = respawn.Service(program(startretries=0))
-        svc.state, svc.started_mono = respawn.STARTING, 0.0
-        self.assertEqual(respawn.decide_exit(svc, 1, 0.1), (respawn.FATAL, None))
-        self.assertEqual(svc.failures, 1)
-        self.assertEqual(svc.exitstatus, 1)
+        w = World(startretries=0)
+        w.start()
+        w.later(0.1)
+        effects = w.feed(R.Exited(1))
+        self.assertEqual(w.svc.state, R.FATAL)
+        self.assertIn(R.StateChanged(R.STARTING, R.FATAL), effects)
+        self.assertEqual(w.svc.failures, 1)
+        self.assertEqual(w.svc.exitstatus, 1)
+        self.assertIn("gave up after 1 failed starts", w.svc.reason)
+        self.assertNotIn(R.ExitOnFatal(), effects)
+
+    def test_exit_on_fatal_asks_to_stop_everything(self):
+        w = World(startretries=0)
+        w.ctx.exit_on_fatal = True
+        w.start()
+        self.assertIn(R.ExitOnFatal(), w.feed(R.Exited(1)))
 
     def test_forever_never_gives_up_and_is_capped(self):
-        prog = program(startretries=None, backoff=0.1, backoff_max=5.0)
-        starts, delays = failed_starts_until_fatal(prog, limit=2000, rand=lambda: 1.0)
+        values = dict(startretries=None, backoff=0.1, backoff_max=5.0)
+        starts, delays = failed_starts_until_fatal(values, limit=2000, rand=lambda: 1.0)
         self.assertIsNone(starts)
         self.assertEqual(len(delays), 2000)
-        self.assertEqual(max(delays), 5.0)
-        self.assertEqual(delays[-1], 5.0)
+        self.assertAlmostEqual(max(delays), 5.0)
+        self.assertAlmostEqual(delays[-1], 5.0)
         self.assertAlmostEqual(delays[0], 0.1)
-        _, low = failed_starts_until_fatal(prog, limit=300, rand=lambda: 0.0)
-        self.assertEqual(low[-1], 2.5)
+        _, low = failed_starts_until_fatal(values, limit=300, rand=lambda: 0.0)
+        self.assertAlmostEqual(low[-1], 2.5)
+
+    def test_a_spawn_that_fails_is_a_failed_start(self):
+        w = World(startretries=1, backoff=2.0)
+        effects = w.feed(R.Want(R.UP))
+        effects = w.feed(R.SpawnFailed("command 'nope' not found"))
+        self.assertEqual(w.svc.state, R.BACKOFF)
+        self.assertEqual(w.svc.failures, 1)
+        self.assertIn(R.Log("error", "command 'nope' not found"), effects)
+        self.assertEqual(w.due(effects, "backoff_over"), w.now + 1.5)
+        w.later(1.5)
+        self.assertIn(R.Spawn(), w.feed(R.Deadline("backoff_over")))
+        w.feed(R.SpawnFailed("command 'nope' not found"))
+        self.assertEqual(w.svc.state, R.FATAL)
 
     def test_a_good_run_restarts_at_once_and_resets_failures(self):
-        svc = respawn.Service(program(startsecs=1.0, startretries=3))
-        svc.failures = 3                  # three failed starts before this good one
-        svc.state, svc.started_mono = respawn.RUNNING, 100.0
-        self.assertEqual(respawn.decide_exit(svc, 1, 101.5), (respawn.RUNNING, 0.0))
-        self.assertEqual(svc.failures, 0)
+        w = World(startsecs=1.0, startretries=3, rand=lambda: 1.0)
+        w.svc.failures = 3                    # three failed starts before this good one
+        w.running()
+        self.assertEqual(w.svc.failures, 0)   # reset as the start succeeded
+        w.later(0.5)
+        effects = w.feed(R.Exited(1))
+        self.assertIn(R.Spawn(), effects)     # restarted at once
+        self.assertNotIn(R.BACKOFF, [e.new for e in effects if isinstance(e, R.StateChanged)])
+        self.assertEqual(w.svc.restarts, 1)
+        self.assertEqual(w.logged("exit 1 after 0:00:01; restarting"), ["exit 1 after 0:00:01; restarting"])
         # and the next failure starts the count (and the backoff) over
-        svc.state, svc.started_mono = respawn.STARTING, 102.0
-        self.assertEqual(respawn.decide_exit(svc, 1, 102.1, lambda: 1.0), (respawn.BACKOFF, 1.0))
-        self.assertEqual(svc.failures, 1)
+        w.spawned(effects)
+        w.later(0.1)
+        effects = w.feed(R.Exited(1))
+        self.assertEqual(w.svc.state, R.BACKOFF)
+        self.assertEqual(w.due(effects, "backoff_over"), w.now + 1.0)
+        self.assertEqual(w.svc.failures, 1)
 
     def test_a_short_run_is_a_failed_start(self):
-        svc = respawn.Service(program(startsecs=2.0, startretries=3, backoff=0.5))
-        svc.state, svc.started_mono = respawn.RUNNING, 0.0
-        state, delay = respawn.decide_exit(svc, 0, 1.0, lambda: 0.0)
-        self.assertEqual((state, delay), (respawn.BACKOFF, 0.25))
-        self.assertEqual(svc.failures, 1)
+        w = World(startsecs=2.0, startretries=3, backoff=0.5, rand=lambda: 0.0)
+        w.svc.program.ready = ("tcp", ("127.0.0.1", 1))
+        w.start()
+        w.feed(R.ProbeDone("ready", True, None))      # ready, but before startsecs
+        self.assertEqual(w.svc.state, R.RUNNING)
+        w.later(1.0)
+        effects = w.feed(R.Exited(0))
+        self.assertEqual(w.svc.state, R.BACKOFF)
+        self.assertEqual(w.due(effects, "backoff_over"), w.now + 0.25)
+        self.assertEqual(w.svc.failures, 1)
         # alive long enough but never ready (still STARTING): failed too
-        svc = respawn.Service(program(startsecs=1.0))
-        svc.state, svc.started_mono = respawn.STARTING, 0.0
-        self.assertEqual(respawn.decide_exit(svc, 0, 50.0)[0], respawn.BACKOFF)
+        w = World(startsecs=1.0)
+        w.svc.program.ready = ("notify", None)
+        w.start()
+        w.later(50.0)
+        w.feed(R.Exited(0))
+        self.assertEqual(w.svc.state, R.BACKOFF)
+
+    def test_failed_starts_reset_when_a_start_succeeds_even_before_an_exit(self):
+        w = World(startsecs=2.0)
+        w.svc.program.ready = ("tcp", ("127.0.0.1", 1))
+        w.svc.failures = 2
+        w.start()
+        effects = w.feed(R.ProbeDone("ready", True, None))
+        self.assertEqual(w.svc.failures, 2)                   # ready, startsecs not reached
+        self.assertEqual(w.due(effects, "started"), w.svc.started_mono + 2.0)
+        w.later(2.0)
+        w.feed(R.Deadline("started"))
+        self.assertEqual(w.svc.failures, 0)
+        # so a failed start after a good run waits d with n = 1
+        w.later(100.0)
+        w.feed(R.Want("restart"))
+        w.feed(R.Stop("stopped"))
+        effects = w.spawned(w.feed(R.Exited(0)))
+        w.later(0.1)
+        effects = w.feed(R.Exited(1))
+        self.assertEqual(w.svc.failures, 1)
+        self.assertEqual(w.due(effects, "backoff_over"), w.now + 0.75)
 
     def test_autorestart_false_and_unexpected(self):
         def after_good_run(status, **values):
-            svc = respawn.Service(program(startsecs=1.0, **values))
-            svc.state, svc.started_mono = respawn.RUNNING, 0.0
-            return respawn.decide_exit(svc, status, 10.0)[0]
+            w = World(startsecs=1.0, **values)
+            w.running()
+            w.later(10.0)
+            effects = w.feed(R.Exited(status))
+            return R.RUNNING if R.Spawn() in effects else w.svc.state
         self.assertEqual(after_good_run(0, autorestart=True), respawn.RUNNING)
         self.assertEqual(after_good_run(0, autorestart=False), respawn.EXITED)
         self.assertEqual(after_good_run(3, autorestart=False), respawn.EXITED)
@@ -953,31 +1068,316 @@ class TestCorePolicy(unittest.TestCase):
     def test_one_shot_with_expected_code_is_exited_not_failed(self):
         for autorestart in (False, "unexpected"):
             with self.subTest(autorestart=autorestart):
-                svc = respawn.Service(program(startsecs=5.0, autorestart=autorestart,
-                                              exitcodes=frozenset([0, 4]), startretries=0))
-                svc.state, svc.started_mono = respawn.STARTING, 0.0
-                self.assertEqual(respawn.decide_exit(svc, 4, 0.01), (respawn.EXITED, None))
-                self.assertEqual(svc.failures, 0)
-                svc.state = respawn.EXITED       # and `status` does not count it as down
-                self.assertTrue(respawn.should_be_running(svc))
+                w = World(startsecs=5.0, autorestart=autorestart, exitcodes=frozenset([0, 4]),
+                          startretries=0)
+                w.start()
+                w.later(0.01)
+                w.feed(R.Exited(4))
+                self.assertEqual(w.svc.state, R.EXITED)
+                self.assertEqual(w.svc.failures, 0)
+                self.assertTrue(respawn.should_be_running(w.svc))     # status does not count it as down
                 # an unexpected code that fast is a failed start (startretries 0: FATAL)
-                svc.state, svc.started_mono = respawn.STARTING, 1.0
-                self.assertEqual(respawn.decide_exit(svc, 1, 1.01), (respawn.FATAL, None))
-        # a start we killed (ready_timeout) is a failure whatever its code
-        svc = respawn.Service(program(startsecs=5.0, autorestart=False))
-        svc.state, svc.started_mono, svc.failing = respawn.STOPPING, 0.0, "not ready within 1s"
-        self.assertEqual(respawn.decide_exit(svc, 0, 2.0)[0], respawn.BACKOFF)
+                w.start()
+                w.later(0.01)
+                w.feed(R.Exited(1))
+                self.assertEqual(w.svc.state, R.FATAL)
+
+    def test_ready_timeout_kills_and_counts_a_failed_start(self):
+        w = World(startsecs=1.0, autorestart=False, ready_timeout=3.0, stopwaitsecs=4.0)
+        w.svc.program.ready = ("notify", None)
+        effects = w.start()
+        self.assertEqual(w.due(effects, "ready_timeout"), w.now + 3.0)
+        w.later(3.0)
+        pid = w.svc.pid
+        effects = w.feed(R.Deadline("ready_timeout"))
+        self.assertEqual(w.svc.state, R.STOPPING)
+        self.assertIn(R.Signal(pid, signal.SIGTERM, True), effects)
+        self.assertIn(R.Log("warn", "not ready within 3s"), effects)
+        self.assertEqual(w.due(effects, "stop_timeout"), w.now + 4.0)
+        w.later(0.2)
+        effects = w.feed(R.Exited(0))     # a start we killed is a failure whatever its code
+        self.assertEqual(w.svc.state, R.BACKOFF)
+        self.assertEqual(w.svc.failures, 1)
+        self.assertEqual(w.svc.reason, "not ready within 3s")
+
+    def test_ready_probe_retries_until_ready(self):
+        w = World(startsecs=0.0)
+        w.svc.program.ready = ("exec", ("true",))
+        effects = w.start()
+        self.assertEqual(w.svc.state, R.STARTING)
+        w.later(w.due(effects, "probe") - w.now)
+        self.assertEqual(w.feed(R.Deadline("probe")), [R.StartProbe("ready")])
+        effects = w.feed(R.ProbeDone("ready", False, "exit 1"))
+        self.assertEqual(w.due(effects, "probe"), w.now + 0.1)
+        effects = w.feed(R.ProbeDone("ready", True, None))
+        self.assertEqual(w.svc.state, R.RUNNING)
+        self.assertTrue(w.svc.ready)
+        self.assertIn(R.CancelProbes(), effects)
+        self.assertIsNone(w.svc.probe_at)
+        # READY=1 too, for ready = notify
+        w = World(startsecs=0.0)
+        w.svc.program.ready = ("notify", None)
+        w.start()
+        effects = w.feed(R.NotifyMessage({"READY": "1", "STATUS": "up"}))
+        self.assertEqual(w.svc.state, R.RUNNING)
+        self.assertEqual(w.svc.status_text, "up")
+        self.assertIn(R.Log("info", "READY=1"), effects)
+
+    def test_a_crash_loop_backs_off_in_backoff_and_never_goes_fatal(self):
+        w = World(startsecs=1.0, startretries=0, backoff=1.0, backoff_max=8.0, backoff_reset=60.0)
+        w.running()
+        w.later(5.0)
+        self.assertIn(R.Spawn(), w.feed(R.Exited(1)))       # the first: at once
+        delays = []
+        for n in range(1, 7):
+            w.spawned([R.Spawn()])
+            w.later(1.0)
+            w.feed(R.Deadline("startsecs"))
+            w.later(2.0)                                     # ran past startsecs, then crashed
+            effects = w.feed(R.Exited(1))
+            self.assertEqual(w.svc.state, R.BACKOFF)         # so status exits 3
+            self.assertFalse(R.should_be_running(w.svc))
+            self.assertEqual(w.svc.unplanned, n)
+            delays.append(w.due(effects, "backoff_over") - w.now)
+            w.later(delays[-1])
+            self.assertIn(R.Spawn(), w.feed(R.Deadline("backoff_over")))
+        self.assertEqual(delays, [0.75, 1.5, 3.0, 6.0, 6.0, 6.0])
+        self.assertEqual(w.svc.failures, 0)                  # never a failed start, never FATAL
+        self.assertEqual(len(w.logged("unplanned restart")), 6)
+        self.assertIn("exit 1 after 0:00:03; unplanned restart 1 within 60s, restarting in 0.75s",
+                      w.logged("unplanned restart")[0])
+        # a stable run (longer than backoff_reset) makes the next one immediate again
+        w.spawned([R.Spawn()])
+        w.later(1.0)
+        w.feed(R.Deadline("startsecs"))
+        w.later(60.0)
+        self.assertIn(R.Spawn(), w.feed(R.Exited(1)))
+        self.assertEqual(w.svc.unplanned, 0)
+
+    def test_backoff_reset_zero_is_always_immediate(self):
+        w = World(startsecs=0.0, backoff_reset=0.0)
+        w.running()
+        for _ in range(50):
+            effects = w.feed(R.Exited(-9))
+            self.assertIn(R.Spawn(), effects)
+            w.spawned(effects)
+        self.assertEqual(w.svc.restarts, 50)
+        self.assertEqual(w.svc.state, R.RUNNING)
+
+    def test_failing_healthcheck_restarts_by_the_unplanned_schedule(self):
+        w = World(startsecs=0.0, healthcheck_interval=10.0, healthcheck_failures=3, backoff=4.0,
+                  backoff_reset=60.0)
+        w.svc.program.healthcheck = ("exec", ("false",))
+        states = []
+        w.running()
+        for restart in range(3):
+            self.assertEqual(w.svc.health_at, w.now + 10.0)
+            for check in range(1, 4):
+                w.later(10.0)
+                self.assertEqual(w.feed(R.Deadline("health")), [R.StartProbe("health")])
+                effects = w.feed(R.ProbeDone("health", False, "false exited with exit 1"))
+            pid = w.svc.pid
+            self.assertEqual(w.svc.state, R.STOPPING)
+            self.assertIn(R.Signal(pid, signal.SIGTERM, True), effects)
+            w.later(0.1)
+            effects = w.feed(R.Exited(-15))
+            states.append(w.svc.state)
+            if w.svc.state == R.BACKOFF:
+                w.later(w.due(effects, "backoff_over") - w.now)
+                effects = w.feed(R.Deadline("backoff_over"))
+            w.spawned(effects)
+        # the first immediate, then BACKOFF: never every interval forever
+        self.assertEqual(states, [R.STOPPED, R.BACKOFF, R.BACKOFF])
+        self.assertEqual(len(w.logged("restarting: healthcheck failed 3 times")), 3)
+
+    def test_a_passing_check_resets_the_count(self):
+        w = World(startsecs=0.0, healthcheck_interval=5.0, healthcheck_failures=2)
+        w.svc.program.healthcheck = ("tcp", ("127.0.0.1", 1))
+        w.running()
+        for ok in (False, True, False, True, False):
+            w.feed(R.ProbeDone("health", ok, "refused"))
+        self.assertEqual(w.svc.state, R.RUNNING)
+        self.assertEqual(w.svc.health_failures, 1)
+
+    def test_watchdog_silence_and_trigger_restart(self):
+        w = World(startsecs=0.0, watchdog=2.0)
+        w.svc.program.ready = ("notify", None)
+        w.start()
+        effects = w.feed(R.NotifyMessage({"READY": "1"}))
+        self.assertEqual(w.due(effects, "watchdog"), w.now + 2.0)
+        w.later(1.5)
+        effects = w.feed(R.NotifyMessage({"WATCHDOG": "1"}))
+        self.assertEqual(w.due(effects, "watchdog"), w.now + 2.0)
+        w.later(2.0)
+        effects = w.feed(R.Deadline("watchdog"))
+        self.assertEqual(w.svc.state, R.STOPPING)
+        self.assertIn("restarting: watchdog: no WATCHDOG=1 for 2s", w.logged("restarting"))
+        self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))
+        w.spawned([R.Spawn()])
+        w.feed(R.NotifyMessage({"READY": "1"}))
+        w.feed(R.NotifyMessage({"WATCHDOG": "trigger"}))
+        self.assertEqual(w.svc.state, R.STOPPING)
+        w.feed(R.Exited(-15))
+        self.assertEqual(w.svc.state, R.BACKOFF)          # within backoff_reset of the first
+
+    def test_probes_and_exits_share_one_schedule(self):
+        w = World(startsecs=0.0, healthcheck_failures=1, backoff=2.0)
+        w.svc.program.healthcheck = ("tcp", ("127.0.0.1", 1))
+        w.running()
+        w.feed(R.ProbeDone("health", False, "refused"))
+        self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))    # health restart: immediate
+        w.spawned([R.Spawn()])
+        w.later(5.0)
+        w.feed(R.Exited(1))                                # a crash soon after: backs off
+        self.assertEqual(w.svc.state, R.BACKOFF)
+        self.assertEqual(w.svc.unplanned, 1)
+
+    def test_stop_signals_then_kills_at_stopwaitsecs(self):
+        w = World(startsecs=0.0, stopwaitsecs=5.0, stopsignal=signal.SIGINT, stopasgroup=False)
+        pid = w.running()
+        effects = w.feed(R.Stop("stopped"))
+        self.assertEqual(w.svc.state, R.STOPPING)
+        self.assertEqual([e for e in effects if isinstance(e, R.Signal)],
+                         [R.Signal(pid, signal.SIGINT, False), R.Signal(pid, signal.SIGCONT, False)])
+        self.assertEqual(w.feed(R.Stop("again")), [])          # once
+        w.later(5.0)
+        self.assertEqual(w.feed(R.Deadline("stop_timeout")), [R.Kill()])
+        effects = w.feed(R.Exited(-9))
+        self.assertIn(R.Signal(pid, signal.SIGKILL, True), effects)   # no grandchild survives
+        self.assertEqual(w.svc.state, R.STOPPED)
+        # a service in BACKOFF or waiting is simply STOPPED by its wave
+        w = World()
+        w.feed(R.Want(R.UP))
+        w.feed(R.SpawnFailed("no"))
+        w.feed(R.Want(R.DOWN))
+        effects = w.feed(R.Stop("stopped"))
+        self.assertEqual(w.svc.state, R.STOPPED)
+        self.assertIn(R.Arm("backoff_over", None), effects)
+
+    def test_operator_stop_start_and_restart(self):
+        w = World(startsecs=1.0, startretries=0)
+        w.start()
+        w.feed(R.Exited(1))
+        self.assertEqual(w.svc.state, R.FATAL)
+        self.assertIn(R.Spawn(), w.feed(R.Want(R.UP, True)))      # a fresh try after FATAL
+        self.assertEqual(w.svc.failures, 0)
+        w.spawned([R.Spawn()])
+        w.feed(R.Want("restart"))
+        self.assertEqual(w.svc.then, R.THEN_START)
+        w.feed(R.Stop("stopped"))
+        self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))
+        w.spawned([R.Spawn()])
+        self.assertEqual(w.svc.restarts, 1)
+        w.feed(R.Want(R.DOWN))
+        w.feed(R.Stop("stopped"))
+        self.assertNotIn(R.Spawn(), w.feed(R.Exited(-15)))
+        self.assertEqual(w.svc.state, R.STOPPED)
+        self.assertTrue(R.should_be_running(w.svc))              # stopped by the operator
+
+    def test_shutdown_restarts_nothing(self):
+        w = World(startsecs=0.0)
+        w.running()
+        w.feed(R.Want("restart"))
+        w.ctx.shutting_down = True
+        w.feed(R.Shutdown())
+        w.feed(R.Stop("stopped"))
+        self.assertNotIn(R.Spawn(), w.feed(R.Exited(-15)))
+        self.assertEqual(w.svc.state, R.STOPPED)
+        self.assertEqual(w.feed(R.Want(R.UP)), [])
+
+    def test_requires_waits_in_stopped(self):
+        blocked = ["db"]
+        w = World(blockers=lambda svc: list(blocked))
+        effects = w.feed(R.Want(R.UP))
+        self.assertNotIn(R.Spawn(), effects)
+        self.assertEqual((w.svc.state, w.svc.waiting_for, w.svc.reason), (R.STOPPED, ["db"], "waiting for db"))
+        self.assertFalse(R.should_be_running(w.svc))
+        self.assertEqual(w.feed(R.Want(R.UP)), [])                # no second log line
+        del blocked[:]
+        self.assertIn(R.Spawn(), w.feed(R.Want(R.UP)))
+        self.assertIsNone(w.svc.waiting_for)
+
+    def test_reload_diffs(self):
+        # a changed process shape: stop, then start again
+        w = World(startsecs=0.0)
+        w.running()
+        effects = w.feed(R.ProgramChanged(program(command=("sleep", "2")), True))
+        self.assertEqual((w.svc.state, w.svc.reason), (R.STOPPING, "config changed"))
+        self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))
+        self.assertEqual(w.svc.program.command, ("sleep", "2"))
+        # a changed healthcheck: the checks are re-armed, the process kept
+        w = World(startsecs=0.0)
+        w.running()
+        changed = program(startsecs=0.0, healthcheck_interval=3.0)
+        changed.healthcheck = ("tcp", ("127.0.0.1", 1))
+        effects = w.feed(R.ProgramChanged(changed, False))
+        self.assertEqual(w.svc.state, R.RUNNING)
+        self.assertEqual(w.due(effects, "health"), w.now + 3.0)
+        # autostart turned off for a service that is not running
+        w = World()
+        w.feed(R.ProgramChanged(program(autostart=False), False))
+        self.assertEqual(w.svc.want, R.DOWN)
+        # removed: stopped, then forgotten; not running: forgotten at once
+        w = World(startsecs=0.0)
+        w.running()
+        w.feed(R.Want(R.FORGET))
+        self.assertEqual(w.svc.state, R.STOPPING)
+        self.assertIn(R.Forget(), w.feed(R.Exited(-15)))
+        w = World()
+        self.assertIn(R.Forget(), w.feed(R.Want(R.FORGET)))
+        # put back while still stopping: started again once its old process is gone
+        w = World(startsecs=0.0)
+        w.running()
+        w.feed(R.Want(R.FORGET))
+        w.svc.want = R.DOWN
+        w.feed(R.Want(R.UP))
+        self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))
+
+    def test_stopping_announced_is_a_good_run(self):
+        w = World(startsecs=30.0)
+        w.svc.program.ready = ("notify", None)
+        w.start()
+        w.feed(R.NotifyMessage({"READY": "1"}))
+        w.feed(R.NotifyMessage({"STOPPING": "1"}))
+        w.later(1.0)
+        self.assertIn(R.Spawn(), w.feed(R.Exited(0)))       # not a failed start
+
+    def test_every_state_change_is_an_effect(self):
+        w = World(startsecs=1.0)
+        w.running()
+        w.later(2.0)
+        w.feed(R.Exited(1))
+        changes = [(e.old, e.new) for e in w.log if isinstance(e, R.StateChanged)]
+        self.assertEqual(changes, [(R.STOPPED, R.STARTING), (R.STARTING, R.RUNNING)])
+        w.spawned([R.Spawn()])
+        self.assertEqual([(e.old, e.new) for e in w.log if isinstance(e, R.StateChanged)][-1],
+                         (R.RUNNING, R.STARTING))
+
+    def test_deadlines_are_all_in_the_record(self):
+        w = World(startsecs=5.0, watchdog=3.0, healthcheck_interval=4.0)
+        w.svc.program.ready = ("tcp", ("127.0.0.1", 1))
+        w.svc.program.healthcheck = ("tcp", ("127.0.0.1", 1))
+        w.start()
+        self.assertEqual(dict(w.svc.deadlines()), {"ready_timeout": w.now + 60.0, "probe": w.now + 0.05})
+        w.feed(R.ProbeDone("ready", True, None))
+        self.assertEqual(dict(w.svc.deadlines()), {"started": w.now + 5.0, "health": w.now + 4.0})
+        # a probe in flight keeps its (past) time: after a re-exec it runs again
+        w.later(4.0)
+        w.feed(R.Deadline("health"))
+        self.assertEqual(w.svc.health_at, w.now)
+        # a stale deadline (cancelled meanwhile) does nothing
+        self.assertEqual(w.feed(R.Deadline("backoff_over")), [])
 
     def test_should_be_running(self):
-        def svc(state, status=None, wanted=True, **values):
+        def svc(state, status=None, want=R.UP, **values):
             s = respawn.Service(program(**values))
-            s.state, s.exitstatus, s.wanted = state, status, wanted
+            s.state, s.exitstatus, s.want = state, status, want
             return s
         self.assertTrue(respawn.should_be_running(svc(respawn.RUNNING)))
         self.assertTrue(respawn.should_be_running(svc(respawn.STARTING)))
         for state in (respawn.FATAL, respawn.BACKOFF, respawn.STOPPED):
             self.assertFalse(respawn.should_be_running(svc(state)), state)
-            self.assertTrue(respawn.should_be_running(svc(state, wanted=False)), state)
+            self.assertTrue(respawn.should_be_running(svc(state, want=R.DOWN)), state)
         self.assertTrue(respawn.should_be_running(svc(respawn.EXITED, 0, autorestart=False)))
         self.assertFalse(respawn.should_be_running(svc(respawn.EXITED, 1, autorestart=False)))
         self.assertFalse(respawn.should_be_running(svc(respawn.EXITED, 0, autorestart=True)))
@@ -1001,6 +1401,44 @@ class TestCorePolicy(unittest.TestCase):
         self.assertLess(order["app"], order["db"])
         self.assertEqual(sorted(order), ["app", "db", "other", "ui"])
         self.assertEqual(waves, [["other"], ["ui"], ["app"], ["db"]])
+
+
+class TestCoreHandoffCodec(unittest.TestCase):
+    """A format-1 state (respawn 1.0.0) read as format 2, without processes."""
+
+    def test_format_1_services_become_explicit_records(self):
+        progs = {"web": program("web", healthcheck_interval=5.0), "api": program("api"),
+                 "db": program("db"), "job": program("job")}
+        progs["web"].healthcheck = ("tcp", ("127.0.0.1", 1))
+        progs["api"].ready = ("tcp", ("127.0.0.1", 1))
+        old = {"format": 1, "services": [
+            {"name": "web", "state": "RUNNING", "pid": 10, "health_at": 5.0, "wanted": True},
+            {"name": "api", "state": "STARTING", "pid": 11, "deadline": 70.0},
+            {"name": "db", "state": "STOPPING", "pid": 12, "deadline": 9.0,
+             "stop_then_start": "healthcheck failed 3 times", "notify": [7, "@x"]},
+            {"name": "job", "state": "STOPPED", "reason": "waiting for db, api", "wanted": True},
+            {"name": "gone", "state": "STOPPING", "pid": 13, "removed": True, "wanted": False,
+             "failing": "not ready within 1s", "program": {"command": "sleep 9"}}],
+            "listener": 3, "lock": 4, "client": None, "pipes": [{"fd": 5, "service": "web",
+                                                                 "stream": "stdout"}],
+            "clients": [{"fd": 6, "inbuf": ""}], "waiters": [{"fd": 8, "cmd": "start", "names": ["x"]}]}
+        self.assertEqual(sorted(R.handoff_fds(old)), [3, 4, 5, 6, 7, 8])
+        new = R.decode_handoff(old, progs, 50.0)
+        self.assertEqual(new["format"], R.HANDOFF_FORMAT)
+        self.assertEqual(sorted(R.handoff_fds(new)), [3, 4, 5, 6, 7, 8])
+        got = {e["name"]: e for e in new["services"]}
+        self.assertEqual(got["web"]["health_at"], 5.0)
+        self.assertEqual(got["web"]["want"], R.UP)
+        self.assertEqual((got["api"]["on_deadline"], got["api"]["deadline"], got["api"]["probe_at"]),
+                         ("ready_timeout", 70.0, 50.0))
+        self.assertEqual((got["db"]["on_deadline"], got["db"]["then"]), ("stop_timeout", R.THEN_UNPLANNED))
+        self.assertEqual(new["fds"]["notify"], {"db": [7, "@x"]})
+        self.assertEqual(got["job"]["waiting_for"], ["db", "api"])
+        self.assertEqual((got["gone"]["want"], got["gone"]["then"]), (R.FORGET, R.THEN_FAILED))
+        self.assertEqual(got["gone"]["program"], {"command": "sleep 9"})
+        self.assertIs(R.decode_handoff(new, progs, 60.0), new)
+        with self.assertRaises(ValueError):
+            R.decode_handoff({"format": R.HANDOFF_FORMAT + 1}, progs, 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -1192,6 +1630,8 @@ class TestCoreRespawn(unittest.TestCase):
             [program:victim]
             command = sleep 1000
             startsecs = 0
+            ; a crash loop on purpose: every unplanned restart immediate
+            backoff_reset = 0
             [program:bystander]
             command = sleep 1000
             startsecs = 0
@@ -3669,8 +4109,8 @@ class TestReexecHandoffFails(ReexecCase):
     def test_a_failing_handoff_keeps_the_old_image_whole(self):
         sup = self.sup(SLEEPERS)
         rx_write_file(sup.script, patched(read_text(sup.script),
-                                          "        state = self.handoff_state(pending, new_hash, client, t0)\n",
-                                          "        state = self.handoff_state(pending, new_hash, client, t0)\n"
+                                          "        state = encode_handoff(self, pending, new_hash, client, t0)\n",
+                                          "        state = encode_handoff(self, pending, new_hash, client, t0)\n"
                                           "        state['unwritable'] = object()\n"))
         sup.start()
         sup.wait_state("a", "RUNNING")
@@ -3932,7 +4372,7 @@ class TestReexecFromAnOlderRelease(ReexecCase):
     def test_state_without_sections_is_parsed_from_the_config_text(self):
         sup = self.sup(SLEEPERS)
         base = read_text(sup.script)
-        older = patched(base, '"config_sections": {"format": SECTIONS_FORMAT, "sections": self.config.sections},',
+        older = patched(base, '"config_sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections},',
                         '')
         rx_write_file(sup.script, with_version(older, "0.9.0"))
         sup.start()
