@@ -1806,6 +1806,23 @@ def make_private_dir(path):
 
 
 
+def batched(method):
+    """A Supervisor method that feeds events: what depends on several services
+    is settled once, when the outermost one returns, never between two events."""
+    def run(self, *args, **named):
+        self.depth += 1
+        try:
+            result = method(self, *args, **named)
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.settle_due:
+            self.settle()
+        return result
+    run.__name__ = method.__name__
+    run.__doc__ = method.__doc__
+    return run
+
+
 class Live:
     """A service's live handles, beside its record: timers by slot, probes in
     flight, its notify socket, and the recent lines `log` shows."""
@@ -2056,20 +2073,15 @@ class Supervisor:
 
     # -- the lifecycle: events in, effects out ----------------------------
 
+    @batched
     def feed(self, svc, event):
         """Every event of every service passes here: the policy decides (step),
         we perform.  What depends on several services (waiting for requires,
         stop waves, waiting clients, container exit) is settled once the outermost
         event is done."""
-        self.depth += 1
-        try:
-            self.perform(svc, step(svc, event, monotonic(), self.context))
-        finally:
-            self.depth -= 1
+        self.perform(svc, step(svc, event, monotonic(), self.context))
         if svc.waiting_for:
             self.maybe_waiting = True
-        if self.depth == 0 and self.settle_due:
-            self.settle()
 
     def perform(self, svc, effects):
         for effect in effects:
@@ -2211,12 +2223,14 @@ class Supervisor:
 
     # -- what depends on several services -------------------------------------
 
+    @batched
     def start_all(self):
         """Start every wanted service: ascending priority, requires waits for readiness."""
         for svc in sorted(self.services.values(), key=lambda s: (s.program.priority, s.name)):
             if svc.want == UP and not svc.alive() and svc.state != BACKOFF:
                 self.feed(svc, Want(UP))
 
+    @batched
     def start_waiting(self):
         # called each time a service becomes ready: sorting every service each time
         # made starting 500 of them quadratic, so only those waiting are looked at
@@ -2243,6 +2257,7 @@ class Supervisor:
         self.exit_code = EXIT_OK if ok else EXIT_FAIL
         self.shutdown()
 
+    @batched
     def stop_many(self, names, then=None):
         """Stop services wave by wave (reverse priority, dependants first)."""
         self.waves.extend(stop_waves([n for n in names if n in self.services], self.services))
@@ -2250,6 +2265,7 @@ class Supervisor:
             self.after_waves = then
         self.advance_waves()
 
+    @batched
     def advance_waves(self):
         while self.waves:
             wave = [n for n in self.waves[0] if n in self.services]
@@ -2269,6 +2285,7 @@ class Supervisor:
             then, self.after_waves = self.after_waves, None
             then()
 
+    @batched
     def shutdown(self):
         if self.shutting_down:
             return
@@ -2515,6 +2532,7 @@ class Supervisor:
         if client:
             client.reply({"ok": True, "changes": summary})
 
+    @batched
     def apply_config(self, new):
         old = self.config
         summary = {"added": [], "removed": [], "restarted": [], "updated": [], "unchanged": []}
@@ -2638,6 +2656,7 @@ class Supervisor:
             return None
         return list(dict.fromkeys(names))
 
+    @batched
     def handle_request(self, client, req):
         cmd, args = req.get("cmd"), req.get("args") or {}
         if req.get("v", PROTOCOL) > PROTOCOL:
@@ -2917,6 +2936,7 @@ class Supervisor:
                 self.live[svc.name].tail = deque(entry["tail"], maxlen=TAIL_LINES)
         return state
 
+    @batched
     def restore(self, state):
         """The new image takes over: services, pipes, sockets, timers (one pass)."""
         import base64
@@ -2945,6 +2965,7 @@ class Supervisor:
             self.feed(svc, Exited(None, "lost during re-exec"))
         return state
 
+    @batched
     def resume_clients(self, state):
         """After the takeover: the control connections the old image handed over."""
         import base64

@@ -5626,5 +5626,168 @@ class TestLastExitStatus(unittest.TestCase):
         self.assertEqual(again["restarts"], 1)
 
 
+
+# ---------------------------------------------------------------------------
+# Issue 10: the lifecycle through step(): unplanned restarts end to end, and an
+# upgrade of a running supervisor from the released 1.0.0 file
+# ---------------------------------------------------------------------------
+
+RELEASED = os.path.join(HERE, ".ci", "data", "respawn-1.0.0.py")   # git show v1.0.0-landed:respawn.py
+
+
+class TestUnplannedRestarts(unittest.TestCase):
+    """SPEC's unplanned restarts, one smoke test each through a real supervisor
+    (the policy's every case is in TestCorePolicy)."""
+
+    def test_a_failing_healthcheck_backs_off_in_backoff_and_status_exits_3(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:sick]
+            command = sleep 1000
+            startsecs = 0
+            healthcheck = exec:false
+            healthcheck_interval = 0.2
+            healthcheck_failures = 2
+            backoff = 30
+            backoff_max = 30
+            """).start()
+        first = sup.wait_state("sick", "RUNNING")["pid"]
+        second = sup.wait_pid_change("sick", first)["pid"]       # the first: immediate
+        sup.wait_log("sick: restarting: healthcheck failed 2 times")
+        st = sup.wait_state("sick", "BACKOFF")                    # the next: backs off
+        wait_for(lambda: not pid_alive(second), what="the second process to be stopped")
+        self.assertGreater(st["retry_in"], 5.0)
+        self.assertIn("healthcheck failed 2 times", st["reason"])
+        p = sup.ctl("status")
+        self.assertEqual(p.returncode, 3, p.stdout)
+        self.assertIn("BACKOFF", p.stdout)
+        sup.wait_log("unplanned restart 1 within 60s, restarting in")
+        self.assertEqual(sup.svc("sick")["restarts"], 1)
+        self.assertNotIn("FATAL", sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_backoff_reset_zero_keeps_every_restart_immediate(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:crashy]
+            command = sleep 1000
+            startsecs = 0
+            backoff = 30
+            backoff_reset = 0
+            """).start()
+        pid = sup.wait_state("crashy", "RUNNING")["pid"]
+        for _ in range(3):
+            os.kill(pid, signal.SIGKILL)
+            pid = sup.wait_pid_change("crashy", pid, timeout=10)["pid"]
+        self.assertEqual(sup.svc("crashy")["restarts"], 3)
+        self.assertNotIn("unplanned restart", sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_backoff_reset_is_checked_as_a_duration(self):
+        code, out, path = run_check(self, """
+            [program:a]
+            command = sleep 1
+            backoff_reset = 2m
+            [program:b]
+            command = sleep 1
+            backoff_reset = soon
+            """)
+        self.assertEqual(code, 2, out)
+        problems = [l for l in out.splitlines() if "backoff_reset" in l]
+        self.assertEqual(len(problems), 1, out)
+        self.assertIn("c.ini:7", problems[0])                     # b's line, not a's
+        ok, out, path = run_check(self, "[program:a]\ncommand = sleep 1\nbackoff_reset = 1m\n")
+        self.assertEqual(ok, 0, out)
+        self.assertEqual(respawn.load_config(path).programs["a"].backoff_reset, 60.0)
+        _, _, path = run_check(self, "[program:a]\ncommand = sleep 1\n")
+        self.assertEqual(respawn.load_config(path).programs["a"].backoff_reset, 60.0)    # the default
+
+
+UPGRADE_CONFIG = """
+[program:ticker]
+command = {py} -u {dir}/ticker.py
+startsecs = 0.2
+stopwaitsecs = 2
+[program:failing]
+command = sh -c "exit 3"
+startsecs = 0.5
+backoff = 6
+backoff_max = 6
+startretries = 5
+[program:slowstart]
+command = sleep 1006
+startsecs = 4
+[program:gate]
+command = sleep 1007
+autostart = false
+ready = exec:test -e {dir}/gate.open
+ready_timeout = 60
+"""
+
+
+class TestUpgradeFromRelease(ReexecCase):
+    """A supervisor running the released 1.0.0 file re-executes into this one
+    (handoff format 1 read by the new code): services, pipes, timers and
+    waiting clients are kept."""
+
+    def test_upgrade_from_1_0_0_keeps_everything(self):
+        self.assertTrue(os.path.exists(RELEASED), RELEASED)
+        with open(RELEASED) as f:
+            self.assertIn('__version__ = "1.0.0"', f.read())
+        sup = Sup(self, UPGRADE_CONFIG, script=RELEASED, copy_script=True)
+        write_ticker(sup)
+        sup.start()
+        sup.wait_state("ticker", "RUNNING")
+        sup.wait_state("failing", "BACKOFF")
+        sup.wait_state("slowstart", "STARTING")
+        # a client waiting for `start gate` (ready only once gate.open exists)
+        waiting = subprocess.Popen([PY, sup.script, "-c", sup.config, "start", "gate"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=sup.env)
+        self.addCleanup(lambda: waiting.poll() is None and waiting.kill())
+        gate = sup.wait_state("gate", "STARTING")["pid"]
+        before = self.pids(sup)
+        self.assertEqual(self.status(sup)["supervisor"]["version"], "1.0.0")
+        new = with_version(read_text(SCRIPT), "1.1.0-upgrade")
+        install_by_rename(sup.script, new)
+        st = self.wait_reexecs(sup, 1, "1.1.0-upgrade")
+        self.assertIn("re-executed: version 1.0.0", rx_log_lines(sup, "re-executed: version")[-1])
+        self.assertEqual(self.pids(sup), before)
+        states = {s["name"]: s["state"] for s in st["services"]}
+        self.assertEqual(states["ticker"], "RUNNING")
+        self.assertEqual(states["gate"], "STARTING")
+        self.assertIsNone(waiting.poll(), "the waiting client was answered before its service was ready")
+        # the waiting client is answered by the new image once gate is ready
+        with open(sup.path("gate.open"), "w"):
+            pass
+        out, err = waiting.communicate(timeout=DEADLINE)
+        self.assertEqual(waiting.returncode, 0, out + err)
+        self.assertIn("gate: RUNNING", out)
+        self.assertEqual(sup.svc("gate")["pid"], gate)
+        # timers carried: startsecs from the original start, the backoff from the old decision
+        sup.wait_state("slowstart", "RUNNING")
+        self.assertEqual(sup.svc("slowstart")["pid"], before["slowstart"])
+        wait_for(lambda: len(rx_log_lines(sup, "failing: started pid")) >= 2, what="failing's retry")
+        line = rx_log_lines(sup, "failing: exit 3: failed start 1, retrying in")[0]
+        delay = float(re.search(r"retrying in ([\d.]+)s", line).group(1))
+        lines = sup.stderr().splitlines()
+        i = next(n for n, l in enumerate(lines) if "failing: exit 3: failed start 1" in l)
+        j = next(n for n in range(i + 1, len(lines)) if "failing: started pid" in lines[n])
+        self.assertGreaterEqual(log_time(lines[j]) - log_time(lines[i]), delay - 0.01)
+        # the pipes carried: the ticker's lines go on with none lost
+        seen = wait_for(lambda: (lambda n: n if len(n) > 5 and n[-1] > n[0] + 40 else None)(
+            numbers([l.split(" | ", 1)[1] for l in sup.stdout().splitlines() if l.startswith("ticker | ")])),
+            what="ticker lines after the upgrade")
+        self.assertEqual(seen, list(range(seen[0], seen[0] + len(seen))))
+        # and the new policy runs the services: a kill is restarted
+        os.kill(before["ticker"], signal.SIGKILL)
+        sup.wait_pid_change("ticker", before["ticker"])
+        self.assertEqual(zombies_of(sup.proc.pid), [])
+        self.assertEqual(sup.terminate(), 0)
+        self.assert_all_gone(sup, {n: p for n, p in before.items() if p})
+
+
 if __name__ == "__main__":
     unittest.main()
