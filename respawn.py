@@ -13,8 +13,19 @@ disk the supervisor re-executes the new version in place and hands over every
 service's PID, state, timers and output pipes: nothing is restarted and no
 output line is lost.  `python3 respawn.py --help` lists the commands.
 
-Reading order: helpers, config, service policy, processes, output, event
-loop, supervisor, control socket and client, re-execution, command line.
+Reading order (the banners below, in this order):
+  constants and small helpers;
+  config: parse, type and validate the INI;
+  service policy: the Service record, events, effects and step(), the one
+    place where a service's life is decided;
+  processes: spawn, signal, the child watchers;
+  output: pipes, log files;
+  event loop: timers, and the Supervisor that feeds events to step() and
+    performs its effects (also sd_notify, reload, the control requests'
+    snapshot, re-execution), and probes;
+  control socket: connections, and REQUESTS, one small function per command;
+  re-execution: file watch, the loader, the handoff codec;
+  client; command line.
 """
 
 __version__ = "1.0.0"
@@ -1736,7 +1747,7 @@ def tail_file(path, n):
 
 
 # ---------------------------------------------------------------------------
-# Event loop: timers, signals, the supervisor and its handlers
+# Event loop: timers, the supervisor (events in, effects out), probes
 # ---------------------------------------------------------------------------
 
 class Timers:
@@ -3306,7 +3317,7 @@ REQUESTS = {
 
 
 # ---------------------------------------------------------------------------
-# Re-execution: watch our own file, check the new one, hand the state over
+# Re-execution: watch our own file, the loader, the handoff codec
 # ---------------------------------------------------------------------------
 
 def unsafe_path(path):
