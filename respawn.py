@@ -2000,7 +2000,6 @@ class Supervisor:
         the selector reports it again and the timers stay in the heap."""
         import traceback
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        self.depth = 0            # a feed cut short by the bug must not block settling
         self.log("error", "internal error at %s:%d (%s): %s: %s; supervision goes on (please report it)"
                  % (os.path.basename(where.filename), where.lineno, where.name, type(exc).__name__, exc))
         time.sleep(0.05)          # a fault that repeats on every turn must not spin a CPU
@@ -3574,14 +3573,25 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
         "format": HANDOFF_FORMAT, "version": __version__, "hash": sup.hash,
         "new_hash": new_hash, "t0": monotonic() if t0 is None else t0, "started": sup.started,
         "reexecs": sup.reexecs, "rejected_hash": sup.rejected_hash,
-        "config_path": sup.config.path, "config_files": sup.config.files,
-        "config_sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections},
+        # a key of its own (format 1 had config_path...): an older image's trial
+        # finds no config_files and refuses the state, so a downgrade is refused
+        # while this image still supervises, not after the exec
+        "config": {"path": sup.config.path, "files": sup.config.files,
+                   "sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections}},
         "pending": list(pending), "script": sup.script, "argv": sup.argv,
         "pidfile": sup.pidfile,
         "helpers": sorted(set(sup.helpers) | sup.watcher.abandoned),
         "services": services,
         "fds": fds,
     }
+
+
+def handoff_config(state):
+    """(path, files, carried sections or None) of a handoff state of any format."""
+    if state.get("format", 1) >= 2:
+        config = state["config"]
+        return config["path"], config["files"], config.get("sections")
+    return state["config_path"], state["config_files"], state.get("config_sections")
 
 
 def decode_handoff(state, programs, now):
@@ -3896,9 +3906,9 @@ def resume(args, script, source):
     claimed = {fd, args.rollback} | set(handoff_fds(state))
     _close_strays(claimed)
     try:
-        files = state["config_files"]
-        carried = state.get("config_sections") or {}
-        config = load_config(state["config_path"], read=lambda p: files[p] if p in files else _read_text(p),
+        path, files, carried = handoff_config(state)
+        carried = carried or {}
+        config = load_config(path, read=lambda p: files[p] if p in files else _read_text(p),
                              carried={"files": files, "sections": carried["sections"]}
                              if carried.get("format") == SECTIONS_FORMAT else None)
         sup = Supervisor(config, state["script"], state["argv"], source)
@@ -4232,8 +4242,8 @@ def main(argv=None, code=None):
         try:
             with open(args.handoff_selftest, "rb") as f:
                 state = json.loads(f.read().decode())
-            files = state["config_files"]
-            config = load_config(state["config_path"],
+            path, files, _ = handoff_config(state)
+            config = load_config(path,
                                  read=lambda p: files[p] if p in files else _read_text(p))
             Supervisor(config, state["script"], state["argv"], source).restore_data(state)
         except ConfigErrors as exc:

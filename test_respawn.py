@@ -4372,8 +4372,8 @@ class TestReexecFromAnOlderRelease(ReexecCase):
     def test_state_without_sections_is_parsed_from_the_config_text(self):
         sup = self.sup(SLEEPERS)
         base = read_text(sup.script)
-        older = patched(base, '"config_sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections},',
-                        '')
+        older = patched(base, '"sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections}},',
+                        '"sections": None},')
         rx_write_file(sup.script, with_version(older, "0.9.0"))
         sup.start()
         sup.wait_state("a", "RUNNING")
@@ -5787,6 +5787,25 @@ class TestUpgradeFromRelease(ReexecCase):
         self.assertEqual(zombies_of(sup.proc.pid), [])
         self.assertEqual(sup.terminate(), 0)
         self.assert_all_gone(sup, {n: p for n, p in before.items() if p})
+
+    def test_a_downgrade_to_1_0_0_is_refused_with_nothing_lost(self):
+        # 1.0.0 cannot read handoff format 2: its trial refuses it, this code goes on
+        sup = self.sup(SLEEPERS)
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        sup.wait_state("b", "RUNNING")
+        before = self.pids(sup)
+        version = self.status(sup)["supervisor"]["version"]
+        install_by_rename(sup.script, read_text(RELEASED))
+        sup.wait_log("re-exec refused: the new code rejects the config or fails to start")
+        self.assertIn("the new code cannot restore the running state", rx_log_lines(sup, "re-exec refused")[0])
+        self.assertEqual(rx_log_lines(sup, "INFO  re-executing"), [])
+        st = self.status(sup)
+        self.assertEqual(st["supervisor"]["version"], version)
+        self.assertEqual(self.pids(sup), before)
+        os.kill(before["a"], signal.SIGKILL)          # and it still supervises
+        sup.wait_pid_change("a", before["a"])
+        self.assertEqual(sup.terminate(), 0)
 
 
 if __name__ == "__main__":
