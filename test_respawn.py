@@ -3573,6 +3573,13 @@ while True:
     time.sleep(1)
 """
 
+def catches(pid, sig):
+    """pid has a handler installed for sig (SigCgt of /proc/PID/status)."""
+    with open("/proc/%d/status" % pid) as f:
+        caught = [line.split()[1] for line in f if line.startswith("SigCgt:")][0]
+    return bool(int(caught, 16) & (1 << (sig - 1)))
+
+
 SIGNAL_CONFIG = """
 [program:a]
 command = sleep 1000
@@ -3661,6 +3668,8 @@ class WatcherModes:
         sup.wait_state("a", "RUNNING")
         sup.wait_state("slowstop", "RUNNING")
         pids = self.pids(sup)
+        # RUNNING at startsecs can come before a loaded machine's Python installed it
+        wait_for(lambda: catches(pids["slowstop"], signal.SIGTERM), what="slowstop's TERM handler")
         sup.proc.send_signal(signal.SIGUSR2)
         sup.proc.send_signal(signal.SIGTERM)
         self.assertEqual(sup.proc.wait(DEADLINE), 0, sup.stderr())
@@ -3675,6 +3684,8 @@ class WatcherModes:
         sup.wait_state("a", "RUNNING")
         sup.wait_state("slowstop", "RUNNING")
         pids = self.pids(sup)
+        # RUNNING at startsecs can come before a loaded machine's Python installed it
+        wait_for(lambda: catches(pids["slowstop"], signal.SIGTERM), what="slowstop's TERM handler")
         self.freeze_in_exec_window(sup, 0)
         sup.proc.send_signal(signal.SIGTERM)
         sup.proc.send_signal(signal.SIGCONT)
@@ -3692,6 +3703,8 @@ class WatcherModes:
         sup.wait_state("a", "RUNNING")
         sup.wait_state("slowstop", "RUNNING")
         pids = self.pids(sup)
+        # RUNNING at startsecs can come before a loaded machine's Python installed it
+        wait_for(lambda: catches(pids["slowstop"], signal.SIGTERM), what="slowstop's TERM handler")
         # a new file whose trial takes a while, so that the supervisor can be
         # frozen while it runs and the trial's exit and TERM wait together
         install_by_rename(sup.script, with_version(slow_trial(read_text(sup.script)), "9.9.9"))
