@@ -807,6 +807,7 @@ class Service:
                "status_text", "mainpid", "stopping_notified",
                "want", "then", "waiting_for",
                "deadline", "on_deadline", "probe_at", "health_at", "watchdog_at")
+    __slots__ = ("program", "name") + CARRIED
 
     def __init__(self, program):
         self.program = program
@@ -853,14 +854,9 @@ class Service:
 
 
 class Plain:
-    """Base of events and effects: positional fields, equal by value, readable."""
+    """Base of events and effects: positional fields (None when left out),
+    equal by value, readable."""
     __slots__ = ()
-
-    def __init__(self, *values):
-        if len(values) > len(self.__slots__):
-            raise TypeError("%s takes %d values" % (type(self).__name__, len(self.__slots__)))
-        for name, value in itertools.zip_longest(self.__slots__, values):
-            setattr(self, name, value)
 
     def __eq__(self, other):
         return type(self) is type(other) and all(
@@ -873,7 +869,14 @@ class Plain:
 
 
 def _plain(name, fields, doc):
-    return type(name, (Plain,), {"__slots__": tuple(fields.split()), "__doc__": doc})
+    names = tuple(fields.split())
+    # a plain __init__ per class: one is made for every event and effect, and a
+    # generic loop over the fields made each restart measurably slower
+    code = "def __init__(self%s):\n    %s\n" % ("".join(", %s=None" % n for n in names),
+                                                "; ".join("self.%s = %s" % (n, n) for n in names) or "pass")
+    space = {}
+    exec(code, space)
+    return type(name, (Plain,), {"__slots__": names, "__doc__": doc, "__init__": space["__init__"]})
 
 
 # Events: what happened to a service
@@ -1260,6 +1263,13 @@ def _on_notify(svc, ev, now, ctx, out):
 def _on_program_changed(svc, ev, now, ctx, out):
     before, prog = svc.program, ev.program
     svc.program = prog
+    if svc.want == FORGET:
+        # removed by an earlier reload and still stopping, now back in the config:
+        # started again once its old process is gone (if it starts by itself)
+        svc.want = UP if prog.autostart else DOWN
+        if svc.want == UP and svc.alive():
+            svc.then = THEN_START
+        return
     if ev.restart and svc.alive():
         svc.then = THEN_START
         _stop(svc, "config changed", now, out)
@@ -1923,8 +1933,7 @@ class Supervisor:
         self.loglevel = LOG_LEVELS[s["loglevel"]]
         self.json_logs = s["log_format"] == "json"
         self.reopen_log()
-        if hasattr(self, "context"):
-            self.context.exit_on_fatal = s["exit_on_fatal"]
+        self.context.exit_on_fatal = s["exit_on_fatal"]
 
     def reopen_log(self):
         path = self.config.settings["logfile"]
@@ -2562,9 +2571,7 @@ class Supervisor:
                 # removed by an earlier reload and still stopping: back in the config,
                 # so it is started again once its old process is gone
                 summary["added"].append(name)
-                svc.want = DOWN
                 self.feed(svc, ProgramChanged(prog, False))
-                self.feed(svc, Want(UP if prog.autostart else DOWN))
                 continue
             before = svc.program
             if before.raw == prog.raw:
@@ -3540,8 +3547,8 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
     import base64
     services = []
     for svc in sup.services.values():
-        fresh = vars(Service(svc.program))
-        entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != fresh[k]}
+        fresh = Service(svc.program)
+        entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != getattr(fresh, k)}
         entry["name"] = svc.name
         tail = sup.live[svc.name].tail
         if tail:

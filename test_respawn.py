@@ -1274,6 +1274,15 @@ class TestCorePolicy(unittest.TestCase):
         self.assertEqual(w.svc.state, R.STOPPED)
         self.assertTrue(R.should_be_running(w.svc))              # stopped by the operator
 
+    def test_a_start_while_stopping_starts_it_again_once_gone(self):
+        w = World(startsecs=0.0)
+        w.running()
+        w.feed(R.Want(R.DOWN))
+        w.feed(R.Stop("stopped"))
+        self.assertEqual(w.feed(R.Want(R.UP, True)), [])       # nothing to do yet
+        self.assertEqual(w.svc.then, R.THEN_START)
+        self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))
+
     def test_shutdown_restarts_nothing(self):
         w = World(startsecs=0.0)
         w.running()
@@ -1329,9 +1338,16 @@ class TestCorePolicy(unittest.TestCase):
         w = World(startsecs=0.0)
         w.running()
         w.feed(R.Want(R.FORGET))
-        w.svc.want = R.DOWN
-        w.feed(R.Want(R.UP))
+        w.feed(R.ProgramChanged(program(startsecs=0.0), False))
+        self.assertEqual((w.svc.want, w.svc.then), (R.UP, R.THEN_START))
         self.assertIn(R.Spawn(), w.feed(R.Exited(-15)))
+        # and one put back with autostart = false stays stopped
+        w = World(startsecs=0.0)
+        w.running()
+        w.feed(R.Want(R.FORGET))
+        w.feed(R.ProgramChanged(program(autostart=False), False))
+        self.assertNotIn(R.Spawn(), w.feed(R.Exited(-15)))
+        self.assertEqual(w.svc.state, R.STOPPED)
 
     def test_stopping_announced_is_a_good_run(self):
         w = World(startsecs=30.0)
