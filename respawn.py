@@ -66,6 +66,7 @@ MAX_PARTIAL = 64 * 1024           # a longer line without newline is cut here
 TAIL_LINES = 500                  # lines kept in memory per service for `log`
 MAX_REQUEST = 64 * 1024           # control-socket request size limit
 CLIENT_TIMEOUT = 10.0             # a client must send its request within this
+MAX_WAIT = 3600.0                 # the loop wakes at least this often (Timers.timeout)
 HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGCHLD")
 # supervisord program keys respawn does not implement: a warning, not an error,
 # so that a supervisord [program:x] section runs unchanged.
@@ -804,7 +805,7 @@ class Service:
 
     CARRIED = ("state", "pid", "started", "started_mono", "exitstatus", "reason", "ready",
                "failures", "restarts", "unplanned", "last_unplanned", "health_failures",
-               "status_text", "mainpid", "stopping_notified",
+               "status_text", "mainpid", "stopping_notified", "dropped_bytes",
                "want", "then", "waiting_for",
                "deadline", "on_deadline", "probe_at", "health_at", "watchdog_at")
     __slots__ = ("program", "name") + CARRIED
@@ -828,6 +829,7 @@ class Service:
         self.status_text = None       # STATUS= from sd_notify
         self.mainpid = None           # MAINPID= from sd_notify
         self.stopping_notified = False    # STOPPING=1: the service said it would exit
+        self.dropped_bytes = 0        # output its log (or our stdout) could not take
         # what was asked
         self.want = UP if program.autostart else DOWN
         self.then = None              # once a stopping process is gone: THEN_*, or None
@@ -1549,7 +1551,8 @@ class PidfdWatcher(ChildWatcher):
     def __init__(self, selector, reap_orphans):
         super().__init__(selector, reap_orphans)
         self.pidfds = {}          # pid -> fd
-        self.needs_sigchld = reap_orphans
+        self.unwatched = set()    # children without a pidfd (EMFILE): collected at SIGCHLD
+        self.needs_sigchld = True
 
     def watch(self, pid, callback):
         try:
@@ -1557,6 +1560,12 @@ class PidfdWatcher(ChildWatcher):
         except ProcessLookupError:
             # already reaped (cannot happen for our own child): report a lost status
             callback(pid, None)
+            return
+        except OSError:
+            # out of descriptors: the child is ours all the same, and its SIGCHLD says
+            # when to look (a missed exit would leave the service unwatched for ever)
+            self.callbacks[pid] = callback
+            self.unwatched.add(pid)
             return
         self.callbacks[pid] = callback
         self.pidfds[pid] = fd
@@ -1585,6 +1594,7 @@ class PidfdWatcher(ChildWatcher):
             os.close(fd)
 
     def sigchld(self):
+        self._collect_unwatched()
         if not self.reap_orphans:
             return
         # Peek without reaping: a watched child is consumed through its own
@@ -1598,12 +1608,27 @@ class PidfdWatcher(ChildWatcher):
                 return
             if info.si_pid in self.pidfds:
                 self._ready(info.si_pid)
+            elif info.si_pid in self.unwatched:
+                self._collect_unwatched()
             else:
                 try:
                     os.waitpid(info.si_pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
                 self._dispatch(info.si_pid, None)
+
+    def _collect_unwatched(self):
+        for pid in list(self.unwatched):
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                info = status = None
+            else:
+                if info is None:
+                    continue
+                status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            self.unwatched.discard(pid)
+            self._dispatch(pid, status)
 
     def sweep(self):
         for pid in list(self.pidfds):
@@ -1647,26 +1672,198 @@ def set_subreaper():
 # Output: service pipes, line prefixing, log files
 # ---------------------------------------------------------------------------
 
+class Writer:
+    """One fd the supervisor writes output to: its stdout or stderr, its own log,
+    a service's log file.  A write never blocks and never raises: a full disk,
+    /dev/full, a pipe nobody reads or a reader gone only makes it drop output,
+    and count it.  Lines stay whole: a line whose head was written keeps its
+    tail (written first when the fd takes data again), and a line whose head
+    was dropped is dropped to its end.  `report(level, message)` hears once when
+    an episode begins and once when it ends."""
+
+    def __init__(self, fd, name, report=None):
+        self.fd, self.name, self.report = fd, name, report
+        self.own = None               # a non-blocking fd of our own onto the same pipe or tty
+        self.pending = b""            # the tail of a line begun in the file
+        self.open_line = False        # the fd's output ends inside a line
+        self.skip = False             # dropping through the end of a line begun here
+        self.failing = None           # why the current episode drops output
+        self.episode = 0              # bytes dropped in the current episode
+        self.dropped = 0              # bytes dropped in all
+        self.written = 0
+        self.last_drop = None
+        self.may_block = False
+        self.regular = False          # a regular file: a short write can be taken back
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return                    # a closed fd: every write fails, and is counted
+        self.regular = stat.S_ISREG(mode)
+        # a regular file or /dev/null never makes a writer wait; a pipe, a socket or
+        # a terminal can, forever.  O_NONBLOCK on the fd itself would change it for
+        # everyone sharing it (the shell's terminal): open our own description of it.
+        if not stat.S_ISREG(mode) and not (stat.S_ISCHR(mode) and not os.isatty(fd)):
+            try:
+                self.own = os.open("/proc/self/fd/%d" % fd,
+                                   os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+                self.fd = self.own
+            except OSError:
+                self.may_block = True  # a socket: ask poll() first, write a page at a time
+
+    def close(self):
+        if self.own is not None:
+            os.close(self.own)
+            self.own = None
+
+    def write(self, data):
+        """Write what can be written, in whole lines; the number of bytes dropped."""
+        dropped = 0
+        if self.skip:
+            cut = data.find(b"\n") + 1
+            if not cut:
+                return self._drop(len(data))
+            dropped, data, self.skip = self._drop(cut), data[cut:], False
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        if not data:
+            return dropped
+        try:
+            n = self._write(data)
+            error = None
+        except OSError as exc:
+            n, error = 0, exc.strerror or str(exc)
+        if 0 < n < len(data) and self.regular:
+            n = self._take_back(data, n)
+        if n:
+            self.written += n
+            self.open_line = data[n - 1] != 0x0A
+        if n == len(data):
+            # an episode ends after a second without a drop: a reader that keeps
+            # falling behind is one episode, not two lines of ours every few ms
+            if self.failing and monotonic() - self.last_drop >= 1.0:
+                self._recovered()
+            return dropped
+        rest = data[n:]
+        if self.open_line:
+            # finish the line begun in the file before anything else goes there
+            end = rest.find(b"\n") + 1 or len(rest)
+            if end > MAX_PARTIAL:
+                end = MAX_PARTIAL
+                self.pending, rest = rest[:end] + b"\n", rest[end:]
+                dropped += self._drop(len(rest))
+                self.skip = True
+            else:
+                self.pending, rest = rest[:end], rest[end:]
+        if rest:
+            dropped += self._drop(len(rest))
+            self.skip = not rest.endswith(b"\n")
+        self.fail(error or (os.strerror(errno.ENOSPC) if self.regular
+                            else "full: its reader does not keep up"))
+        return dropped
+
+    def drop(self, data):
+        """Drop data unwritten (the file cannot be opened); the number of bytes."""
+        if data:
+            self.skip = not data.endswith(b"\n")
+        self.fail("cannot write")
+        return self._drop(len(data))
+
+    def fail(self, why):
+        """An episode begins, unless one is going on."""
+        if not self.failing:
+            self.failing = why
+            if self.report:
+                self.report("warn", "cannot write to %s (%s): dropping output until it can"
+                            % (self.name, why))
+
+    def _write(self, data):
+        if not self.may_block:
+            try:
+                return os.write(self.fd, data)
+            except (BlockingIOError, InterruptedError):
+                return 0
+        done = 0
+        while done < len(data):
+            if not selectors.select.select([], [self.fd], [], 0)[1]:
+                break
+            try:
+                done += os.write(self.fd, data[done:done + 4096])   # a page fits once poll said so
+            except OSError:
+                if not done:
+                    raise
+                break
+        return done
+
+    def _take_back(self, data, n):
+        """A file filled up in the middle of a line: cut the head of that line off
+        again (the file ends where our write did), so the file holds only whole lines."""
+        whole = data.rfind(b"\n", 0, n) + 1
+        if whole < n:
+            try:
+                os.ftruncate(self.fd, os.fstat(self.fd).st_size - (n - whole))
+                return whole
+            except OSError:
+                pass
+        return n
+
+    def _drop(self, n):
+        self.last_drop = monotonic()
+        self.episode += n
+        self.dropped += n
+        return n
+
+    def _recovered(self):
+        lost, self.episode, self.failing = self.episode, 0, None
+        if self.report:
+            self.report("info", "writing to %s again; %d bytes were dropped" % (self.name, lost))
+
+
 class LogFile:
     """A service log file, appended as the service wrote it, rotated by size
-    at a line boundary, reopened on SIGUSR1 (logrotate)."""
+    at a line boundary, reopened on SIGUSR1 (logrotate).  Written through a
+    Writer: on a full disk output is dropped in whole lines and counted, and
+    a file that cannot be (re)opened is tried again at the next write."""
 
-    def __init__(self, path, maxbytes, backups):
+    REOPEN_EVERY = 1.0                # seconds between tries to open a file that failed
+
+    def __init__(self, path, maxbytes, backups, report=None):
         self.path, self.maxbytes, self.backups = path, maxbytes, backups
         self.fd = None
+        self.size = 0
+        self.out = Writer(-1, path, report)
+        self.open_failed = None       # monotonic time of the last failed open
         self.open()
+
+    @property
+    def dropped(self):
+        return self.out.dropped
 
     def open(self):
         dirname = os.path.dirname(self.path)
         if dirname:
             os.makedirs(dirname, exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self.size = os.fstat(self.fd).st_size
-        self.at_line_start = True
+        # O_NONBLOCK: a FIFO named as a log file must not stop the loop (no reader: ENXIO)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                          | os.O_NONBLOCK, 0o644)
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        self.out.fd, self.out.regular = self.fd, stat.S_ISREG(st.st_mode)
+        self.at_line_start = not self.out.pending
+        self.open_failed = None
 
     def reopen(self):
         self.close()
-        self.open()
+        self.try_open()
+
+    def try_open(self):
+        try:
+            self.open()
+        except OSError as exc:
+            self.open_failed = monotonic()
+            self.out.fd = -1
+            self.out.fail("cannot open it: %s" % (exc.strerror or exc))
+            return False
+        return True
 
     def close(self):
         if self.fd is not None:
@@ -1674,41 +1871,52 @@ class LogFile:
             self.fd = None
 
     def write(self, data):
+        """Write data; the number of bytes dropped (a full disk, a file that cannot be opened)."""
+        if self.fd is None:
+            if self.open_failed is not None and monotonic() - self.open_failed < self.REOPEN_EVERY \
+                    or not self.try_open():
+                return self.out.drop(data)
+        dropped = 0
         # One read can hold megabytes: cut it into whole lines that fit, and
         # rotate only between lines, so that no line is split across two files
         # and only a single line longer than maxbytes makes a file bigger.
         while data:
             if not self.maxbytes or self.size + len(data) <= self.maxbytes:
-                self._write(data)
-                return
+                return dropped + self._write(data)
             cut = data.rfind(b"\n", 0, max(0, self.maxbytes - self.size)) + 1
             if not cut:
                 if self.size and self.at_line_start:
-                    self.rotate()
+                    if not self.rotate():
+                        return dropped + self.out.drop(data)
                     continue
                 cut = data.find(b"\n") + 1 or len(data)   # end the line begun in this file
-            self._write(data[:cut])
+            dropped += self._write(data[:cut])
             data = data[cut:]
+        return dropped
 
     def _write(self, data):
-        write_all(self.fd, data)
-        self.size += len(data)
-        self.at_line_start = data.endswith(b"\n")
+        before = self.out.written
+        dropped = self.out.write(data)
+        self.size += self.out.written - before
+        self.at_line_start = not self.out.open_line
+        return dropped
 
     def rotate(self):
         self.close()
-        for n in range(self.backups - 1, 0, -1):
-            older = "%s.%d" % (self.path, n)
-            if os.path.exists(older):
-                os.replace(older, "%s.%d" % (self.path, n + 1))
         try:
+            for n in range(self.backups - 1, 0, -1):
+                older = "%s.%d" % (self.path, n)
+                if os.path.exists(older):
+                    os.replace(older, "%s.%d" % (self.path, n + 1))
             if self.backups > 0:
                 os.replace(self.path, self.path + ".1")
             else:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass      # renamed away (logrotate before its SIGUSR1): start a new file anyway
-        self.open()
+        except OSError:
+            pass      # a folder we may no longer write: the open below says so, once
+        return self.try_open()
 
 
 class Pipe:
@@ -1779,7 +1987,9 @@ class Timers:
     def timeout(self, now):
         while self.heap and self.heap[0][2] is None:
             heapq.heappop(self.heap)
-        return max(0.0, self.heap[0][0] - now) if self.heap else None
+        # at most MAX_WAIT: epoll takes an int of milliseconds (24.8 days), and a
+        # timer 30 days away would overflow it
+        return min(MAX_WAIT, max(0.0, self.heap[0][0] - now)) if self.heap else MAX_WAIT
 
     def run_due(self, now):
         while self.heap and self.heap[0][0] <= now:
@@ -1887,6 +2097,7 @@ class Supervisor:
         self.pipes = {}                       # fd -> Pipe
         self.grown_pipes = 0                  # pipes enlarged by grow_pipe
         self.sinks = {}                       # (service name, stream) -> LogFile
+        self.unopened = {}                    # (service name, stream) -> when its open failed
         self.started = time.time()
         self.reexecs = 0
         self.pid1 = os.getpid() == 1
@@ -1901,8 +2112,13 @@ class Supervisor:
         self.followers = {}                   # service name -> [client] for `log -f`
         self.clients = {}                     # fd -> ControlClient
         self.listener = None
+        self.accept_paused = None             # the timer that re-arms a paused listener
+        self.accept_trouble = None            # why accept() failed, until it works again
         self.lock_fd = None
         self.log_fd = 2
+        self.log_out = None                   # Writer of our own log (stderr or logfile)
+        self.streams = {}                     # 1, 2 -> Writer of our stdout and stderr
+        self.log_dropped = 0                  # bytes of our own log we could not write
         self.notify_parent = None             # $NOTIFY_SOCKET of systemd, for READY=1
         self.file_watch = None
         self.reexec_busy = False
@@ -1941,16 +2157,46 @@ class Supervisor:
         if path:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                              | os.O_NONBLOCK, 0o644)
             except OSError as exc:
                 self.log("error", "cannot open logfile %s: %s; logging to stderr" % (path, exc.strerror))
         if self.log_fd != 2:
             os.close(self.log_fd)
         self.log_fd = new
+        self.log_out = self.stream(2) if new == 2 else self.writer(new, "the logfile %s" % path)
 
-    def log(self, level, message, service=None):
-        if LOG_LEVELS[level] < self.loglevel:
-            return
+    def stream(self, fd):
+        """The Writer of our stdout (1) or stderr (2); one for both if they are one file."""
+        out = self.streams.get(fd)
+        if out is None:
+            other = self.streams.get(3 - fd)
+            try:
+                same = other is not None and os.path.sameopenfile(fd, 3 - fd)
+            except OSError:
+                same = False
+            if same:
+                out, other.name = other, "stdout and stderr"
+            else:
+                out = self.writer(fd, "stdout" if fd == 1 else "stderr")
+            self.streams[fd] = out
+        return out
+
+    def writer(self, fd, name):
+        out = Writer(fd, name)
+        out.report = lambda level, message: self.output_trouble(out, level, message)
+        return out
+
+    def output_trouble(self, out, level, message):
+        if out is not self.log_out:
+            self.log(level, message)
+        elif not out.failing:
+            self.log(level, message)      # recovered: the log says what it missed
+        elif out is not self.stream(2):
+            # our log cannot tell of its own trouble while it lasts; stderr can
+            self.stream(2).write(self.log_line(level, message, None))
+
+    def log_line(self, level, message, service):
         now = time.time()
         if self.json_logs:
             line = json.dumps({"time": round(now, 3), "service": service, "stream": "supervisor",
@@ -1959,7 +2205,13 @@ class Supervisor:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             line = "%s.%03d %-5s %s%s\n" % (stamp, int(now * 1000) % 1000, level.upper(),
                                              (service + ": ") if service else "", message)
-        write_all(self.log_fd, line.encode("utf-8", "replace"))
+        return line.encode("utf-8", "replace")
+
+    def log(self, level, message, service=None):
+        if LOG_LEVELS[level] < self.loglevel:
+            return
+        # never blocks, never raises: a full disk or a stalled reader drops lines (counted)
+        self.log_dropped += (self.log_out or self.stream(2)).write(self.log_line(level, message, service))
 
     # -- the loop ---------------------------------------------------------
 
@@ -2402,6 +2654,9 @@ class Supervisor:
             return None
         sink = self.sinks.get((name, stream))
         if sink is None:
+            failed = self.unopened.get((name, stream))
+            if failed is not None and monotonic() - failed < LogFile.REOPEN_EVERY:
+                return None           # tried a moment ago: not an open() per read
             prog = svc.program
             path = target
             if target == "auto":
@@ -2409,11 +2664,16 @@ class Supervisor:
                                     "%s-%s.log" % (name, stream))
             try:
                 sink = LogFile(path, getattr(prog, stream + "_logfile_maxbytes"),
-                               getattr(prog, stream + "_logfile_backups"))
+                               getattr(prog, stream + "_logfile_backups"),
+                               lambda level, message: self.log(level, message, name))
             except OSError as exc:
-                self.log("error", "cannot open %s: %s; writing to the supervisor's %s"
-                         % (path, exc.strerror, stream), name)
+                if failed is None:        # said once, not at every line
+                    self.log("error", "cannot open %s: %s; writing to the supervisor's %s"
+                             % (path, exc.strerror, stream), name)
+                self.unopened[(name, stream)] = monotonic()
                 return None
+            if self.unopened.pop((name, stream), None) is not None:
+                self.log("info", "writing to %s again" % path, name)
             self.sinks[(name, stream)] = sink
         return sink
 
@@ -2423,7 +2683,7 @@ class Supervisor:
         if sink is not None and not self.followers.get(name):
             if pipe.partial:
                 data, pipe.partial = pipe.partial + data, b""
-            sink.write(data)
+            self.count_dropped(name, sink.write(data))
             return
         if not final:
             data = pipe.partial + data
@@ -2439,7 +2699,7 @@ class Supervisor:
                 pipe.partial = data[cut:]
                 data = data[:cut]
         if sink is not None:
-            sink.write(data)
+            self.count_dropped(name, sink.write(data))
         lines = data.decode("utf-8", "replace").split("\n")[:-1]
         live = self.live.get(name)
         if live is not None and sink is None:
@@ -2450,7 +2710,11 @@ class Supervisor:
         for client in self.followers.get(name, ()):
             client.send_lines(lines)
         if sink is None:
-            self.write_prefixed(name, stream, lines)
+            self.count_dropped(name, self.write_prefixed(name, stream, lines))
+
+    def count_dropped(self, name, n):
+        if n and name in self.services:
+            self.services[name].dropped_bytes += n
 
     def write_prefixed(self, name, stream, lines):
         fd = 2 if stream == "stderr" else 1
@@ -2461,7 +2725,7 @@ class Supervisor:
         else:
             prefix = name + " | "
             out = "".join(prefix + line + "\n" for line in lines)
-        write_all(fd, out.encode("utf-8", "replace"))
+        return self.stream(fd).write(out.encode("utf-8", "replace"))
 
     # -- sd_notify --------------------------------------------------------------
 
@@ -2626,9 +2890,18 @@ class Supervisor:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue                  # gone before we took it
             except OSError as exc:
-                self.log("warn", "control socket accept: %s" % exc)
+                self.pause_accept(exc)
                 return
+            if self.accept_trouble is not None:
+                self.accept_trouble = None
+                self.log("info", "control socket: accepting connections again")
+            busy = too_busy(conn.fileno(), len(self.clients))
+            if busy:
+                refuse(conn, busy)
+                continue
             try:
                 uid = peer_uid(conn)
             except OSError:
@@ -2636,6 +2909,26 @@ class Supervisor:
             client = ControlClient(self, conn)
             if uid not in (0, os.geteuid()):
                 client.refused = "permission denied: uid %d is neither root nor the supervisor's user" % uid
+
+    def pause_accept(self, exc):
+        """accept() failed (EMFILE, ENFILE, ENOBUFS): the listener stays readable and
+        would spin the loop, so it leaves the selector until a client closes or a
+        second has passed.  Said once per episode."""
+        if self.accept_trouble is None:
+            self.accept_trouble = exc.strerror or str(exc)
+            self.log("warn", "control socket: cannot accept (%s); new connections wait"
+                     % self.accept_trouble)
+        if self.accept_paused is None and self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.accept_paused = self.timers.at(monotonic() + 1.0, self.resume_accept)
+
+    def resume_accept(self):
+        if self.accept_paused is None:
+            return
+        self.timers.cancel(self.accept_paused)
+        self.accept_paused = None
+        if self.listener is not None:
+            self.selector.register(self.listener, selectors.EVENT_READ, self.on_accept)
 
     def service_json(self, svc, now):
         up = svc.uptime(now) if svc.alive() else None
@@ -2648,7 +2941,8 @@ class Supervisor:
                 "status": svc.status_text, "mainpid": svc.mainpid,
                 "retry_in": round(svc.deadline - now, 3)
                 if svc.state == BACKOFF and svc.deadline is not None else None,
-                "failures": svc.failures, "waiting_for": svc.waiting_for}
+                "failures": svc.failures, "waiting_for": svc.waiting_for,
+                "dropped_bytes": svc.dropped_bytes}
 
     def status_json(self, names=None):
         """The snapshot of the supervisor and its services (status --json)."""
@@ -2658,7 +2952,8 @@ class Supervisor:
         return {"supervisor": {"pid": os.getpid(), "version": __version__, "hash": self.hash,
                                "started": round(self.started, 3), "reexecs": self.reexecs,
                                "reexeced": round(self.reexeced, 3) if self.reexeced else None,
-                               "config": self.config.path, "pidfds": self.watcher.uses_pidfds},
+                               "config": self.config.path, "pidfds": self.watcher.uses_pidfds,
+                               "dropped_bytes": self.log_dropped},
                 "services": [self.service_json(s, now) for s in svcs]}
 
     def resolve_names(self, names, client):
@@ -2722,7 +3017,10 @@ class Supervisor:
             client.flush()
             client.close()
         if self.listener is not None:
-            self.selector.unregister(self.listener)
+            if self.accept_paused is None:
+                self.selector.unregister(self.listener)
+            self.timers.cancel(self.accept_paused)
+            self.accept_paused = None
             self.listener.close()
             self.listener = None
 
@@ -3094,6 +3392,71 @@ def _note_signal(signum, frame):
 # Control socket (server side): one JSON object per line, versioned
 # ---------------------------------------------------------------------------
 
+MAX_CLIENTS = 128                 # control connections at once; the next are refused
+FD_RESERVE = 32                   # the last descriptors: for services, never for a client
+MAX_LOG_LINES = 100000            # `log -n` at most
+
+
+def _is_names(v):
+    return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+
+# What a request's args may hold: key -> (check, what it must be).  Every key a
+# command reads is here, so that no handler meets a value of the wrong type.
+REQUEST_ARGS = {
+    "names": (_is_names, "a list of service names"),
+    "name": (lambda v: isinstance(v, str), "a service name"),
+    "n": (lambda v: type(v) is int and 0 <= v <= MAX_LOG_LINES,
+          "a whole number from 0 to %d" % MAX_LOG_LINES),
+    "signal": (lambda v: isinstance(v, str) and len(v) <= 32 or type(v) is int and 0 <= v < 1024,
+               "a signal name or number"),
+    "follow": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def validate_request(req):
+    """What is wrong with a decoded request, in one line, or None if nothing."""
+    if not isinstance(req, dict):
+        return "bad request: expected one JSON object"
+    v = req.get("v", PROTOCOL)
+    if type(v) is not int or not 1 <= v < 1 << 31:      # type(): true is not a version
+        return "bad request: v must be a protocol version (a whole number from 1)"
+    cmd = req.get("cmd")
+    if not isinstance(cmd, str) or not 0 < len(cmd) <= 64:
+        return "bad request: cmd must be a command name"
+    args = req.get("args")
+    if args is None:
+        return None
+    if not isinstance(args, dict):
+        return "bad request: args must be an object"
+    for key, (check, what) in REQUEST_ARGS.items():
+        if args.get(key) is not None and not check(args[key]):
+            return "bad request: %s must be %s" % (key, what)
+    return None
+
+
+def too_busy(fd, clients):
+    """Why a new control connection is refused, or None."""
+    if clients >= MAX_CLIENTS:
+        return "too many control connections (%d); try again later" % MAX_CLIENTS
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and fd >= soft - FD_RESERVE:
+        return "the supervisor is short of file descriptors (limit %d); try again later" % soft
+    return None
+
+
+def refuse(conn, message):
+    """Answer a connection we do not serve, at once, and close it: no state kept."""
+    try:
+        conn.setblocking(False)
+        conn.send(json.dumps({"ok": False, "error": message}).encode() + b"\n")
+        conn.recv(MAX_REQUEST)        # a request left unread would turn our close into a reset
+    except OSError:
+        pass
+    conn.close()
+
+
 class ControlClient:
     """One connection to the control socket.  Non-blocking both ways, a bounded
     request, a deadline for it: a slow or hostile client never stalls the loop."""
@@ -3139,10 +3502,11 @@ class ControlClient:
                     return
                 try:
                     request = json.loads(line.decode("utf-8"))
-                    if not isinstance(request, dict):
-                        raise ValueError("not an object")
-                except ValueError:
-                    self.reply({"ok": False, "error": "bad request: expected one JSON object"})
+                except (ValueError, RecursionError):     # RecursionError: [[[[... nested deep
+                    request = None
+                error = validate_request(request)
+                if error:
+                    self.reply({"ok": False, "error": error})
                     return
                 self.sup.handle_request(self, request)
             elif len(self.inbuf) > MAX_REQUEST:
@@ -3160,10 +3524,14 @@ class ControlClient:
     def reply(self, obj, keep_open=False):
         self.streaming = keep_open
         self.send(obj)
-        if not keep_open:
+        if not keep_open and self.sock is not None:
             self.closing = True
             if not self.outbuf:
                 self.close()
+            else:
+                # a client that does not read its answer is not kept for ever
+                self.sup.timers.cancel(self.timer)
+                self.timer = self.sup.timers.at(monotonic() + CLIENT_TIMEOUT, self.close)
 
     def send_lines(self, lines):
         for line in lines:
@@ -3197,6 +3565,8 @@ class ControlClient:
                 followers.remove(self)
         self.sock.close()
         self.sock = None
+        if self.sup.accept_paused is not None:
+            self.sup.resume_accept()          # a descriptor just freed
 
 
 def peer_uid(sock):
@@ -3816,7 +4186,22 @@ def redirect_output(path):
     os.close(fd)
 
 
+def claim_std_fds():
+    """A supervisor started with stdin, stdout or stderr closed gets /dev/null
+    there: else the next file it opens (its lock, a socket) would take fd 1 or 2
+    and receive its output."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def cmd_run(args, config_path, script, source):
+    claim_std_fds()
     try:
         config = load_config(config_path)
     except ConfigErrors as exc:
