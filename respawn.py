@@ -3402,9 +3402,10 @@ def _is_names(v):
 
 
 # What a request's args may hold: key -> (check, what it must be).  Every key a
-# command reads is here, so that no handler meets a value of the wrong type.
+# command reads is here, so that no handler meets a value of the wrong type;
+# a null is a wrong type too (handlers read args.get(key, default)), but for names.
 REQUEST_ARGS = {
-    "names": (_is_names, "a list of service names"),
+    "names": (lambda v: v is None or _is_names(v), "a list of service names"),
     "name": (lambda v: isinstance(v, str), "a service name"),
     "n": (lambda v: type(v) is int and 0 <= v <= MAX_LOG_LINES,
           "a whole number from 0 to %d" % MAX_LOG_LINES),
@@ -3430,7 +3431,7 @@ def validate_request(req):
     if not isinstance(args, dict):
         return "bad request: args must be an object"
     for key, (check, what) in REQUEST_ARGS.items():
-        if args.get(key) is not None and not check(args[key]):
+        if key in args and not check(args[key]):
             return "bad request: %s must be %s" % (key, what)
     return None
 

@@ -5837,5 +5837,634 @@ class TestUpgradeFromRelease(ReexecCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+# ---------------------------------------------------------------------------
+# Faults and hostile input at run time (issue 12): full disks, stalled or gone
+# outputs, extreme values, malformed and fuzzed requests, descriptor limits
+# ---------------------------------------------------------------------------
+
+LINES = r"""
+import itertools, sys, time
+for i in itertools.count():
+    sys.stdout.write("%07d %s\n" % (i, "z" * 52))
+    sys.stdout.flush()
+    time.sleep(float(sys.argv[1]))
+"""
+LINE_RE = re.compile(r"^\d{7} z{52}$")
+
+
+def cpu_seconds(pid):
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sockets_of(pid):
+    """How many sockets pid holds (its listener, its clients)."""
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            n += os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:")
+        except OSError:
+            pass
+    return n
+
+
+def rss_kib(pid):
+    return int(proc_status(pid)["VmRSS"].split()[0])
+
+
+def fault_sup(test, config, **kw):
+    text = textwrap.dedent(config).lstrip()
+    if text.startswith("[respawn]\n"):          # into HEADER's section, not a second one
+        text = text[len("[respawn]\n"):]
+    sup = Sup(test, HEADER.rstrip("\n") + "\n" + text, **kw)
+    write_file(sup.path("lines.py"), LINES)
+    return sup
+
+
+def start_with(sup, stdout=None, stderr=None, preexec_fn=None):
+    """Sup.start with the supervisor's stdout and stderr (and limits) of the test's
+    choosing; None: the files Sup reads back."""
+    sup.out = open(sup.out_path, "ab")
+    sup.err = open(sup.err_path, "ab")
+    sup.proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "run"],
+                                stdout=sup.out if stdout is None else stdout,
+                                stderr=sup.err if stderr is None else stderr, env=sup.env, start_new_session=True, cwd=sup.dir,
+                                preexec_fn=preexec_fn)
+    wait_for(lambda: sup.answers(), what="the supervisor's socket")
+    return sup
+
+
+def respawns(test, sup, name):
+    """Kill a service; it comes back with a new pid."""
+    pid = sup.wait_state(name, "RUNNING")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    new = sup.wait_pid_change(name, pid)
+    test.assertNotEqual(new["pid"], pid)
+
+
+def respawns_by_log(sup, name):
+    """respawns() for a supervisor that refuses clients: kill, and read its log."""
+    started = lambda: re.findall(r"%s: started pid (\d+)" % name, sup.stderr())
+    pids = wait_for(started, what="%s started" % name)
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    wait_for(lambda: len(started()) > len(pids), what="%s started again" % name)
+
+
+def small_tmpfs(test, size):
+    """A fresh tmpfs of `size` bytes (we run as root in CI); skip where mount is refused."""
+    d = tempfile.mkdtemp(prefix="respawn-tmpfs-")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % size, "tmpfs", d],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if p.returncode != 0:
+        os.rmdir(d)
+        test.skipTest("cannot mount a tmpfs (needs root): %s" % p.stdout.strip())
+    # registered first, so it runs last: after the supervisor has closed its files
+    test.addCleanup(os.rmdir, d)
+    test.addCleanup(subprocess.run, ["umount", "-l", d])
+    return d
+
+
+def fill(path):
+    """Fill the file system of path; the bytes written."""
+    chunk, n = b"f" * 4096, 0
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                n += f.write(chunk)
+            except OSError:
+                return n
+
+
+class TestFaultWriter(unittest.TestCase):
+    """The Writer in-process: what cannot be written is dropped in whole lines, counted,
+    and reported once per episode."""
+
+    def test_a_full_pipe_drops_whole_lines_and_recovers(self):
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        said = []
+        out = respawn.Writer(w, "pipe", lambda level, message: said.append((level, message)))
+        self.addCleanup(out.close)
+        line = b"%07d " + b"p" * 92 + b"\n"
+        total = 0
+        for i in range(5000):                          # 500 KB into a 64 KiB pipe, nobody reading
+            total += len(line % i)
+            out.write(line % i)
+        self.assertGreater(out.dropped, 0)
+        self.assertEqual([l for l, _ in said], ["warn"], said)    # once for the whole episode
+        data = b""
+        os.set_blocking(r, False)
+        while True:
+            try:
+                data += os.read(r, 1 << 16)
+            except BlockingIOError:
+                break
+        out.last_drop -= 2.0                          # the episode's quiet second, without waiting
+        out.write(b"after\n")
+        data += os.read(r, 1 << 16)
+        lines = data.split(b"\n")
+        self.assertEqual(lines[-1], b"")
+        self.assertEqual(lines[-2], b"after")
+        for l in lines[:-2]:
+            self.assertRegex(l, rb"^\d{7} p{92}$")       # no torn line
+        self.assertEqual(len(data) + out.dropped, total + len(b"after\n"))
+        self.assertEqual([l for l, _ in said], ["warn", "info"])
+        self.assertIn("%d bytes were dropped" % out.dropped, said[1][1])
+
+    def test_a_line_begun_in_a_file_is_finished_not_torn(self):
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        out = respawn.Writer(w, "pipe")
+        self.addCleanup(out.close)
+        out.write(b"head of a line ")                 # a service's line, not finished yet
+        n = 0
+        while not out.failing:
+            out.write(b"x" * 1000)                     # ... goes on, until the pipe is full
+            n += 1
+        out.write(b" its end\nnext\n" + b"y" * 10)     # its end kept; "next" and y.. dropped
+        out.write(b"yyy\nwhole\n")                      # the rest of the y line dropped too
+        os.set_blocking(r, False)
+        data = b""
+        while True:
+            try:
+                data += os.read(r, 1 << 16)
+            except BlockingIOError:
+                break
+        out.last_drop -= 2.0
+        out.write(b"later\n")
+        data += os.read(r, 1 << 16)
+        self.assertTrue(data.startswith(b"head of a line "))
+        self.assertEqual(data.split(b"\n")[1:], [b"later", b""], data[-200:])
+        self.assertTrue(data.split(b"\n")[0].endswith(b" its end"))
+
+    def test_a_full_file_keeps_no_half_line(self):
+        d = small_tmpfs(self, 64 * 1024)
+        path = os.path.join(d, "f.log")
+        log = respawn.LogFile(path, 0, 0)
+        self.addCleanup(log.close)
+        line = b"%07d " + b"q" * 52 + b"\n"
+        i = 0
+        while not log.out.failing:
+            log.write(line % i)
+            i += 1
+        for j in range(i, i + 100):
+            log.write(line % j)
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertTrue(data.endswith(b"\n"), data[-80:])
+        for l in data.split(b"\n")[:-1]:
+            self.assertRegex(l, rb"^\d{7} q{52}$")
+        self.assertEqual(len(data) + log.dropped, (i + 100) * len(line % 0))
+
+
+class TestFaultOutput(unittest.TestCase):
+    """The supervisor's outputs fail: /dev/full, a pipe nobody reads, a full disk."""
+
+    CONFIG = """\
+        [program:chatty]
+        command = {py} {dir}/lines.py 0.01
+        startsecs = 0
+        [program:filed]
+        command = {py} {dir}/lines.py 0.01
+        stdout_logfile = /dev/full
+        startsecs = 0
+        [program:victim]
+        command = sleep 1000
+        startsecs = 0
+        """
+
+    def test_stdout_and_stderr_on_dev_full(self):
+        # everything to /dev/full: the log too, so nothing tells but the counters
+        sup = fault_sup(self, self.CONFIG)
+        full = open("/dev/full", "wb")
+        self.addCleanup(full.close)
+        start_with(sup, full, full)
+        wait_for(lambda: all(s["dropped_bytes"] > 0 for s in sup.status()["services"]
+                             if s["name"] != "victim"), what="output counted as dropped")
+        self.assertGreater(sup.status()["supervisor"]["dropped_bytes"], 0)
+        respawns(self, sup, "victim")
+        respawns(self, sup, "chatty")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_stdout_on_dev_full_is_said_once(self):
+        sup = fault_sup(self, "[respawn]\nlogfile = {dir}/sup.log\n" + textwrap.dedent(self.CONFIG))
+        full = open("/dev/full", "wb")
+        self.addCleanup(full.close)
+        start_with(sup, full)
+        log = sup.path("sup.log")
+        wait_for(lambda: "filed: cannot write to /dev/full" in read_text(log), what="the warning")
+        wait_for(lambda: "cannot write to stdout" in read_text(log), what="the warning")
+        n = sup.svc("chatty")["dropped_bytes"]
+        wait_for(lambda: sup.svc("chatty")["dropped_bytes"] > n, what="more dropped")
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+        text = read_text(log)
+        self.assertEqual(text.count("cannot write to stdout"), 1, text)
+        self.assertEqual(text.count("filed: cannot write to /dev/full"), 1, text)
+        self.assertNotIn("internal error", text)
+        self.assertNotIn("Traceback", text + sup.stderr())
+
+    def test_a_pipe_nobody_reads(self):
+        sup = fault_sup(self, """\
+            [program:flood]
+            command = {py} {dir}/lines.py 0
+            startsecs = 0
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        try:
+            start_with(sup, w, w)
+        finally:
+            os.close(w)
+        wait_for(lambda: sup.svc("flood")["dropped_bytes"] > 1 << 20, what="a full pipe")
+        respawns(self, sup, "victim")              # it answers status and supervises meanwhile
+        # a reader at last: what comes through is whole lines, and the log says it resumed
+        got, stop = [], threading.Event()
+
+        def drain():
+            while not stop.is_set():
+                data = os.read(r, 1 << 16)
+                if not data:
+                    return
+                got.append(data)
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        self.addCleanup(reader.join, 10)
+        self.addCleanup(stop.set)
+        wait_for(lambda: b"bytes were dropped" in b"".join(got), what="the recovery line")
+        self.assertEqual(sup.terminate(), 0)
+        reader.join(DEADLINE)
+        text = b"".join(got).decode()
+        self.assertEqual(text.count("cannot write to stdout and stderr"), 0)   # it could not be said
+        for line in text.splitlines():
+            if line.startswith("flood | "):
+                self.assertRegex(line[len("flood | "):], LINE_RE)
+            else:
+                self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:.]+ (INFO|WARN|ERROR) ")
+        self.assertNotIn("internal error", text)
+
+    def test_a_full_disk_under_both_logs(self):
+        d = small_tmpfs(self, 256 * 1024)
+        sup = fault_sup(self, """\
+            [respawn]
+            logfile = %s/sup.log
+            [program:writer]
+            command = {py} {dir}/lines.py 0.002
+            stdout_logfile = %s/writer.log
+            stdout_logfile_maxbytes = 0
+            startsecs = 0
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            """ % (d, d))
+        sup.start()
+        log = os.path.join(d, "writer.log")
+        wait_for(lambda: os.path.exists(log) and os.path.getsize(log) > 6000, what="lines written")
+        filler = os.path.join(d, "filler")
+        fill(filler)
+        wait_for(lambda: sup.svc("writer")["dropped_bytes"] > 10000, what="output dropped")
+        for _ in range(100):                        # until the log's last page is full too
+            respawns(self, sup, "victim")           # its lines go nowhere, and are counted
+            if sup.status()["supervisor"]["dropped_bytes"]:
+                break
+        self.assertGreater(sup.status()["supervisor"]["dropped_bytes"], 0)
+        wait_for(lambda: "cannot write to the logfile" in sup.stderr(), what="stderr told")
+        os.unlink(filler)                           # space comes back
+        wait_for(lambda: "writer: writing to %s/writer.log again" % d in read_text(os.path.join(d, "sup.log")),
+                 what="the recovery in the log")
+        wait_for(lambda: "writing to the logfile %s/sup.log again" % d in read_text(os.path.join(d, "sup.log")),
+                 what="the log's own recovery")
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+        lines = read_text(os.path.join(d, "writer.log")).split("\n")
+        self.assertEqual(lines[-1], "")
+        for line in lines[:-1]:
+            self.assertRegex(line, LINE_RE)          # no torn line, before or after
+        numbers = [int(l.split()[0]) for l in lines[:-1]]
+        self.assertEqual(numbers, sorted(numbers))
+        self.assertTrue(any(b - a > 1 for a, b in zip(numbers, numbers[1:])), "no gap: nothing dropped?")
+        own = read_text(os.path.join(d, "sup.log"))
+        for line in own.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:.]+ (INFO|WARN|ERROR) ")
+        self.assertEqual(own.count("writer: cannot write to"), own.count("writer: writing to") or 1)
+        self.assertNotIn("internal error", own)
+
+
+class TestFaultExtremeValues(unittest.TestCase):
+    """The largest durations check accepts run: timers days away, a loop that still turns."""
+
+    def test_the_longest_durations(self):
+        longest = "%d" % getattr(respawn, "MAX_DURATION", 30 * 86400)
+        sup = fault_sup(self, """\
+            [program:slow]
+            command = sleep 1000
+            startsecs = {longest}
+            [program:probed]
+            command = sleep 1000
+            startsecs = 0
+            healthcheck = exec:true
+            healthcheck_interval = {longest}
+            stopwaitsecs = {longest}
+            backoff = {longest}
+            backoff_max = {longest}
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            ready_timeout = {longest}
+            """.replace("{longest}", longest))
+        p = sup.ctl("check")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        sup.start()
+        sup.wait_state("slow", "STARTING")
+        sup.wait_state("probed", "RUNNING")
+        respawns(self, sup, "victim")
+        respawns(self, sup, "probed")
+        for _ in range(3):
+            self.assertEqual(len(sup.status()["services"]), 3)
+        self.assertEqual(sup.terminate(), 0)
+        self.assertNotIn("internal error", sup.stderr())
+
+
+class TestFaultControl(unittest.TestCase):
+    """Malformed, fuzzed, stalled and too many clients: one answer and a close each,
+    and supervision goes on."""
+
+    def start(self):
+        sup = fault_sup(self, """\
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        return sup.start()
+
+    def exchange(self, sup, payload, timeout=DEADLINE):
+        """Send raw bytes; every answer line until the supervisor closes."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(sup.sock)
+            try:
+                s.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            data = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    break
+                data += chunk
+        return [json.loads(l) for l in data.decode().splitlines()]
+
+    MALFORMED = [
+        b'{"v": "1", "cmd": "status"}', b'{"v": null, "cmd": "status"}', b'{"v": [1], "cmd": "status"}',
+        b'{"v": true, "cmd": "status"}', b'{"v": 1e999, "cmd": "status"}', b'{"v": 0, "cmd": "status"}',
+        b'{"v": ' + b"9" * 5000 + b', "cmd": "status"}', b'{"v": -1, "cmd": "status"}',
+        b'{"v": 1, "cmd": 7}', b'{"v": 1, "cmd": null}', b'{"v": 1, "cmd": ["status"]}', b'{"v": 1}',
+        b'{"v": 1, "cmd": "status", "args": []}', b'{"v": 1, "cmd": "status", "args": "x"}',
+        b'{"v": 1, "cmd": "status", "args": {"names": "victim"}}',
+        b'{"v": 1, "cmd": "status", "args": {"names": [1, 2]}}',
+        b'{"v": 1, "cmd": "status", "args": {"names": [["victim"]]}}',
+        b'{"v": 1, "cmd": "status", "args": {"names": {"a": 1}}}',
+        b'{"v": 1, "cmd": "stop", "args": {"names": 5}}',
+        b'{"v": 1, "cmd": "start", "args": {"names": [null]}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "n": "20"}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "n": 1e999}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "n": -5}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "n": 10000000000}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "n": true}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "n": null}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": null}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": ["victim"]}}',
+        b'{"v": 1, "cmd": "log", "args": {"name": "victim", "follow": "yes"}}',
+        b'{"v": 1, "cmd": "signal", "args": {"names": ["victim"], "signal": ["KILL"]}}',
+        b'{"v": 1, "cmd": "signal", "args": {"names": ["victim"], "signal": 1e99}}',
+        b'{"v": 1, "cmd": "signal", "args": {"names": ["victim"], "signal": ' + b"9" * 5000 + b'}}',
+        b"[" * 30000 + b"]" * 30000, b'{"v": 1, "cmd": "status", "args": {"names": ' + b"[" * 20000 + b"]" * 20000 + b"}}",
+        b"[1, 2]", b"42", b'"status"', b"null", b"\xff\xfe{}", b'{"v": 1, "cmd": "sta\xc3\x28tus"}',
+        b'{"v": 1, "cmd": "status"\x00}', b"\x00" * 100, b"", b"{", b'{"v": 1, "cmd": "\\u0000"}',
+        b'{"v": 1, "cmd": "status", "args": {"names": ["vic\\u0000tim"]}}',
+    ]
+
+    def test_malformed_requests_get_one_answer_and_a_close(self):
+        sup = self.start()
+        for payload in self.MALFORMED:
+            answers = self.exchange(sup, payload + b"\n")
+            self.assertEqual(len(answers), 1, payload[:80])
+            self.assertFalse(answers[0]["ok"], payload[:80])
+            self.assertIsInstance(answers[0]["error"], str)
+        # no args, or no names, are plain requests, answered as such
+        for payload in (b'{"v": 1, "cmd": "status", "args": null}',
+                        b'{"v": 1, "cmd": "status", "args": {"names": null}}'):
+            answers = self.exchange(sup, payload + b"\n")
+            self.assertEqual(len(answers), 1, payload)
+            self.assertTrue(answers[0]["ok"], answers)
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_fuzzed_requests(self):
+        sup = self.start()
+        pid = sup.proc.pid
+        rng = random.Random(12)
+
+        def value(depth=0):
+            kind = rng.randrange(12)
+            if kind == 0:
+                return None
+            if kind == 1:
+                return rng.choice([True, False])
+            if kind == 2:
+                return rng.choice([0, 1, -1, 2 ** 31, 2 ** 63, -2 ** 63, 10 ** 30, rng.randrange(-99, 99)])
+            if kind == 3:
+                return rng.choice([0.5, -1e308, 1e308, 1e-300])
+            if kind == 4 and depth < 6:
+                return [value(depth + 1) for _ in range(rng.randrange(4))]
+            if kind == 5 and depth < 6:
+                return {rng.choice(["names", "name", "n", "signal", "x", ""]): value(depth + 1)
+                        for _ in range(rng.randrange(4))}
+            if kind == 6:
+                return rng.choice(["victim", "all", "KILL", "0", "9", "-1"])   # no stop, no kill: see cmd
+            return "".join(rng.choice("ab\x00\u00e9\u2028\ud7ff\U0001f600\"\\{}[]:, 9") for _ in range(rng.randrange(12)))
+
+        def request():
+            # commands that cannot stop the victim or the supervisor, whatever the args
+            req = {"v": rng.choice([1, 1, 1, value()]), "cmd": rng.choice(["status", "log", "nope", value()]),
+                   "args": rng.choice([{}, value(), {k: value() for k in rng.sample(
+                       ["names", "name", "n", "signal", "other"], rng.randrange(1, 4))}])}
+            for key in list(req):
+                if rng.random() < 0.1:
+                    del req[key]
+            data = json.dumps(req).encode()
+            r = rng.random()
+            if r < 0.1:                             # bytes flipped
+                data = bytearray(data)
+                for _ in range(rng.randrange(1, 4)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                data = bytes(data).replace(b"\n", b" ")
+            elif r < 0.15:
+                data = data[:rng.randrange(len(data))]   # cut short
+            return data + b"\n"
+
+        def fuzz(count):
+            for _ in range(count):
+                payload = request()
+                answers = self.exchange(sup, payload)
+                self.assertLessEqual(len(answers), 1, payload)
+                if answers and "services" not in answers[0] and "lines" not in answers[0]:
+                    self.assertIn("error", answers[0], payload)
+
+        fuzz(300)                                   # settle: imports, buffers, first allocations
+        fds, rss = fd_count(pid), rss_kib(pid)
+        fuzz(3000)
+        self.assertLessEqual(fd_count(pid), fds + 2)
+        self.assertLess(rss_kib(pid) - rss, 8 * 1024, "memory grew by more than 8 MiB")
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_stalled_clients_meet_a_deadline_for_the_whole_request(self):
+        sup = self.start()
+        pid = sup.proc.pid
+        wait_for(lambda: sockets_of(pid) == 1, what="only the listener")
+        fds = fd_count(pid)
+        for i in range(50):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(s.close)
+            s.connect(sup.sock)
+            s.sendall(b'{"v": 1, "cmd": "status", "args": {"names": ["vic')
+        wait_for(lambda: sockets_of(pid) == 51, what="50 clients accepted")
+        # one that trickles a byte at a time never finishes: no read resets its deadline
+        trickler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(trickler.close)
+        trickler.connect(sup.sock)
+        trickler.settimeout(0.2)
+        t0 = time.monotonic()
+        closed = False
+        while time.monotonic() - t0 < respawn.CLIENT_TIMEOUT + DEADLINE:
+            try:
+                trickler.send(b" ")
+                if trickler.recv(100) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        self.assertTrue(closed, "a trickling client was never closed")
+        respawns(self, sup, "victim")
+        wait_for(lambda: sockets_of(pid) == 1, what="every stalled client closed")
+        self.assertLessEqual(fd_count(pid), fds)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_more_clients_than_the_bound_are_refused_politely(self):
+        sup = self.start()
+        pid = sup.proc.pid
+        held = []
+        wait_for(lambda: sockets_of(pid) == 1, what="only the listener")
+        for _ in range(respawn.MAX_CLIENTS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(s.close)
+            s.connect(sup.sock)
+            held.append(s)
+        wait_for(lambda: sockets_of(pid) == 1 + respawn.MAX_CLIENTS, what="the clients accepted")
+        answers = self.exchange(sup, b'{"v": 1, "cmd": "status"}\n')
+        self.assertEqual(len(answers), 1)
+        self.assertFalse(answers[0]["ok"])
+        self.assertIn("too many control connections", answers[0]["error"])
+        p = sup.ctl("status")
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("too many control connections", p.stdout + p.stderr)
+        respawns_by_log(sup, "victim")          # supervision goes on at the bound
+        for s in held:
+            s.close()
+        wait_for(lambda: sup.answers(), what="status once the clients went away")
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestFaultDescriptors(unittest.TestCase):
+    """RLIMIT_NOFILE reached: clients are refused before services run short, and an
+    accept() that fails is paused, not spun on."""
+
+    def test_a_low_descriptor_limit_keeps_descriptors_for_services(self):
+        import resource
+        sup = fault_sup(self, """\
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        limit = 64
+        start_with(sup, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+        pid = sup.proc.pid
+        held, refused = [], 0
+        for _ in range(80):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(s.close)
+            s.connect(sup.sock)
+            held.append(s)
+        for s in held:
+            s.settimeout(0.05)
+            try:
+                data = s.recv(4096)
+            except socket.timeout:
+                continue
+            if b"short of file descriptors" in data:
+                refused += 1
+        self.assertGreater(refused, 0)
+        self.assertLessEqual(fd_count(pid), limit - respawn.FD_RESERVE + 1)
+        p = sup.ctl("status")                       # refused, politely
+        self.assertIn("short of file descriptors", p.stdout + p.stderr)
+        for _ in range(3):
+            respawns_by_log(sup, "victim")          # the reserve is the services'
+        for s in held:
+            s.close()
+        wait_for(lambda: sup.answers(), what="status once the clients went away")
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+        self.assertNotIn("internal error", sup.stderr())
+
+    def test_emfile_pauses_accept_until_a_descriptor_frees(self):
+        import resource
+        sup = fault_sup(self, """\
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        sup.start()
+        pid = sup.proc.pid
+        sup.wait_state("victim", "RUNNING")
+        before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        self.addCleanup(lambda: sup.proc.poll() is None and resource.prlimit(pid, resource.RLIMIT_NOFILE, before))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (fd_count(pid), before[1]))   # not one more
+        waiting = []
+        for _ in range(10):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(s.close)
+            s.connect(sup.sock)                      # queued in the listen backlog
+            s.sendall(b'{"v": 1, "cmd": "status"}\n')
+            waiting.append(s)
+        sup.wait_log("control socket: cannot accept (Too many open files)")
+        cpu, t0 = cpu_seconds(pid), time.monotonic()
+        wait_for(lambda: time.monotonic() - t0 > 3, what="three seconds")
+        self.assertLess(cpu_seconds(pid) - cpu, 1.0, "the supervisor spins on a failing accept")
+        self.assertEqual(sup.stderr().count("cannot accept"), 1)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+        for s in waiting:
+            s.settimeout(DEADLINE)
+            answer = json.loads(s.makefile("rb").readline())
+            self.assertTrue(answer["ok"])
+            self.assertIn("services", answer)
+        sup.wait_log("control socket: accepting connections again")
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
+        self.assertEqual(sup.stderr().count("cannot accept"), 1)
+
+
 if __name__ == "__main__":
     unittest.main()
