@@ -6113,6 +6113,22 @@ class TestFaultOutput(unittest.TestCase):
                 self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:.]+ (INFO|WARN|ERROR) ")
         self.assertNotIn("internal error", text)
 
+    def test_stdout_whose_reader_is_gone(self):
+        sup = fault_sup(self, "[respawn]\nlogfile = {dir}/sup.log\n" + textwrap.dedent(self.CONFIG))
+        r, w = os.pipe()
+        try:
+            start_with(sup, w)
+        finally:
+            os.close(w)
+        os.close(r)                                  # EPIPE from now on (SIGPIPE is ignored)
+        wait_for(lambda: sup.svc("chatty")["dropped_bytes"] > 0, what="output dropped")
+        respawns(self, sup, "victim")
+        respawns(self, sup, "chatty")
+        self.assertEqual(sup.terminate(), 0)
+        text = read_text(sup.path("sup.log"))
+        self.assertEqual(text.count("cannot write to stdout (Broken pipe)"), 1, text)
+        self.assertNotIn("internal error", text)
+
     def test_a_full_disk_under_both_logs(self):
         d = small_tmpfs(self, 256 * 1024)
         sup = fault_sup(self, """\
