@@ -1771,7 +1771,7 @@ class Writer:
     def fail(self, why):
         """An episode begins, unless one is going on."""
         if not self.failing:
-            self.failing = why
+            self.failing, self.last_drop = why, monotonic()
             if self.report:
                 self.report("warn", "cannot write to %s (%s): dropping output until it can"
                             % (self.name, why))

@@ -6001,6 +6001,28 @@ class TestFaultWriter(unittest.TestCase):
         self.assertEqual(data.split(b"\n")[1:], [b"later", b""], data[-200:])
         self.assertTrue(data.split(b"\n")[0].endswith(b" its end"))
 
+    def test_a_log_file_that_cannot_be_reopened_is_tried_again(self):
+        d = temp_dir(self)
+        said = []
+        log = respawn.LogFile(os.path.join(d, "sub", "x.log"), 0, 0,
+                              lambda level, message: said.append(message))
+        self.addCleanup(log.close)
+        log.write(b"one\n")
+        os.rename(os.path.join(d, "sub"), os.path.join(d, "old"))
+        write_file(os.path.join(d, "sub"), "a file where the folder was")
+        log.reopen()                                   # SIGUSR1: cannot open, said once
+        self.assertEqual(log.write(b"two\n"), 4)      # dropped, not raised
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("cannot open it", said[0])
+        os.unlink(os.path.join(d, "sub"))
+        log.open_failed -= 2 * log.REOPEN_EVERY        # its next try is due
+        self.assertEqual(log.write(b"three\n"), 0)
+        log.out.last_drop -= 2.0                        # and a quiet second has passed
+        self.assertEqual(log.write(b"four\n"), 0)
+        self.assertEqual(read_text(os.path.join(d, "sub", "x.log")), "three\nfour\n")
+        self.assertEqual(len(said), 2, said)
+        self.assertIn("again; 4 bytes were dropped", said[1])
+
     def test_a_full_file_keeps_no_half_line(self):
         d = small_tmpfs(self, 64 * 1024)
         path = os.path.join(d, "f.log")
