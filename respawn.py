@@ -1672,19 +1672,25 @@ def set_subreaper():
 # Output: service pipes, line prefixing, log files
 # ---------------------------------------------------------------------------
 
+QUEUE_MAX = 1 << 20               # output kept for a slow pipe or terminal, then dropped
+
+
 class Writer:
     """One fd the supervisor writes output to: its stdout or stderr, its own log,
     a service's log file.  A write never blocks and never raises: a full disk,
     /dev/full, a pipe nobody reads or a reader gone only makes it drop output,
-    and count it.  Lines stay whole: a line whose head was written keeps its
-    tail (written first when the fd takes data again), and a line whose head
-    was dropped is dropped to its end.  `report(level, message)` hears once when
-    an episode begins and once when it ends."""
+    and count it.  With a selector, what a pipe or terminal cannot take at once
+    waits (QUEUE_MAX at most) and goes out when the fd is writable: a reader
+    that keeps up loses nothing.  Lines stay whole: a line whose head was
+    written keeps its tail (written first when the fd takes data again), and a
+    line whose head was dropped is dropped to its end.  `report(level, message)`
+    hears once when an episode begins and once when it ends."""
 
-    def __init__(self, fd, name, report=None):
-        self.fd, self.name, self.report = fd, name, report
+    def __init__(self, fd, name, report=None, selector=None):
+        self.fd, self.name, self.report, self.selector = fd, name, report, selector
+        self.armed = False            # in the selector, waiting to write pending
         self.own = None               # a non-blocking fd of our own onto the same pipe or tty
-        self.pending = b""            # the tail of a line begun in the file
+        self.pending = b""            # what must go out first: a line's tail, or the queue
         self.open_line = False        # the fd's output ends inside a line
         self.skip = False             # dropping through the end of a line begun here
         self.failing = None           # why the current episode drops output
@@ -1711,6 +1717,7 @@ class Writer:
                 self.may_block = True  # a socket: ask poll() first, write a page at a time
 
     def close(self):
+        self._disarm()
         if self.own is not None:
             os.close(self.own)
             self.own = None
@@ -1724,6 +1731,8 @@ class Writer:
                 return self._drop(len(data))
             dropped, data, self.skip = self._drop(cut), data[cut:], False
         if self.pending:
+            if self.armed:            # waiting for the fd: after what waits already
+                return dropped + self._queue(data)
             data, self.pending = self.pending + data, b""
         if not data:
             return dropped
@@ -1744,6 +1753,8 @@ class Writer:
                 self._recovered()
             return dropped
         rest = data[n:]
+        if self.selector is not None and not self.regular and error is None:
+            return dropped + self._queue(rest)      # a pipe or terminal, full for now
         if self.open_line:
             # finish the line begun in the file before anything else goes there
             end = rest.find(b"\n") + 1 or len(rest)
@@ -1760,6 +1771,75 @@ class Writer:
         self.fail(error or (os.strerror(errno.ENOSPC) if self.regular
                             else "full: its reader does not keep up"))
         return dropped
+
+    def _queue(self, data):
+        """Keep data until the fd is writable: whole lines, QUEUE_MAX at most."""
+        room = QUEUE_MAX - len(self.pending)
+        if len(data) <= room:
+            self.pending += data
+            self._arm()
+            return 0
+        cut = data.rfind(b"\n", 0, max(0, room)) + 1
+        ends_open = self.pending[-1:] != b"\n" if self.pending else self.open_line
+        tail = b""
+        if ends_open and not cut:     # the line begun is finished first, or cut as a pipe cuts it
+            end = data.find(b"\n") + 1
+            if 0 < end <= MAX_PARTIAL:
+                cut = end
+            else:
+                cut, tail = min(len(data), MAX_PARTIAL), b"\n"
+        self.pending += data[:cut] + tail
+        self._arm()
+        rest = data[cut:]
+        if not rest:
+            return 0
+        self.skip = not rest.endswith(b"\n")
+        self.fail("full: its reader does not keep up")
+        return self._drop(len(rest))
+
+    def flush(self, mask=None):
+        """The fd is writable (a selector callback): write what waits."""
+        try:
+            n, error = self._write(self.pending), None
+        except OSError as exc:
+            n, error = 0, exc.strerror or str(exc)
+        if n:
+            self.written += n
+            self.open_line = self.pending[n - 1] != 0x0A
+            self.pending = self.pending[n:]
+        if error and self.pending:    # the reader is gone: what waited is lost
+            self.skip = self.pending[-1:] != b"\n"
+            self._drop(len(self.pending))
+            self.pending = b""
+            self.fail(error)
+        if not self.pending:
+            self._disarm()
+            if self.failing and monotonic() - self.last_drop >= 1.0:
+                self._recovered()
+
+    def drain(self, timeout):
+        """At exit: what waits goes out if the fd takes it within timeout seconds."""
+        deadline = monotonic() + timeout
+        while self.pending and self.fd >= 0:
+            left = deadline - monotonic()
+            if left <= 0:
+                break
+            try:
+                if not selectors.select.select([], [self.fd], [], left)[1]:
+                    break
+            except (OSError, ValueError):
+                break
+            self.flush()
+
+    def _arm(self):
+        if self.selector is not None and not self.armed:
+            self.selector.register(self.fd, selectors.EVENT_WRITE, self.flush)
+            self.armed = True
+
+    def _disarm(self):
+        if self.armed:
+            self.selector.unregister(self.fd)
+            self.armed = False
 
     def drop(self, data):
         """Drop data unwritten (the file cannot be opened); the number of bytes."""
@@ -2162,6 +2242,7 @@ class Supervisor:
             except OSError as exc:
                 self.log("error", "cannot open logfile %s: %s; logging to stderr" % (path, exc.strerror))
         if self.log_fd != 2:
+            self.log_out.close()
             os.close(self.log_fd)
         self.log_fd = new
         self.log_out = self.stream(2) if new == 2 else self.writer(new, "the logfile %s" % path)
@@ -2183,7 +2264,7 @@ class Supervisor:
         return out
 
     def writer(self, fd, name):
-        out = Writer(fd, name)
+        out = Writer(fd, name, selector=self.selector)
         out.report = lambda level, message: self.output_trouble(out, level, message)
         return out
 
@@ -2206,6 +2287,12 @@ class Supervisor:
             line = "%s.%03d %-5s %s%s\n" % (stamp, int(now * 1000) % 1000, level.upper(),
                                              (service + ": ") if service else "", message)
         return line.encode("utf-8", "replace")
+
+    def drain_output(self, timeout):
+        """At exit: give a slow reader of our outputs a moment for what waits."""
+        for out in set(self.streams.values()) | {self.log_out}:
+            if out is not None:
+                out.drain(timeout)
 
     def log(self, level, message, service=None):
         if LOG_LEVELS[level] < self.loglevel:
@@ -4288,6 +4375,7 @@ def supervise(sup):
                 pass
         for sink in sup.sinks.values():
             sink.close()
+        sup.drain_output(1.0)
     return sup.exit_code
 
 

@@ -5846,6 +5846,8 @@ LINES = r"""
 import itertools, sys, time
 for i in itertools.count():
     if i == int((sys.argv[2:] or [-1])[0]):
+        if sys.argv[3:]:
+            open(sys.argv[3], "w").close()
         time.sleep(1000)                # a burst of that many lines, then quiet
     sys.stdout.write("%07d %s\n" % (i, "z" * 52))
     sys.stdout.flush()
@@ -5973,6 +5975,51 @@ class TestFaultWriter(unittest.TestCase):
         self.assertEqual(len(data) + out.dropped, total + len(b"after\n"))
         self.assertEqual([l for l, _ in said], ["warn", "info"])
         self.assertIn("%d bytes were dropped" % out.dropped, said[1][1])
+
+    def test_a_slow_reader_loses_nothing_below_the_queue_bound(self):
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        sel = selectors.DefaultSelector()
+        self.addCleanup(sel.close)
+        out = respawn.Writer(w, "pipe", lambda level, message: None, selector=sel)
+        self.addCleanup(out.close)
+        line = b"%07d " + b"s" * 92 + b"\n"
+        sent = b"".join(line % i for i in range(8000))          # 800 KB at once: a burst
+        self.assertEqual(out.write(sent), 0)
+        self.assertTrue(out.armed)
+        got = b""
+        os.set_blocking(r, False)
+        deadline = time.monotonic() + DEADLINE
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            for key, mask in sel.select(0.1):
+                key.data(mask)                                  # the loop's dispatch
+            try:
+                got += os.read(r, 1 << 16)
+            except BlockingIOError:
+                pass
+        self.assertEqual(got, sent)
+        self.assertFalse(out.armed)
+        self.assertEqual(out.dropped, 0)
+        # past the bound: whole lines are dropped, and what was queued still comes out
+        more = b"".join(line % i for i in range(20000))         # 2 MB, nobody reading
+        dropped = out.write(more)
+        self.assertGreater(dropped, 0)
+        self.assertEqual(dropped % len(line % 0), 0)
+        while out.armed and time.monotonic() < deadline:
+            for key, mask in sel.select(0.1):
+                key.data(mask)
+            try:
+                got += os.read(r, 1 << 16)
+            except BlockingIOError:
+                pass
+        try:
+            got += os.read(r, 1 << 16)
+        except BlockingIOError:
+            pass
+        tail = got[len(sent):]
+        self.assertEqual(len(tail) + dropped, len(more))
+        self.assertTrue(more.startswith(tail))
 
     def test_a_line_begun_in_a_file_is_finished_not_torn(self):
         r, w = os.pipe()
@@ -6134,6 +6181,34 @@ class TestFaultOutput(unittest.TestCase):
             else:
                 self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:.]+ (INFO|WARN|ERROR) ")
         self.assertNotIn("internal error", text)
+
+    def test_a_burst_waits_for_a_late_reader(self):
+        # 5000 lines (340 KB) while nobody reads: they wait, nothing is dropped
+        sup = fault_sup(self, """\
+            [respawn]
+            logfile = {dir}/sup.log
+            [program:burst]
+            command = {py} {dir}/lines.py 0 5000 {dir}/burst.done
+            startsecs = 0
+            """)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        try:
+            start_with(sup, w)
+        finally:
+            os.close(w)
+        wait_for(lambda: os.path.exists(sup.path("burst.done")), what="the burst written")
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 1 << 16), b"")),
+                                  daemon=True)
+        reader.start()
+        self.addCleanup(reader.join, 10)
+        wait_for(lambda: b"".join(got).count(b"burst | ") == 5000, what="every line")
+        self.assertEqual(sup.svc("burst")["dropped_bytes"], 0)
+        self.assertEqual(sup.terminate(), 0)
+        for line in b"".join(got).decode().splitlines():
+            self.assertRegex(line.split(" | ", 1)[1], LINE_RE)
+        self.assertNotIn("cannot write", read_text(sup.path("sup.log")))
 
     def test_stdout_whose_reader_is_gone(self):
         sup = fault_sup(self, "[respawn]\nlogfile = {dir}/sup.log\n" + textwrap.dedent(self.CONFIG))
