@@ -6511,6 +6511,56 @@ class TestFaultDescriptors(unittest.TestCase):
     """RLIMIT_NOFILE reached: clients are refused before services run short, and an
     accept() that fails is paused, not spun on."""
 
+    WATCH = r"""
+import os, resource, selectors, signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import respawn
+if not respawn.pidfds_work():
+    print("no pidfds"); sys.exit(0)
+w = respawn.PidfdWatcher(selectors.DefaultSelector(), False)
+assert w.needs_sigchld
+child = subprocess.Popen(["sh", "-c", "exit 7"])
+child.returncode = 0                  # ours to reap, as spawn() leaves it
+got = []
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))   # not one descriptor more
+w.watch(child.pid, lambda pid, status: got.append((pid, status)))
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+assert child.pid in w.unwatched and not w.pidfds, (w.unwatched, w.pidfds)
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    w.sigchld()                       # what the loop does at each SIGCHLD
+    time.sleep(0.01)
+print(got == [(child.pid, 7)], not w.unwatched)
+"""
+
+    def test_a_child_without_a_pidfd_is_still_watched(self):
+        p = subprocess.run([PY, "-c", self.WATCH, HERE], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        if p.stdout.strip() == "no pidfds":
+            self.skipTest("this kernel has no pidfds")
+        self.assertEqual(p.stdout.strip(), "True True", p.stdout)
+
+    def test_closed_stdout_and_stderr_become_dev_null(self):
+        sup = fault_sup(self, """\
+            [respawn]
+            logfile = {dir}/sup.log
+            [program:chatty]
+            command = {py} {dir}/lines.py 0.01
+            startsecs = 0
+            """)
+        def close_outputs():
+            os.close(1)
+            os.close(2)
+        start_with(sup, preexec_fn=close_outputs)
+        pid = sup.proc.pid
+        for fd in (1, 2):
+            self.assertEqual(os.readlink("/proc/%d/fd/%d" % (pid, fd)), "/dev/null")
+        respawns(self, sup, "chatty")
+        self.assertEqual(sup.svc("chatty")["dropped_bytes"], 0)
+        self.assertEqual(sup.terminate(), 0)
+        self.assertNotIn("internal error", read_text(sup.path("sup.log")))
+
     def test_a_low_descriptor_limit_keeps_descriptors_for_services(self):
         import resource
         sup = fault_sup(self, """\
