@@ -143,6 +143,11 @@ def fmt_duration(seconds):
     return ("%dd %s" % (days, text)) if days else text
 
 
+def plural(n, word):
+    """'1 service', '3 services'."""
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
 def describe_exit(status):
     if status is None:
         return "not started"
@@ -1037,7 +1042,7 @@ def _failed_start(svc, how, now, ctx, out):
     prog = svc.program
     svc.failures += 1
     if prog.startretries is not None and svc.failures > prog.startretries:
-        reason = "%s; gave up after %d failed starts" % (how, svc.failures)
+        reason = "%s; gave up after %s" % (how, plural(svc.failures, "failed start"))
         out.append(Log("error", reason))
         _enter(svc, FATAL, reason, out)
         if ctx.exit_on_fatal:
@@ -2044,6 +2049,29 @@ def tail_file(path, n):
     return lines[-n:] if n else []
 
 
+def log_tail(sup, svc, stream, n):
+    """(lines, error) for `log NAME [--stderr] -n N`.  stream None: where stdout
+    goes, its file or the memory tail (which holds stderr too when stderr is
+    prefixed as well: the lines as they came), or stderr's for a service whose
+    stdout is not kept; "stderr": the stderr alone."""
+    if stream == "stderr":
+        target = svc.program.stream_target("stderr")
+        if target == "merged":
+            return None, "%s's stderr goes into its stdout (redirect_stderr = true): log %s shows both" % (
+                svc.name, svc.name)
+        if target == "none":
+            return None, "%s's stderr is not kept (stderr_logfile = none)" % svc.name
+        sink = sup.sink_for(svc.name, "stderr")
+        tail = sup.live[svc.name].err_tail
+    else:
+        kept = svc.program.stream_target("stdout") != "none"
+        sink = sup.sink_for(svc.name, "stdout" if kept else "stderr")
+        tail = sup.live[svc.name].tail
+    if sink is not None:
+        return tail_file(sink.path, n), None
+    return (list(tail or ())[-n:] if n else []), None
+
+
 # ---------------------------------------------------------------------------
 # Event loop: timers, the supervisor (events in, effects out), probes
 # ---------------------------------------------------------------------------
@@ -2138,13 +2166,14 @@ class Live:
     """A service's live handles, beside its record: timers by slot, probes in
     flight, its notify socket, and the recent lines `log` shows."""
 
-    __slots__ = ("timers", "probes", "notify", "tail")
+    __slots__ = ("timers", "probes", "notify", "tail", "err_tail")
 
     def __init__(self):
         self.timers = {}              # slot -> Timers entry
         self.probes = {}              # 'ready' / 'health' -> Probe
         self.notify = None            # (socket, address) for $NOTIFY_SOCKET
         self.tail = None              # deque of recent lines (prefixed output only)
+        self.err_tail = None          # the stderr lines among them alone, for `log --stderr`
 
 
 class Supervisor:
@@ -2794,8 +2823,14 @@ class Supervisor:
                 from collections import deque
                 live.tail = deque(maxlen=TAIL_LINES)
             live.tail.extend(lines)
+            if stream == "stderr":
+                if live.err_tail is None:
+                    from collections import deque
+                    live.err_tail = deque(maxlen=TAIL_LINES)
+                live.err_tail.extend(lines)
         for client in self.followers.get(name, ()):
-            client.send_lines(lines)
+            if client.log_stream in (None, stream):
+                client.send_lines(lines)
         if sink is None:
             self.count_dropped(name, self.write_prefixed(name, stream, lines))
 
@@ -2897,6 +2932,7 @@ class Supervisor:
                 client.reply({"ok": False, "error": "config rejected", "errors": [str(e) for e in exc.errors]})
             return
         summary = self.apply_config(new)
+        set_process_title(self)
         self.log("info", "reloaded %s: %s" % (new.path, ", ".join(
             "%s %s" % (k, ",".join(v)) for k, v in summary.items() if v) or "no change"))
         if client:
@@ -3336,6 +3372,9 @@ class Supervisor:
             if entry.get("tail"):
                 from collections import deque
                 self.live[svc.name].tail = deque(entry["tail"], maxlen=TAIL_LINES)
+            if entry.get("err_tail"):
+                from collections import deque
+                self.live[svc.name].err_tail = deque(entry["err_tail"], maxlen=TAIL_LINES)
         return state
 
     @batched
@@ -3555,6 +3594,7 @@ class ControlClient:
         self.streaming = False
         self.closing = False
         self.refused = None           # the answer for a peer that is not served
+        self.log_stream = None        # `log -f --stderr`: the one stream it follows
         self.fd = sock.fileno()
         sock.setblocking(False)
         sup.clients[self.fd] = self
@@ -3756,13 +3796,14 @@ def serve_log(sup, client, args):
         client.reply({"ok": False, "error": "no such service: %s" % name})
         return
     n = max(0, int(args.get("n", 20)))
-    sink = sup.sink_for(name, "stdout") or sup.sink_for(name, "stderr")
-    if sink is not None:
-        lines = tail_file(sink.path, n)
-    else:
-        lines = list(sup.live[name].tail or ())[-n:] if n else []
+    stream = "stderr" if args.get("stream") == "stderr" else None
+    lines, error = log_tail(sup, sup.services[name], stream, n)
+    if error:
+        client.reply({"ok": False, "error": error})
+        return
     follow = bool(args.get("follow"))
-    client.reply({"ok": True, "lines": lines}, keep_open=follow)
+    client.log_stream = stream
+    client.reply({"ok": True, "lines": lines, "stream": stream}, keep_open=follow)
     if follow:
         sup.followers.setdefault(name, []).append(client)
 
@@ -4008,9 +4049,11 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
         fresh = Service(svc.program)
         entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != getattr(fresh, k)}
         entry["name"] = svc.name
-        tail = sup.live[svc.name].tail
-        if tail:
-            entry["tail"] = list(tail)
+        live = sup.live[svc.name]
+        if live.tail:
+            entry["tail"] = list(live.tail)
+        if live.err_tail:
+            entry["err_tail"] = list(live.err_tail)
         if svc.want == FORGET:
             # the new image types programs from the config text; a removed one,
             # still stopping, is in no config any more
@@ -4143,6 +4186,22 @@ def request(path, cmd, args=None, timeout=None):
         sock.close()
 
 
+# `status --json`'s layout, told to scripts by its "schema" key (README: every
+# key's meaning).  A key is only ever added; a change of meaning is a new number.
+STATUS_SCHEMA = 1
+
+
+def client_error(message, as_json=False, code=EXIT_FAIL):
+    """A client's failure: its lines on stderr and, with --json, {"error": ...} on
+    stdout too, so that `status --json 2>/dev/null | jq` always reads one object."""
+    sys.stdout.flush()
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+    if as_json:
+        sys.stdout.write(json.dumps({"error": message.rstrip("\n")}) + "\n")
+    return code
+
+
 def format_status(services):
     rows = []
     for s in services:
@@ -4160,9 +4219,11 @@ def format_status(services):
             detail = s["reason"] or ""
         if s.get("status"):
             detail += " (%s)" % s["status"]
-        rows.append((s["name"], s["state"], detail))
+        rows.append((s["name"], s["state"], str(s.get("restarts") or 0), detail))
     width = max([len(r[0]) for r in rows] + [4])
-    return "\n".join("%-*s  %-9s %s" % (width, n, st, d) for n, st, d in rows)
+    digits = max([len(r[2]) for r in rows] + [1])
+    return "\n".join(("%-*s  %-9s restarts %-*s  %s" % (width, n, st, digits, r, d)).rstrip()
+                     for n, st, r, d in rows)
 
 
 # ---------------------------------------------------------------------------
@@ -4198,16 +4259,26 @@ def write_pidfile(path):
     os.replace(tmp, path)
 
 
+class NoConfig(Exception):
+    pass
+
+
 def find_config(explicit):
+    """-c FILE, else the first of SPEC's four places that holds a file."""
     if explicit:
         return explicit
-    candidates = [os.environ.get("RESPAWN_CONFIG"), "respawn.ini",
-                  os.path.join(os.path.dirname(os.path.realpath(__file__)), "respawn.ini"),
-                  "/etc/respawn.ini"]
-    for c in candidates:
+    env = os.environ.get("RESPAWN_CONFIG")
+    beside = os.path.join(os.path.dirname(os.path.realpath(__file__)), "respawn.ini")
+    for c in (env, "respawn.ini", beside, "/etc/respawn.ini"):
         if c and os.path.isfile(c):
             return c
-    return os.environ.get("RESPAWN_CONFIG") or "respawn.ini"
+    try:
+        here = os.getcwd()
+    except OSError:           # the working folder was removed under us
+        here = "the working folder"
+    raise NoConfig("no config file found: looked for $RESPAWN_CONFIG (%s), ./respawn.ini (in %s), "
+                   "%s (beside the script) and /etc/respawn.ini; name one with -c FILE"
+                   % (env or "not set", here, beside))
 
 
 def print_problems(exc, out=sys.stderr):
@@ -4231,6 +4302,52 @@ def notify_systemd(message, address):
         pass
 
 
+_ARGV_AREA = []          # [(start, end, tail)] of our argv in memory, once found
+
+
+def set_process_title(sup):
+    """What ps, top, pgrep and `systemctl status` show for the supervisor.
+
+    comm (15 bytes: `ps -e`, top, systemd's "Main PID: N (respawn.py)") is set
+    through /proc/self/comm, which is prctl(PR_SET_NAME) without ctypes.  The
+    command line is the loader's (`python3 -I -S -c import marshal,...`, 500
+    bytes): its interpreter part is overwritten in place, through /proc/self/mem,
+    with a title, and our own arguments (script, -c CONFIG, run) are kept after
+    it, so `pgrep -f CONFIG` and tools that read argv still find us.  The kernel
+    shows the area up to its end: the rest is padded with NULs.  Wherever any of
+    this is not allowed, the title stays as it was."""
+    count = sum(1 for svc in sup.services.values() if svc.want != FORGET)
+    title = "respawn.py: supervising %s (%s)" % (plural(count, "service"), sup.config.path)
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write("respawn.py")
+    except OSError:
+        pass
+    try:
+        if not _ARGV_AREA:
+            with open("/proc/self/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            start, end = int(fields[45]), int(fields[46])      # arg_start, arg_end
+            with open("/proc/self/cmdline", "rb") as f:
+                current = f.read()
+            tail = b"".join(os.fsencode(a) + b"\0" for a in sys.argv)
+            # only an area that is exactly argv: ours, as the kernel placed it
+            if end - start != len(current) or not current.endswith(b"\0" + tail):
+                return
+            _ARGV_AREA.append((start, end, tail))
+        start, end, tail = _ARGV_AREA[0]
+        text = os.fsencode(title)[:255] + b"\0" + tail
+        if len(text) > end - start:
+            return                  # no room (started without the loader): keep the real one
+        fd = os.open("/proc/self/mem", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, text.ljust(end - start, b"\0"), start)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, IndexError, OverflowError):
+        pass
+
+
 def daemonize():
     """Double fork and setsid.  The first parent waits on a pipe until the
     supervisor is up (or says why not) and exits with the matching code."""
@@ -4245,7 +4362,9 @@ def daemonize():
             data += chunk
         text = data.decode("utf-8", "replace").strip()
         if text.startswith("ok"):
-            print("started (pid %s)" % text.split()[1], flush=True)    # os._exit does not flush
+            _, pid, logfile = (text.split(None, 2) + [""])[:3]
+            print("started (pid %s)%s" % (pid, "; its log: %s" % logfile if logfile else ""),
+                  flush=True)                                         # os._exit does not flush
             os._exit(EXIT_OK)
         if text.startswith("already"):
             print(text[len("already "):], flush=True)
@@ -4342,16 +4461,17 @@ def cmd_run(args, config_path, script, source):
         if not set_subreaper():
             sup.log("warn", "subreaper = true, but prctl(PR_SET_CHILD_SUBREAPER) failed")
     sup.setup_file_watch()
-    sup.log("info", "respawn %s (pid %d) supervising %d services from %s; control socket %s; %s"
-            % (__version__, os.getpid(), len(sup.services), config.path, sock_path,
+    sup.log("info", "respawn %s (pid %d) supervising %s from %s; control socket %s; %s"
+            % (__version__, os.getpid(), plural(len(sup.services), "service"), config.path, sock_path,
                sup.watcher.description))
     # systemd's socket is ours, not our services' (sd_notify's unset_environment):
     # a service must not tell systemd it is ready, or stopping, in our name
     sup.notify_parent = os.environ.pop("NOTIFY_SOCKET", None)
+    set_process_title(sup)
     sup.start_all()
     notify_systemd("READY=1\nMAINPID=%d" % os.getpid(), sup.notify_parent)
     if report is not None:
-        os.write(report, b"ok %d" % os.getpid())
+        os.write(report, b"ok %d %s" % (os.getpid(), os.fsencode(os.path.abspath(logfile))))
         os.close(report)
     return supervise(sup)
 
@@ -4420,9 +4540,10 @@ def resume(args, script, source):
     if sup.rejected_hash == state.get("new_hash") and sup.hash != state.get("new_hash"):
         sup.log("error", "rolled back to %s: the new code failed to restore" % old)
     else:
-        sup.log("info", "re-executed: version %s (%s) -> %s (%s), %d services, handoff took %.1f ms"
+        sup.log("info", "re-executed: version %s (%s) -> %s (%s), %s, handoff took %.1f ms"
                 % (state.get("version"), old, __version__, (sup.hash or "?")[:12],
-                   len(sup.services), took))
+                   plural(len(sup.services), "service"), took))
+    set_process_title(sup)
     sup.watcher.sweep()
     for signum in state.get("pending", ()):
         sup.timers.at(0, sup.on_signal, signum)
@@ -4470,7 +4591,7 @@ def cmd_check(args, config_path):
     for w in config.warnings:
         print("%s: warning: %s" % (str(w).split(": ", 1)[0], w.message))
     if not args.trial:
-        print("%s: ok, %d services" % (config.path, len(config.programs)))
+        print("%s: ok, %s" % (config.path, plural(len(config.programs), "service")))
     return EXIT_OK
 
 
@@ -4494,26 +4615,27 @@ def cmd_client(args, config_path):
         payload["signal"] = args.sig
     if cmd == "log":
         payload = {"name": args.name, "n": args.n, "follow": args.follow}
+        if args.stderr:
+            payload["stream"] = "stderr"
     # status must answer promptly (it is a liveness probe); the others wait for states
     answers = request(path, cmd, payload, timeout=30.0 if cmd == "status" else None)
     try:
         first = next(answers)
     except StopIteration:
-        print("the supervisor closed the connection without answering")
-        return EXIT_FAIL
+        return client_error("the supervisor closed the connection without answering", args.json)
     if not first.get("ok") and cmd != "status" or (cmd == "status" and "services" not in first):
         if first.get("results") and cmd != "signal":     # signal's results are plain booleans
             print_results(first["results"])
-        for line in first.get("errors") or []:
-            print(line)
-        if first.get("error"):
-            print(first["error"])
-        return EXIT_FAIL
+        # a rejected reload: the lines of `check`, then what became of the reload
+        lines = (first.get("errors") or []) + ([first["error"]] if first.get("error") else [])
+        if not lines and first.get("results"):
+            return EXIT_FAIL                  # each failure has had its line
+        return client_error("\n".join(lines or ["the supervisor refused: %r" % first]), args.json)
     if cmd == "status":
         if args.json:
             first.pop("ok", None)
-            print(json.dumps(first, indent=2))
-        else:
+            print(json.dumps(dict({"schema": first.pop("schema", STATUS_SCHEMA)}, **first), indent=2))
+        elif first["services"]:
             print(format_status(first["services"]))
         return EXIT_OK if all(s.get("ok", True) for s in first["services"]) else EXIT_NOT_RUNNING
     if cmd in ("start", "stop", "restart"):
@@ -4528,11 +4650,15 @@ def cmd_client(args, config_path):
         print("re-executed: pid %s, version %s (%s), handoff %s ms" % (
             first["pid"], first["version"], (first.get("hash") or "?")[:12], first.get("handoff_ms")))
     elif cmd == "log":
+        stream = "stderr" if args.stderr else None
+        if stream and first.get("stream") != stream:
+            return client_error("the running supervisor is older and cannot show stderr alone; "
+                                "`respawn.py reexec` brings it up to date")
         for line in first["lines"]:
             print(line)
         sys.stdout.flush()
         if args.follow:
-            return follow_log(path, args.name, answers)
+            return follow_log(path, args.name, answers, stream)
     elif cmd == "shutdown":
         for _ in answers:
             pass
@@ -4540,7 +4666,7 @@ def cmd_client(args, config_path):
     return EXIT_OK
 
 
-def follow_log(path, name, answers):
+def follow_log(path, name, answers, stream=None):
     while True:
         reconnect = False
         for msg in answers:
@@ -4553,21 +4679,25 @@ def follow_log(path, name, answers):
         deadline = monotonic() + 30
         while True:      # the new image answers once it is up; the socket is kept
             try:
-                answers = request(path, "log", {"name": name, "n": 0, "follow": True})
+                answers = request(path, "log", {"name": name, "n": 0, "follow": True, "stream": stream})
                 next(answers)
                 break
             except (NoSupervisor, StopIteration, OSError):
                 if monotonic() > deadline:
-                    return EXIT_FAIL
+                    return client_error("lost the supervisor while following %s's log" % name)
                 selectors.select.select([], [], [], 0.1)
 
 
 def print_results(results):
+    """One line per service: what it became on stdout, a failure on stderr."""
     for name, r in results.items():
         if r.get("ok"):
             print("%s: %s" % (name, r.get("state", "ok")))
         else:
-            print("%s: ERROR (%s%s)" % (name, r.get("state"), ": %s" % r["reason"] if r.get("reason") else ""))
+            sys.stdout.flush()
+            sys.stderr.write("%s: ERROR (%s%s)\n" % (
+                name, r.get("state"), ": %s" % r["reason"] if r.get("reason") else ""))
+            sys.stderr.flush()
 
 
 HELP = """\
@@ -4584,9 +4714,11 @@ commands:
   signal SIG NAME...           send a signal to services
   reload                       re-read the config and apply the difference (= SIGHUP)
   reexec                       re-execute the supervisor, services untouched (= SIGUSR2)
-  log NAME [-n N] [-f]         show a service's recent output (-n lines, default 20);
-                               -f, --follow keeps printing new lines
+  log NAME [-n N] [-f] [--stderr]
+                               show a service's recent output (-n lines, default 20);
+                               -f, --follow keeps printing new lines; --stderr: stderr alone
   shutdown                     stop every service, then the supervisor (= SIGTERM)
+  help [COMMAND]               this help, or one command's (also COMMAND --help)
 
 options:
   -c, --config FILE            config file (default: $RESPAWN_CONFIG, ./respawn.ini,
@@ -4594,8 +4726,73 @@ options:
   --version                    print the version and exit
   -h, --help                   print this help and exit
 
+Errors go to stderr; with --json also {"error": ...} on stdout.  Exit codes:
+0 ok, 1 failed (or no supervisor answers), 2 config or command-line mistake,
+3 (status) a service that should run does not.
 Signals: TERM/INT stop everything, HUP reloads, USR2 re-executes, USR1 reopens logs.
 """
+
+# One command's usage: `help COMMAND` and `COMMAND --help`
+COMMAND_HELP = {
+    "run": ("run [--daemon]", """\
+Supervise the config's services until TERM/INT (the default command).  A
+second run on the same config prints "already running (pid N)" and exits 0.
+Exit 0 after a clean stop, 2 on a config error (nothing is started).""",
+            "--daemon    detach (double fork, setsid); the supervisor's log and the\n"
+            "            services' prefixed output go to [respawn] logfile, else\n"
+            "            LOGDIR/NAME.log; prints the pid and that path"),
+    "check": ("check", """\
+Validate the config without running it: every problem at once, each at its
+file and line.  Exit 0 when it would run, 2 otherwise.""", None),
+    "status": ("status [NAME...] [--json]", """\
+One line per service: name, state, restart count, then pid and uptime or the
+last exit and why.  Exit 0; 3 when a service that should run does not (autostart
+or started by the operator, now FATAL, BACKOFF, STOPPED, or EXITED with an
+unexpected code), the NAMEs only when given; 1 when no supervisor answers.""",
+               "--json      one JSON object, schema in the README (\"schema\": %d);\n"
+               "            an error is {\"error\": \"...\"} on stdout as well" % STATUS_SCHEMA),
+    "start": ("start NAME...|all", """\
+Start services and wait until each has settled.  One line per service; exit 1
+if one did not start (its line on stderr).""", None),
+    "stop": ("stop NAME...|all", """\
+Stop services (stopsignal, then SIGKILL after stopwaitsecs) and wait until
+they are gone.  They stay stopped until started again.""", None),
+    "restart": ("restart NAME...|all", """\
+Stop then start services, waiting for each.  Exit 1 if one did not start.""", None),
+    "signal": ("signal SIG NAME...|all", """\
+Send a signal (HUP, USR1, 15...) to each service's main process.  Exit 1 if
+one is not running.""", None),
+    "reload": ("reload", """\
+Re-read the config and apply the difference (= SIGHUP): new services start,
+removed ones stop, changed ones restart, the others are not touched.  A config
+with errors is rejected with the lines of `check`, exit 1, nothing changes.""", None),
+    "reexec": ("reexec", """\
+Re-execute the supervisor from respawn.py on disk (= SIGUSR2), services
+untouched; prints the handoff time.  A file that fails its check is refused.""", None),
+    "log": ("log NAME [-n N] [-f] [--stderr]", """\
+A service's recent output, from where its stdout goes: its stdout_logfile, or
+the last 500 lines kept in memory (with its stderr lines, as they came, unless
+stderr has a file of its own).  A service whose stdout is not kept
+(stdout_logfile = none) shows its stderr.  -f follows both streams.""",
+            "-n N          the last N lines (default 20)\n"
+            "-f, --follow  then keep printing new lines, across re-execs\n"
+            "--stderr      the stderr alone (its stderr_logfile, or its lines in memory)"),
+    "shutdown": ("shutdown", """\
+Stop every service (reverse start order), then the supervisor (= SIGTERM).""", None),
+    "help": ("help [COMMAND]", "The commands, or one command's usage.", None),
+}
+
+
+def command_help(command):
+    """The usage of one command, or the whole help."""
+    if command not in COMMAND_HELP:
+        return HELP
+    synopsis, text, options = COMMAND_HELP[command]
+    out = "usage: respawn.py [-c FILE] %s\n\n%s\n" % (synopsis, text)
+    if options:
+        out += "\noptions:\n" + "".join("  %s\n" % line for line in options.splitlines())
+    return out + "\nrespawn.py --help lists every command.\n"
+
 
 # command: (least, most) arguments, and its own options (name: takes a value)
 COMMANDS = {
@@ -4605,7 +4802,8 @@ COMMANDS = {
     "start": ((1, None), {}), "stop": ((1, None), {}), "restart": ((1, None), {}),
     "signal": ((2, None), {}),
     "reload": ((0, 0), {}), "reexec": ((0, 0), {}), "shutdown": ((0, 0), {}),
-    "log": ((1, 1), {"-n": True, "-f": False, "--follow": False}),
+    "log": ((1, 1), {"-n": True, "-f": False, "--follow": False, "--stderr": False}),
+    "help": ((0, 1), {}),
 }
 # options of every command; the --handoff family is how the supervisor calls itself
 GLOBAL_OPTIONS = {"-c": True, "--config": True, "-h": False, "--help": False, "--version": False,
@@ -4617,6 +4815,13 @@ class UsageError(Exception):
     pass
 
 
+def suggest_command(word):
+    """' (did you mean ...?)': a command the word begins (stat: status, not start),
+    else the closest one."""
+    starts = [c for c in COMMANDS if c.startswith(word)]
+    return " (did you mean %r?)" % starts[0] if len(starts) == 1 else did_you_mean(word, COMMANDS)
+
+
 def parse_args(argv):
     """The command line of SPEC.md, as a namespace.  Made by hand: argparse and
     what it imports (gettext; shutil with bz2 and lzma on 3.8) would stay in a
@@ -4625,7 +4830,7 @@ def parse_args(argv):
     args = types.SimpleNamespace(
         config=None, handoff=None, rollback=None, script=None, handoff_selftest=None,
         command=None, daemon=False, trial=False, json=False, names=[], sig=None, name=None,
-        n=20, follow=False)
+        n=20, follow=False, stderr=False, help=False, topic=None)
     words, positional = list(argv), []
     while words:
         word = words.pop(0)
@@ -4635,7 +4840,7 @@ def parse_args(argv):
         if not word.startswith("-") or word == "-":
             if args.command is None and not positional:
                 if word not in COMMANDS:
-                    raise UsageError("unknown command %r%s" % (word, did_you_mean(word, COMMANDS)))
+                    raise UsageError("unknown command %r%s" % (word, suggest_command(word)))
                 args.command = word
             else:
                 positional.append(word)
@@ -4659,13 +4864,11 @@ def parse_args(argv):
                 value = words.pop(0)
         elif value is not None:
             raise UsageError("%s takes no value" % option)
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            sys.exit(EXIT_OK)
         if option == "--version":
             print("respawn.py " + __version__)
             sys.exit(EXIT_OK)
-        attr = {"-c": "config", "-n": "n", "-f": "follow"}.get(option, option[2:].replace("-", "_"))
+        attr = {"-c": "config", "-n": "n", "-f": "follow", "-h": "help"}.get(
+            option, option[2:].replace("-", "_"))
         if option in ("-n", "--handoff", "--rollback"):
             try:
                 value = int(value)
@@ -4674,6 +4877,16 @@ def parse_args(argv):
             if value < 0:
                 raise UsageError("%s takes a number of 0 or more, not %d" % (option, value))
         setattr(args, attr, True if value is None else value)
+    if args.help or args.command == "help":
+        # `COMMAND --help` and `help COMMAND`: that command's usage; its arguments
+        # are not checked (`stop --help` needs no name)
+        topic = positional[0] if args.command == "help" and positional else args.command
+        if args.command == "help" and len(positional) > 1:
+            raise UsageError("help takes one command, not %s" % " ".join(positional))
+        if topic is not None and topic not in COMMANDS:
+            raise UsageError("unknown command %r%s" % (topic, suggest_command(topic)))
+        args.command, args.topic = "help", None if topic == "help" else topic
+        return args
     args.command = args.command or "run"
     (least, most), _ = COMMANDS[args.command]
     if len(positional) < least:
@@ -4694,12 +4907,16 @@ def parse_args(argv):
 def main(argv=None, code=None):
     """The command line.  `code`, this module's own code object, is given only
     when this file runs as a script: `run` then restarts through LOADER."""
+    words = sys.argv[1:] if argv is None else argv
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(words)
     except UsageError as exc:
-        sys.stderr.write("respawn.py: %s; respawn.py --help lists the commands\n" % exc)
-        return EXIT_CONFIG
+        return client_error("respawn.py: %s; respawn.py --help lists the commands" % exc,
+                            "--json" in words, EXIT_CONFIG)
     command = args.command
+    if command == "help":
+        sys.stdout.write(command_help(args.topic))
+        return EXIT_OK
     script = os.path.realpath(args.script or __file__)
     source = globals().get("_LOADED_SOURCE")
     try:
@@ -4736,19 +4953,32 @@ def main(argv=None, code=None):
         # the config that counts is the one in effect, carried in the state: an
         # edit on disk that was never reloaded must not block an upgrade
         return EXIT_OK
-    config_path = os.path.abspath(find_config(args.config))
+    try:
+        config_path = os.path.abspath(find_config(args.config))
+    except NoConfig as exc:
+        # nothing to run, and no supervisor to ask: a config mistake for run and
+        # check, "nobody answers" (exit 1) for a client
+        return client_error(str(exc), args.json, EXIT_CONFIG if command in ("run", "check") else EXIT_FAIL)
     try:
         if command == "run":
             return cmd_run(args, config_path, script, source)
         if command == "check":
             return cmd_check(args, config_path)
-        return cmd_client(args, config_path)
-    except NoSupervisor as exc:
-        print(exc)
-        return EXIT_FAIL
-    except socket.timeout:
-        print("the supervisor did not answer in time (it may be stopped or overloaded)")
-        return EXIT_FAIL
+        try:
+            return cmd_client(args, config_path)
+        except NoSupervisor as exc:
+            return client_error(str(exc), args.json)
+        except socket.timeout:
+            return client_error("the supervisor did not answer in time (it may be stopped or overloaded)",
+                                args.json)
+        except ValueError:       # a reply that is not JSON: not our supervisor on that socket
+            return client_error("the supervisor's answer is not JSON (is respawn.py listening on %s?)"
+                                % client_socket(config_path), args.json)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):
+                raise
+            return client_error("lost the connection to the supervisor: %s" % (exc.strerror or exc),
+                                args.json)
     except KeyboardInterrupt:
         return EXIT_FAIL
     except BrokenPipeError:
