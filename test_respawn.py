@@ -533,7 +533,7 @@ class TestCoreConfig(unittest.TestCase):
             umask = 022
             """)
         self.assertEqual(code, 0, out)
-        self.assertIn("ok, 1 services", out)
+        self.assertIn("ok, 1 service", out)
         self.assertNotIn("Traceback", out)
 
     def test_every_kind_of_error_at_once(self):
@@ -643,7 +643,7 @@ class TestCoreConfig(unittest.TestCase):
             process_name = %(program_name)s
             """)
         self.assertEqual(code, 0, out)
-        self.assertIn("ok, 1 services", out)
+        self.assertIn("ok, 1 service", out)
         for line, what in [(1, "[supervisord]"), (3, "[unix_http_server]"), (7, "'numprocs'"),
                            (8, "'stdout_events_enabled'"), (9, "'process_name'")]:
             self.assertIn("%s:%d: warning: %s" % (path, line, what), out)
@@ -2392,17 +2392,17 @@ class TestStatus(unittest.TestCase):
         sup = self.sup
         code, out = self.code()
         self.assertEqual(code, 3, out)
-        # one table line per service: name, state, then pid/uptime or last exit
+        # one table line per service: name, state, restarts, then pid/uptime or last exit
         rows = {line.split()[0]: line for line in out.splitlines()}
         self.assertEqual(set(rows), {"run", "oneshot", "badexit", "fatal", "backoff", "waiting",
                                      "manual", "killed", "stopme"}, out)
-        self.assertRegex(rows["run"], r"^run\s+RUNNING\s+pid %d, uptime \d+:\d\d:\d\d$"
+        self.assertRegex(rows["run"], r"^run\s+RUNNING\s+restarts 0  pid %d, uptime \d+:\d\d:\d\d$"
                          % sup.svc("run")["pid"])
-        self.assertRegex(rows["badexit"], r"EXITED\s+exit 3")
-        self.assertRegex(rows["fatal"], r"FATAL\s+exit 1")
-        self.assertRegex(rows["backoff"], r"BACKOFF\s+.*retry in \d+\.\ds")
-        self.assertRegex(rows["waiting"], r"STOPPED\s+waiting for fatal")
-        self.assertRegex(rows["manual"], r"STOPPED\s+not started")
+        self.assertRegex(rows["badexit"], r"EXITED\s+restarts \d+  exit 3")
+        self.assertRegex(rows["fatal"], r"FATAL\s+restarts \d+  exit 1")
+        self.assertRegex(rows["backoff"], r"BACKOFF\s+restarts \d+  .*retry in \d+\.\ds")
+        self.assertRegex(rows["waiting"], r"STOPPED\s+restarts \d+  waiting for fatal")
+        self.assertRegex(rows["manual"], r"STOPPED\s+restarts \d+  not started")
         # running, a one-shot that exited as expected, one never started: 0
         self.assertEqual(self.code("run", "oneshot", "manual")[0], 0)
         # each kind of "should run but does not": 3, judged alone
@@ -2424,12 +2424,14 @@ class TestStatus(unittest.TestCase):
         self.assertIsNone(s["pid"])
         code, out = self.code("killed")
         self.assertEqual(code, 3)
-        self.assertRegex(out, r"killed\s+EXITED\s+killed by SIGKILL")
+        self.assertRegex(out, r"killed\s+EXITED\s+restarts \d+  killed by SIGKILL")
         # an unknown name: one line, exit 1, whether alone or with known ones
         for names in (("nope",), ("run", "nope")):
             out = one_line(self, sup.ctl("status", *names), 1, "nope")
             self.assertIn("no such service", out)
-        one_line(self, sup.ctl("status", "--json", "nope"), 1, "no such service: nope")
+        p = sup.ctl("status", "--json", "nope")
+        self.assertEqual((p.returncode, json.loads(p.stdout), p.stderr),
+                         (1, {"error": "no such service: nope"}, "no such service: nope\n"))
 
     def test_status_json_has_the_spec_keys(self):
         sup = self.sup
@@ -2536,7 +2538,8 @@ class TestCommands(unittest.TestCase):
         self.assertTrue(all(not x["pid"] for x in sup.status()["services"]))
         out = sup.ctl("start", "all")        # broken fails its start: exit 1, said per service
         self.assertEqual(out.returncode, 1, out.stdout)
-        self.assertIn("broken: ERROR (FATAL", out.stdout)
+        self.assertRegex(out.stderr, r"^broken: ERROR \(FATAL.*\n$")   # errors on stderr
+        self.assertNotIn("broken", out.stdout)
         for name in ("tick", "filed", "other"):
             self.assertIn("%s: RUNNING\n" % name, out.stdout)
         # the operator asked for broken and it is FATAL: status says 3 until it is stopped
@@ -2594,9 +2597,9 @@ class TestCommands(unittest.TestCase):
         with open(sup.config, "a") as f:
             f.write("\n[program:bad]\ncommand = sleep 1\nstartsecs = soon\n")
         p = sup.ctl("reload")
-        self.assertEqual(p.returncode, 1, p.stdout)
-        self.assertIn("startsecs", p.stdout)
-        self.assertIn("config rejected", p.stdout)
+        self.assertEqual((p.returncode, p.stdout), (1, ""), p.stderr)
+        self.assertIn("startsecs", p.stderr)
+        self.assertIn("config rejected", p.stderr)
         self.assertEqual({n: sup.svc(n)["pid"] for n in kept}, kept)
         # back to the first config: the added service is stopped and removed
         added_pid = sup.svc("added%d" % after_reexec)["pid"]
@@ -2704,10 +2707,13 @@ class TestNoSupervisor(unittest.TestCase):
                      for args in self.COMMANDS]        # at once: a slow machine runs them in parallel
             for args, proc in procs:
                 out, err = proc.communicate(timeout=60)
-                p = subprocess.CompletedProcess(args, proc.returncode, out, err)
-                out = one_line(self, p, 1)
-                self.assertEqual(out, "no supervisor is running (nothing answers on %s)" % sup.sock,
-                                 (case, args))
+                says = "no supervisor is running (nothing answers on %s)" % sup.sock
+                # on stderr; with --json, stdout holds the same as an error object
+                self.assertEqual((proc.returncode, err), (1, says + "\n"), (case, args))
+                if "--json" in args:
+                    self.assertEqual(json.loads(out), {"error": says}, (case, args))
+                else:
+                    self.assertEqual(out, "", (case, args))
 
 
 # ---------------------------------------------------------------------------
@@ -2906,7 +2912,7 @@ class TestDaemon(unittest.TestCase):
         reader = LineReader(self, shell)
         wait_for(lambda: "shell-done" in reader.lines, what="run --daemon to return")
         self.assertEqual(len(reader.lines), 2, reader.lines)
-        m = re.match(r"^started \(pid (\d+)\)$", reader.lines[0])
+        m = re.match(r"^started \(pid (\d+)\); its log: %s$" % re.escape(sup.path("d.log")), reader.lines[0])
         self.assertTrue(m, reader.lines)
         pid = int(m.group(1))
         # it returned only once the supervisor answers: no waiting here
@@ -2926,7 +2932,7 @@ class TestDaemon(unittest.TestCase):
         self.assertEqual(sup.ctl("status").returncode, 0)
         # its own log and its services' prefixed lines go to the logfile
         wait_for(lambda: "x | hello from x" in read_text(sup.path("d.log")), what="the daemon's log")
-        self.assertIn("supervising 1 services", read_text(sup.path("d.log")))
+        self.assertIn("supervising 1 service from", read_text(sup.path("d.log")))
         # cron keep-alive: run --daemon again (twice at once, as two cron lines could)
         procs = [subprocess.Popen([PY, sup.script, "-c", sup.config, "run", "--daemon"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sup.env)
@@ -2977,7 +2983,8 @@ class TestDaemon(unittest.TestCase):
         p = self.run_daemon(sup, ["env", "-i", "PATH=/usr/bin:/bin", PY, rel_script, "-c", rel_config,
                                   "run", "--daemon"], cwd=cwd)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
-        pid = int(re.match(r"^started \(pid (\d+)\)\n$", p.stdout).group(1))
+        pid = int(re.match(r"^started \(pid (\d+)\); its log: %s\n$" % re.escape(sup.path("d.log")),
+                           p.stdout).group(1))
         xpid = sup.wait_state("x", "RUNNING")["pid"]
         with open("/proc/%d/environ" % pid, "rb") as f:
             self.assertNotIn(b"HOME=", f.read())       # it really runs with cron's bare env
@@ -3237,7 +3244,10 @@ class TestCommandLine(unittest.TestCase):
                         "signal SIG NAME...", "reload", "reexec", "log NAME [-n N] [-f]", "shutdown",
                         "-c, --config FILE"):
             self.assertIn(command, p.stdout)
-        self.assertEqual(self.cli("status", "-h").stdout, p.stdout)
+        status = self.cli("status", "-h")           # one command's own usage
+        self.assertEqual(status.returncode, 0)
+        self.assertTrue(status.stdout.startswith("usage: respawn.py [-c FILE] status [NAME...] [--json]\n"),
+                        status.stdout)
         p = self.cli("--version")
         self.assertEqual((p.returncode, p.stdout), (0, "respawn.py %s\n" % respawn.__version__))
 
@@ -4011,7 +4021,7 @@ class TestReexecRefusals(ReexecCase):
         install_by_rename(sup.script, read_text(sup.script) + "\ndef broken(:\n")
         p = ctl_with(SCRIPT, sup, "reexec")      # the client from a good copy
         self.assertEqual(p.returncode, 1, p.stderr)
-        self.assertIn("new code does not compile", p.stdout)
+        self.assertIn("new code does not compile", p.stderr)
         self.assertEqual(self.status(sup)["supervisor"]["reexecs"], 0)
 
     def test_new_code_failing_in_restore_is_rolled_back(self):
@@ -4218,7 +4228,7 @@ class TestReexecAsRoot(ReexecCase):
                          re.escape(sup.dir) + r" is writable by (group|others) \(mode 777\)")
         p = sup.ctl("reexec")
         self.assertEqual(p.returncode, 1)
-        self.assertIn("%s is writable by" % sup.dir, p.stdout)
+        self.assertIn("%s is writable by" % sup.dir, p.stderr)
         st = self.status(sup)
         self.assertEqual((st["supervisor"]["reexecs"], st["supervisor"]["version"]), (1, "9.9.8"))
         os.chmod(sup.dir, 0o700)
@@ -4546,7 +4556,7 @@ class TestReload(ReexecCase):
         self.assertGreaterEqual(len(errors), 2, check.stdout)
         p = sup.ctl("reload")
         self.assertEqual(p.returncode, 1)
-        self.assertEqual(p.stdout.splitlines()[:len(errors)], errors)
+        self.assertEqual(p.stderr.splitlines()[:len(errors)], errors)
         sup.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(rx_log_lines(sup, "reload rejected: ")) == 2 * len(errors),
                  what="the rejection in the log")
@@ -5834,6 +5844,452 @@ class TestUpgradeFromRelease(ReexecCase):
         self.assertEqual(self.pids(sup), before)
         os.kill(before["a"], signal.SIGKILL)          # and it still supervises
         sup.wait_pid_change("a", before["a"])
+
+
+# ---------------------------------------------------------------------------
+# Issue 14, the client: errors on stderr and as JSON, the status --json
+# schema, the restarts column, log --stderr, one command's help, wording, the
+# supervisor's process title
+# ---------------------------------------------------------------------------
+
+CLIENT_CONFIG = """
+[respawn]
+watch_self = false
+
+[program:both]
+command = sh -c 'i=0; while :; do i=$((i+1)); echo "out $i"; echo "err $i" >&2; sleep 0.05; done'
+startsecs = 0
+stopwaitsecs = 2
+
+[program:errfile]
+command = sh -c 'echo "out once"; i=0; while :; do i=$((i+1)); echo "err $i" >&2; sleep 0.05; done'
+stderr_logfile = {dir}/errfile.err
+startsecs = 0
+stopwaitsecs = 2
+
+[program:merged]
+command = sh -c 'echo "out m"; echo "err m" >&2; exec sleep 1000'
+redirect_stderr = true
+stdout_logfile = {dir}/merged.log
+startsecs = 0
+stopwaitsecs = 2
+
+[program:mute]
+command = sh -c 'echo "out z"; echo "err z" >&2; exec sleep 1000'
+stdout_logfile = none
+stderr_logfile = {dir}/mute.err
+startsecs = 0
+stopwaitsecs = 2
+
+[program:dropped]
+command = sh -c 'echo "err d" >&2; exec sleep 1000'
+stderr_logfile = none
+startsecs = 0
+stopwaitsecs = 2
+
+[program:manual]
+command = sleep 1000
+autostart = false
+"""
+
+
+def client_run(args, env=None, cwd=None, script=SCRIPT):
+    return subprocess.run([PY, script] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=60, env=env, cwd=cwd)
+
+
+class FakeSupervisor:
+    """A Unix socket that answers each connection with `reply` (bytes, or None:
+    close without a word), in a thread: the client's side of a broken peer."""
+
+    def __init__(self, test, reply):
+        self.dir = tempfile.mkdtemp(prefix="respawn-fake-")
+        test.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "fake.sock")
+        self.config = os.path.join(self.dir, "fake.ini")
+        write_file(self.config, "[respawn]\nsocket = %s\n[program:x]\ncommand = sleep 1\n" % self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(8)
+        self.reply, self.held = reply, []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            if self.reply == b"hold":
+                self.held.append(conn)        # never answers
+                continue
+            if self.reply:
+                conn.sendall(self.reply)
+            conn.close()
+
+    def close(self):
+        for conn in self.held:
+            conn.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class TestClientErrors(unittest.TestCase):
+    """Every error of a client on stderr; with --json, {"error": ...} on stdout too."""
+
+    def assert_error(self, p, says, code=1, as_json=False):
+        self.assertEqual(p.returncode, code, (p.stdout, p.stderr))
+        self.assertEqual(len(p.stderr.splitlines()), 1, p.stderr)
+        self.assertIn(says, p.stderr)
+        self.assertNotIn("Traceback", p.stderr)
+        if as_json:
+            self.assertEqual(json.loads(p.stdout), {"error": p.stderr.strip()})
+        else:
+            self.assertEqual(p.stdout, "")
+
+    def test_a_running_supervisor_refusing_a_request(self):
+        sup = Sup(self, CLIENT_CONFIG).start()
+        sup.wait_state("both", "RUNNING")
+        for args, says in ((("status", "nope"), "no such service: nope"),
+                           (("start", "nope"), "no such service: nope"),
+                           (("stop", "both", "nope"), "no such service: nope"),
+                           (("signal", "HUP", "manual"), "not running: manual"),
+                           (("signal", "BOGUS", "both"), "unknown signal"),
+                           (("log", "nope"), "no such service: nope"),
+                           (("log", "nope", "--stderr"), "no such service: nope")):
+            with self.subTest(args=args):
+                self.assert_error(sup.ctl(*args), says)
+        self.assert_error(sup.ctl("status", "--json", "nope"), "no such service: nope", as_json=True)
+        self.assertEqual(sup.svc("both")["state"], "RUNNING")      # nothing was done
+        # a service that fails its start: the others' lines on stdout, its own on stderr
+        sup.write_config(CLIENT_CONFIG + "\n[program:broken]\ncommand = sh -c 'exit 1'\n"
+                         "autostart = false\nstartsecs = 1\nstartretries = 0\n")
+        self.assertEqual(sup.ctl("reload").stdout, "added: broken\n")
+        p = sup.ctl("start", "manual", "broken")
+        self.assertEqual((p.returncode, p.stdout), (1, "manual: RUNNING\n"), p.stderr)
+        self.assertEqual(p.stderr, "broken: ERROR (FATAL: exit 1; gave up after 1 failed start)\n")
+        # a rejected reload: every line on stderr, nothing on stdout
+        sup.write_config(CLIENT_CONFIG + "\n[program:bad]\ncommand = sleep 1\nstartsecs = soon\n")
+        p = sup.ctl("reload")
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertIn("config rejected", p.stderr)
+        self.assertIn("startsecs", p.stderr)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_broken_peers_no_config_and_usage_mistakes(self):
+        for reply, says in ((None, "the supervisor closed the connection without answering"),
+                            (b"<html>hello</html>\n", "the supervisor's answer is not JSON"),
+                            (b'{"ok": false, "error": "permission denied: uid 1234 is neither root '
+                             b'nor the supervisor\'s user"}\n', "permission denied: uid 1234")):
+            fake = FakeSupervisor(self, reply)
+            for args in (("status",), ("status", "--json"), ("stop", "x"), ("reload",)):
+                with self.subTest(reply=reply, args=args):
+                    self.assert_error(client_run(["-c", fake.config] + list(args)), says,
+                                      as_json="--json" in args)
+        # usage mistakes: exit 2, and with --json an error object as well
+        self.assert_error(client_run(["status", "--json", "--bogus"]), "unknown option --bogus", 2,
+                          as_json=True)
+        self.assert_error(client_run(["stat"]), "unknown command 'stat' (did you mean 'status'?)", 2)
+
+    def test_a_supervisor_that_never_answers_times_out_with_one_line(self):
+        # in-process, with the client's 30 s deadline shortened
+        import contextlib
+        import io
+        fake = FakeSupervisor(self, b"hold")
+        real = respawn.request
+
+        def hurried(path, cmd, args=None, timeout=None):
+            return real(path, cmd, args, timeout=0.3)
+        respawn.request = hurried
+        self.addCleanup(setattr, respawn, "request", real)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = respawn.main(["-c", fake.config, "status", "--json"])
+        self.assertEqual(code, 1)
+        self.assertEqual(err.getvalue(), "the supervisor did not answer in time (it may be stopped or "
+                                         "overloaded)\n")
+        self.assertEqual(json.loads(out.getvalue()), {"error": err.getvalue().strip()})
+
+    def test_no_config_found_names_the_four_places(self):
+        if os.path.exists("/etc/respawn.ini"):
+            self.skipTest("/etc/respawn.ini exists on this machine: a config would be found")
+        d = tempfile.mkdtemp(prefix="respawn-noconf-")
+        self.addCleanup(shutil.rmtree, d, True)
+        os.mkdir(os.path.join(d, "bin"))
+        script = os.path.join(d, "bin", "respawn.py")
+        shutil.copy(SCRIPT, script)                   # no respawn.ini beside it
+        env = dict(os.environ)
+        env.pop("RESPAWN_CONFIG", None)
+        says = ("no config file found: looked for $RESPAWN_CONFIG (not set), ./respawn.ini (in %s), "
+                "%s (beside the script) and /etc/respawn.ini; name one with -c FILE"
+                % (d, os.path.join(d, "bin", "respawn.ini")))
+        for args, code in ((["run"], 2), (["check"], 2), (["status"], 1), (["stop", "all"], 1)):
+            with self.subTest(args=args):
+                p = client_run(args, env=env, cwd=d, script=script)
+                self.assertEqual((p.returncode, p.stdout, p.stderr), (code, "", says + "\n"))
+        p = client_run(["status", "--json"], env=env, cwd=d, script=script)
+        self.assertEqual((p.returncode, json.loads(p.stdout), p.stderr), (1, {"error": says}, says + "\n"))
+        env["RESPAWN_CONFIG"] = os.path.join(d, "gone.ini")
+        p = client_run(["check"], env=env, cwd=d, script=script)
+        self.assertIn("$RESPAWN_CONFIG (%s)" % env["RESPAWN_CONFIG"], p.stderr)
+        self.assertEqual(p.returncode, 2)
+
+
+def readme_schema_keys():
+    """The `status --json` keys the README documents: its `| `supervisor.K` |`
+    and `| `services[].K` |` table rows."""
+    text = read_text(os.path.join(HERE, "README.md"))
+    return (set(re.findall(r"^\| `supervisor\.(\w+)` \|", text, re.M)),
+            set(re.findall(r"^\| `services\[\]\.(\w+)` \|", text, re.M)),
+            set(re.findall(r"^\| `(\w+)` \| (?:top level)", text, re.M)))
+
+
+class TestStatusSchema(unittest.TestCase):
+    def test_schema_version_first_and_every_key_documented(self):
+        sup = Sup(self, CLIENT_CONFIG).start()
+        sup.wait_state("both", "RUNNING")
+        p = sup.ctl("status", "--json")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        doc = json.loads(p.stdout)
+        self.assertEqual(list(doc)[0], "schema")
+        self.assertEqual(doc["schema"], respawn.STATUS_SCHEMA)
+        self.assertEqual(respawn.STATUS_SCHEMA, 1)
+        self.assertNotIn("ok", doc)                          # the protocol's own flag stays inside
+        documented_sup, documented_svc, top = readme_schema_keys()
+        self.assertEqual(top, {"schema", "supervisor", "services", "error"})
+        self.assertEqual(set(doc) - top, set(), "an undocumented top-level key")
+        self.assertEqual(set(doc["supervisor"]) - documented_sup, set(), "undocumented supervisor keys")
+        for s in doc["services"]:
+            self.assertEqual(set(s) - documented_svc, set(), "undocumented service keys")
+        # SPEC's keys are all there (never removed)
+        self.assertTrue({"pid", "version", "started", "reexecs", "config"} <= set(doc["supervisor"]))
+        self.assertTrue({"name", "state", "pid", "started", "uptime", "restarts", "exitstatus",
+                         "reason", "ready"} <= set(doc["services"][0]))
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_restarts_column_counts_what_the_json_counts(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            [program:calm]
+            command = sleep 1000
+            startsecs = 0
+            """).start()
+        pid = sup.wait_state("victim", "RUNNING")["pid"]
+        sup.wait_state("calm", "RUNNING")
+        for _ in range(2):
+            os.kill(pid, signal.SIGKILL)
+            pid = sup.wait_pid_change("victim", pid)["pid"]
+        sup.wait_state("victim", "RUNNING")
+        self.assertEqual(sup.svc("victim")["restarts"], 2)
+        p = sup.ctl("status")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        rows = {line.split()[0]: line for line in p.stdout.splitlines()}
+        self.assertRegex(rows["victim"], r"^victim  RUNNING   restarts 2  pid %d, uptime " % pid)
+        self.assertRegex(rows["calm"], r"^calm    RUNNING   restarts 0  pid \d+, uptime ")
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestLogStderr(unittest.TestCase):
+    def follow_stderr(self, sup, name, n=0):
+        proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "log", name, "-n", str(n), "-f",
+                                 "--stderr"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=sup.env)
+        return LineReader(self, proc)
+
+    def test_stderr_alone_from_memory_a_file_and_across_a_reexec(self):
+        sup = Sup(self, CLIENT_CONFIG, copy_script=True).start()
+        for name in ("both", "errfile", "merged", "mute", "dropped"):
+            sup.wait_state(name, "RUNNING")
+        wait_for(lambda: len(log_lines(sup, "both", 40)) >= 40, what="both's lines")
+        # log NAME: both prefixed streams as they came; --stderr: stderr alone
+        out = sup.ctl("log", "both", "-n", "40").stdout.splitlines()
+        self.assertEqual({l.split()[0] for l in out}, {"out", "err"}, out)
+        p = sup.ctl("log", "both", "-n", "10", "--stderr")
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+        errs = p.stdout.splitlines()
+        self.assertEqual(len(errs), 10, errs)
+        nums = [int(l.split()[1]) for l in errs]
+        self.assertTrue(all(l.startswith("err ") for l in errs), errs)
+        self.assertEqual(nums, list(range(nums[0], nums[0] + 10)))   # consecutive: none missed
+        self.assertEqual(sup.ctl("log", "both", "--stderr", "-n", "0").stdout, "")
+        # stderr in a file of its own: --stderr reads it; log NAME shows stdout (memory)
+        wait_for(lambda: len(read_text(sup.path("errfile.err")).splitlines()) >= 3, what="errfile.err")
+        errs = sup.ctl("log", "errfile", "--stderr", "-n", "3").stdout.splitlines()
+        self.assertTrue(set(errs) <= set(read_text(sup.path("errfile.err")).splitlines()), errs)
+        self.assertEqual(len(errs), 3)
+        self.assertEqual(sup.ctl("log", "errfile").stdout, "out once\n")
+        # stdout not kept: log NAME shows the stderr file
+        wait_for(lambda: read_text(sup.path("mute.err")), what="mute.err")
+        self.assertEqual(sup.ctl("log", "mute").stdout, "err z\n")
+        self.assertEqual(sup.ctl("log", "mute", "--stderr").stdout, "err z\n")
+        # merged into stdout, or not kept: said in one line, exit 1
+        wait_for(lambda: "err m" in read_text(sup.path("merged.log")), what="merged.log")
+        self.assertEqual(sup.ctl("log", "merged", "-n", "5").stdout, "out m\nerr m\n")
+        one_line(self, sup.ctl("log", "merged", "--stderr"), 1,
+                 r"^merged's stderr goes into its stdout \(redirect_stderr = true\): log merged shows both$")
+        one_line(self, sup.ctl("log", "dropped", "--stderr"), 1,
+                 r"^dropped's stderr is not kept \(stderr_logfile = none\)$")
+        # -f --stderr: only stderr lines, in order, and still after a re-exec
+        for name in ("both", "errfile"):
+            reader = self.follow_stderr(sup, name, n=2)
+            wait_for(lambda: len(reader.lines) >= 8, what="%s followed stderr" % name)
+            seen = list(reader.lines)
+            self.assertTrue(all(l.startswith("err ") for l in seen), seen)
+            nums = [int(l.split()[1]) for l in seen]
+            self.assertEqual(nums, sorted(set(nums)), seen)
+            self.assertEqual(sup.ctl("reexec").returncode, 0)
+            wait_for(lambda: len(reader.lines) >= len(seen) + 10, what="stderr lines after the re-exec")
+            lines = list(reader.lines)
+            self.assertTrue(all(l.startswith("err ") for l in lines), lines)
+            nums = [int(l.split()[1]) for l in lines]
+            self.assertEqual(nums, sorted(set(nums)), "a line twice or out of order")
+            reader.stop()
+        # the memory tail of stderr came across both re-execs, consecutive
+        errs = sup.ctl("log", "both", "--stderr", "-n", "300").stdout.splitlines()
+        nums = [int(l.split()[1]) for l in errs]
+        self.assertGreater(len(nums), 40)
+        self.assertEqual(nums, list(range(nums[0], nums[0] + len(nums))))
+        self.assertEqual(sup.status()["supervisor"]["reexecs"], 2)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_an_older_supervisor_is_not_taken_for_stderr_alone(self):
+        # a 1.0.0 supervisor ignores "stream": its answer has none, and the client says so
+        fake = FakeSupervisor(self, b'{"ok": true, "lines": ["out 1", "err 1"]}\n')
+        p = client_run(["-c", fake.config, "log", "x", "--stderr"])
+        self.assertEqual((p.returncode, p.stdout), (1, ""))
+        self.assertIn("cannot show stderr alone", p.stderr)
+        self.assertEqual(client_run(["-c", fake.config, "log", "x"]).stdout, "out 1\nerr 1\n")
+
+
+class TestOneCommandsHelp(unittest.TestCase):
+    def test_help_command_and_dash_dash_help_show_that_commands_usage(self):
+        whole = client_run(["--help"])
+        self.assertEqual(whole.returncode, 0)
+        self.assertEqual(client_run(["help"]).stdout, whole.stdout)
+        self.assertEqual(client_run(["help", "help"]).returncode, 0)
+        for command in respawn.COMMANDS:
+            if command == "help":
+                continue
+            with self.subTest(command=command):
+                p = client_run(["help", command])
+                self.assertEqual((p.returncode, p.stderr), (0, ""))
+                self.assertTrue(p.stdout.startswith("usage: respawn.py [-c FILE] %s" % command), p.stdout)
+                self.assertNotEqual(p.stdout, whole.stdout)
+                # a command needing names does not ask for them with --help
+                for flag in ("--help", "-h"):
+                    q = client_run([command, flag])
+                    self.assertEqual((q.returncode, q.stdout, q.stderr), (0, p.stdout, ""))
+                self.assertEqual(client_run(["--help", command]).stdout, p.stdout)
+        log = client_run(["log", "--help"]).stdout
+        for option in ("-n N", "-f, --follow", "--stderr"):
+            self.assertIn(option, log)
+        self.assertIn("--json", client_run(["status", "--help"]).stdout)
+        for words, says in ((["help", "stat"], "unknown command 'stat' (did you mean 'status'?)"),
+                            (["help", "a", "b"], "help takes one command, not a b")):
+            p = client_run(words)
+            self.assertEqual((p.returncode, p.stdout), (2, ""))
+            self.assertIn(says, p.stderr)
+
+
+class TestClientWording(unittest.TestCase):
+    def test_plurals_and_suggestions(self):
+        code, out, _ = run_check(self, "[program:a]\ncommand = sleep 1\n")
+        self.assertEqual(code, 0)
+        self.assertTrue(out.endswith(": ok, 1 service\n"), out)
+        code, out, _ = run_check(self, "[program:a]\ncommand = sleep 1\n[program:b]\ncommand = sleep 1\n")
+        self.assertTrue(out.endswith(": ok, 2 services\n"), out)
+        for word, want in (("stat", "status"), ("star", "start"), ("stop", None), ("relod", "reload"),
+                           ("sh", "shutdown"), ("re", None)):
+            with self.subTest(word=word):
+                if want is None and word in respawn.COMMANDS:
+                    continue
+                hint = respawn.suggest_command(word)
+                if want:
+                    self.assertEqual(hint, " (did you mean %r?)" % want)
+                else:
+                    self.assertNotIn("'re", hint)     # re: reload, restart, reexec: ambiguous prefix
+        self.assertEqual(respawn.plural(1, "service"), "1 service")
+        self.assertEqual(respawn.plural(0, "service"), "0 services")
+        self.assertEqual(respawn.plural(2, "failed start"), "2 failed starts")
+
+    def test_run_daemon_says_where_its_log_goes(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            logdir = {dir}/logs
+            [program:x]
+            command = sleep 1000
+            startsecs = 0
+            """)
+        TestDaemon.daemon_cleanup(self, sup)
+        p = subprocess.run([PY, sup.script, "-c", sup.config, "run", "--daemon"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=60, env=sup.env)
+        self.assertEqual((p.returncode, p.stderr), (0, ""))
+        m = re.match(r"^started \(pid (\d+)\); its log: (.+)\n$", p.stdout)
+        self.assertTrue(m, p.stdout)
+        self.assertEqual(os.path.dirname(m.group(2)), sup.path("logs"))
+        wait_for(lambda: os.path.exists(m.group(2)) and "supervising 1 service from" in read_text(m.group(2)),
+                 what="the daemon's log in the place it named")
+
+
+def proc_comm(pid):
+    with open("/proc/%d/comm" % pid) as f:
+        return f.read().rstrip("\n")
+
+
+class TestProcessTitle(unittest.TestCase):
+    def title_of(self, sup, count):
+        return "respawn.py: supervising %s (%s)" % (respawn.plural(count, "service"), sup.config)
+
+    def assert_title(self, sup, count, *args):
+        want = self.title_of(sup, count).encode()
+        wait_for(lambda: cmdline(sup.proc.pid)[:1] == [want], what="the title %r" % want)
+        argv = cmdline(sup.proc.pid)
+        real = [a for a in argv if a]
+        self.assertEqual(argv[len(real):], [b""] * (len(argv) - len(real)))     # padding only
+        self.assertEqual(real[1:], [os.fsencode(a) for a in args])
+        self.assertNotIn(b"import marshal", b" ".join(argv))
+        self.assertEqual(proc_comm(sup.proc.pid), "respawn.py")
+        if shutil.which("ps"):
+            ps = subprocess.run(["ps", "-o", "args=", "-p", str(sup.proc.pid)], stdout=subprocess.PIPE,
+                                text=True, timeout=30).stdout
+            self.assertTrue(ps.startswith(self.title_of(sup, count) + " " + sup.script), ps)
+            self.assertLess(len(ps.strip()), 400, ps)
+
+    def test_ps_shows_the_title_after_start_reload_and_reexec(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:a]
+            command = sleep 1000
+            startsecs = 0
+            """, copy_script=True).start()
+        a = sup.wait_state("a", "RUNNING")
+        self.assert_title(sup, 1, sup.script, "-c", sup.config, "run")
+        # its services are not renamed: they exec their own command
+        self.assertEqual(cmdline(a["pid"]), [b"sleep", b"1000"])
+        self.assertEqual(proc_comm(a["pid"]), "sleep")
+        self.assertIn(sup.proc.pid, supervisors_of(sup.config))   # still found by its arguments
+        with open(sup.config, "a") as f:
+            f.write("[program:b]\ncommand = sleep 1000\nstartsecs = 0\n")
+        self.assertEqual(sup.ctl("reload").stdout, "added: b\n")
+        self.assert_title(sup, 2, sup.script, "-c", sup.config, "run")
+        self.assertEqual(sup.ctl("reexec").returncode, 0)
+        self.assertEqual(cmdline(sup.proc.pid)[0], self.title_of(sup, 2).encode())
+        argv = [a for a in cmdline(sup.proc.pid) if a]
+        self.assertEqual(argv[-3:], [b"-c", os.fsencode(sup.config), b"run"])
+        self.assertEqual(argv.count(b"--handoff"), 1)
+        self.assertEqual(proc_comm(sup.proc.pid), "respawn.py")
         self.assertEqual(sup.terminate(), 0)
 
 
