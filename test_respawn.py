@@ -956,7 +956,8 @@ class TestCorePolicy(unittest.TestCase):
         self.assertIn(R.StateChanged(R.STARTING, R.FATAL), effects)
         self.assertEqual(w.svc.failures, 1)
         self.assertEqual(w.svc.exitstatus, 1)
-        self.assertIn("gave up after 1 failed starts", w.svc.reason)
+        self.assertIn("gave up after 1 failed start", w.svc.reason)
+        self.assertNotIn("1 failed starts", w.svc.reason)
         self.assertNotIn(R.ExitOnFatal(), effects)
 
     def test_exit_on_fatal_asks_to_stop_everything(self):
