@@ -4977,8 +4977,9 @@ def main(argv=None, code=None):
         except OSError as exc:
             if isinstance(exc, BrokenPipeError):
                 raise
-            return client_error("lost the connection to the supervisor: %s" % (exc.strerror or exc),
-                                args.json)
+            # a socket path too long for AF_UNIX, a reset mid-answer...
+            return client_error("cannot talk to the supervisor on %s: %s"
+                                % (client_socket(config_path), exc.strerror or exc), args.json)
     except KeyboardInterrupt:
         return EXIT_FAIL
     except BrokenPipeError:

@@ -5993,6 +5993,16 @@ class TestClientErrors(unittest.TestCase):
                 with self.subTest(reply=reply, args=args):
                     self.assert_error(client_run(["-c", fake.config] + list(args)), says,
                                       as_json="--json" in args)
+        # a socket path longer than AF_UNIX allows: one line, not a traceback
+        d = tempfile.mkdtemp(prefix="respawn-long-")
+        self.addCleanup(shutil.rmtree, d, True)
+        config = os.path.join(d, "c.ini")
+        write_file(config, "[respawn]\nsocket = /tmp/%s.sock\n[program:x]\ncommand = sleep 1\n" % ("x" * 200))
+        for args in (("status",), ("status", "--json")):
+            p = client_run(["-c", config] + list(args))
+            # (or, if the config check refuses such a path, nothing answers on the default)
+            self.assertRegex(p.stderr, r"^(cannot talk to the supervisor on /tmp/xxx|no supervisor is running)")
+            self.assert_error(p, "", as_json="--json" in args)
         # usage mistakes: exit 2, and with --json an error object as well
         self.assert_error(client_run(["status", "--json", "--bogus"]), "unknown option --bogus", 2,
                           as_json=True)
@@ -6015,6 +6025,19 @@ class TestClientErrors(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertEqual(err.getvalue(), "the supervisor did not answer in time (it may be stopped or "
                                          "overloaded)\n")
+        self.assertEqual(json.loads(out.getvalue()), {"error": err.getvalue().strip()})
+        # a connection reset before any answer: one line as well
+
+        def reset(path, cmd, args=None, timeout=None):
+            raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+            yield
+        respawn.request = reset
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = respawn.main(["-c", fake.config, "status", "--json"])
+        self.assertEqual(code, 1)
+        self.assertEqual(err.getvalue(), "cannot talk to the supervisor on %s: %s\n"
+                         % (fake.path, os.strerror(errno.ECONNRESET)))
         self.assertEqual(json.loads(out.getvalue()), {"error": err.getvalue().strip()})
 
     def test_no_config_found_names_the_four_places(self):
