@@ -3538,6 +3538,7 @@ REQUEST_ARGS = {
     "signal": (lambda v: isinstance(v, str) and len(v) <= 32 or type(v) is int and 0 <= v < 1024,
                "a signal name or number"),
     "follow": (lambda v: isinstance(v, bool), "true or false"),
+    "stream": (lambda v: v is None or v == "stderr", "\"stderr\" or null"),
 }
 
 

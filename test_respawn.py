@@ -6184,6 +6184,9 @@ class TestLogStderr(unittest.TestCase):
         self.assertGreater(len(nums), 40)
         self.assertEqual(nums, list(range(nums[0], nums[0] + len(nums))))
         self.assertEqual(sup.status()["supervisor"]["reexecs"], 2)
+        # the protocol field is validated like the others
+        reply = next(respawn.request(sup.sock, "log", {"name": "both", "stream": "stdout"}))
+        self.assertEqual(reply, {"ok": False, "error": 'bad request: stream must be "stderr" or null'})
         self.assertEqual(sup.terminate(), 0)
 
     def test_an_older_supervisor_is_not_taken_for_stderr_alone(self):
