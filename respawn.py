@@ -1001,7 +1001,7 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
             for section in found:
                 _other_section(section, err, warn)
     for prog in programs.values():
-        prog.requires = _expand_requires(prog, programs, groups, err)
+        prog.requires = _expand_requires(prog, programs, groups)
     for prog in programs.values():
         _check_program(prog, programs, err, loader.warnings)
     _check_requires(programs, err)
@@ -1109,9 +1109,10 @@ def _groups(sections, kinds, err, warn):
     return group_of, groups, priority
 
 
-def _programs(section, settings, group_of, group_priority, node, err, warn):
-    """A [program:x] section's services: one, or numprocs instances named by process_name."""
-    pname = section.name[len("program:"):].strip()
+def _programs(section, settings, group_of, group_priority, node, err, warn, table=PROGRAM_KEYS):
+    """A [program:x] section's services: one, or numprocs instances named by process_name.
+    table: its keys (a section kind that is a program with more keys passes its own)."""
+    pname = section.name.split(":", 1)[1].strip()
     sup = section.supervisord
     valid = r"[^\s:/%]+\Z" if sup else r"[A-Za-z0-9_.@-]+\Z"
     if not re.match(valid, pname):
@@ -1132,7 +1133,7 @@ def _programs(section, settings, group_of, group_priority, node, err, warn):
     for key in ("numprocs", "numprocs_start"):
         if key in texts:
             try:
-                counts[key] = PROGRAM_KEYS[key][0](_interpolate(texts[key], names, lambda m: None, sup))
+                counts[key] = table[key][0](_interpolate(texts[key], names, lambda m: None, sup))
             except ValueError as exc:
                 err("%s: %s" % (key, exc), *where(key))
     numprocs, start = counts.get("numprocs", 1), counts.get("numprocs_start", 0)
@@ -1163,16 +1164,16 @@ def _programs(section, settings, group_of, group_priority, node, err, warn):
         raw = {}
         for key, text in texts.items():
             kwhere = where(key)
-            if key not in PROGRAM_KEYS:
+            if key not in table:
                 if first:
                     if key in SUPERVISORD_KEYS:
                         warn("%r is a supervisord key that respawn does not implement; ignored" % key, *kwhere)
                     elif sup:
                         warn("unknown key %s in [%s]%s; ignored, as supervisord does"
-                             % (_cut(key), section.name, did_you_mean(key, PROGRAM_KEYS)), *kwhere)
+                             % (_cut(key), section.name, did_you_mean(key, table)), *kwhere)
                     else:
                         err("unknown key %s in [%s]%s" % (_cut(key), section.name,
-                                                         did_you_mean(key, PROGRAM_KEYS)), *kwhere)
+                                                         did_you_mean(key, table)), *kwhere)
                 continue
             if key == "environment":
                 raw[key] = text
@@ -1189,7 +1190,7 @@ def _programs(section, settings, group_of, group_priority, node, err, warn):
                 text = os.path.expanduser(text)
             raw[key] = text
             try:
-                values[key] = PROGRAM_KEYS[key][0](text)
+                values[key] = table[key][0](text)
             except ValueError as exc:
                 fail("%s: %s" % (key, exc), *kwhere)
         if "environment" not in texts and env:
@@ -1232,7 +1233,7 @@ def _other_section(section, err, warn):
                                          or " (expected [respawn], [include] or [program:NAME])"), *where)
 
 
-def _expand_requires(prog, programs, groups, err):
+def _expand_requires(prog, programs, groups):
     """requires may name a service, a program (all its instances) or a group."""
     names = []
     for req in prog.requires:

@@ -7180,10 +7180,14 @@ class TestSupervisordFiles(unittest.TestCase):
 
 class TestSupervisordRun(unittest.TestCase):
     def test_instances_groups_and_supervisord_settings_at_run_time(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        minfds = soft + 10 if hard == resource.RLIM_INFINITY or soft + 10 <= hard else soft
         sup = Sup(self, """\
             [respawn]
             watch_self = false
             [supervisord]
+            minfds = {minfds}
             pidfile = {dir}/supervisord.pid
             umask = 027
             environment = FROM_SUPERVISORD="yes"
@@ -7201,7 +7205,7 @@ class TestSupervisordRun(unittest.TestCase):
             stderr_logfile = NONE
             [group:front]
             programs = web
-            """)
+            """.replace("{minfds}", str(minfds)))
         sup.start()
         for name in ("worker_00", "worker_01", "web"):
             sup.wait_state(name, "RUNNING")
@@ -7213,6 +7217,15 @@ class TestSupervisordRun(unittest.TestCase):
                 read_text(sup.path("w%d.out" % n)) if os.path.exists(sup.path("w%d.out" % n)) else ""),
                 what="w%d.out" % n)
             self.assertEqual(out, "%d yes 0027 %s\n" % (n, sup.dir))
+        with open("/proc/%d/limits" % sup.proc.pid) as f:
+            limits = [l for l in f if l.startswith("Max open files")][0].split()
+        self.assertEqual(int(limits[3]), minfds)
+        # instances survive a re-exec as they are (their names are in the carried sections)
+        before = {s["name"]: s["pid"] for s in sup.status()["services"]}
+        p = sup.ctl("reexec")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        wait_for(lambda: sup.status()["supervisor"]["reexecs"] == 1, what="the re-exec")
+        self.assertEqual({s["name"]: s["pid"] for s in sup.status()["services"]}, before)
         p = sup.ctl("stop", "worker:*")
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(sup.svc("worker_00")["state"], "STOPPED")
@@ -7230,6 +7243,171 @@ class TestSupervisordRun(unittest.TestCase):
         self.assertIn("no such service: nope:*", p.stdout + p.stderr)
         self.assertEqual(sup.terminate(), 0)
         self.assertFalse(os.path.exists(sup.path("supervisord.pid")))
+
+
+_SUPERVISORD_PY = []
+
+
+def supervisord_python(test):
+    """A Python with supervisor 4 importable: $RESPAWN_SUPERVISORD_PYTHON, or a scratch
+    venv made once per run; the test is skipped, with the reason, if neither works."""
+    if not _SUPERVISORD_PY:
+        py = os.environ.get("RESPAWN_SUPERVISORD_PYTHON")
+        reason = None
+        if not py:
+            d = tempfile.mkdtemp(prefix="respawn-supervisord-venv-")
+            import atexit
+            atexit.register(shutil.rmtree, d, True)
+            py = os.path.join(d, "bin", "python")
+            try:
+                subprocess.run([PY, "-m", "venv", d], check=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=300)
+                subprocess.run([py, "-m", "pip", "install", "-q", "supervisor>=4,<5"], check=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+                reason = "cannot install supervisor 4 into a venv: %s" % (
+                    getattr(exc, "output", b"") or str(exc).encode())[-300:].decode("utf-8", "replace")
+        _SUPERVISORD_PY.append((py, reason))
+    py, reason = _SUPERVISORD_PY[0]
+    if reason:
+        test.skipTest(reason)
+    return py
+
+
+# supervisord's own reading of a config, as JSON: every process of every group
+SUPERVISORD_DUMP = r"""
+import json, shlex, sys
+from supervisor.options import ServerOptions
+from supervisor import datatypes
+o = ServerOptions()
+o.realize(args=["-c", sys.argv[1]])
+out = {}
+log = lambda v: "auto" if v is datatypes.Automatic else "none" if v is None else v
+for g in o.process_group_configs:
+    for p in g.process_configs:
+        ar = p.autorestart
+        out[p.name] = {
+            "group": g.name, "command": shlex.split(p.command), "environment": p.environment or {},
+            "autostart": p.autostart, "startsecs": p.startsecs, "startretries": p.startretries,
+            "autorestart": {False: False}.get(ar, "unexpected" if ar is datatypes.RestartWhenExitUnexpected else True),
+            "stopasgroup": p.stopasgroup, "killasgroup": p.killasgroup, "stopwaitsecs": p.stopwaitsecs,
+            "exitcodes": sorted(p.exitcodes), "redirect_stderr": p.redirect_stderr,
+            "stdout": log(p.stdout_logfile), "stderr": log(p.stderr_logfile),
+            "directory": p.directory, "umask": p.umask, "priority": p.priority}
+print(json.dumps(out))
+"""
+
+
+def respawn_reading(path):
+    config = respawn.load_config(path)
+    out = {}
+    for name, p in config.programs.items():
+        stderr = p.stream_target("stderr")
+        out[name] = {
+            "group": p.group_name, "command": list(p.command), "environment": p.environment,
+            "autostart": p.autostart, "startsecs": p.startsecs, "startretries": p.startretries,
+            "autorestart": p.autorestart, "stopasgroup": p.stopasgroup, "killasgroup": p.killasgroup,
+            "stopwaitsecs": p.stopwaitsecs, "exitcodes": sorted(p.exitcodes),
+            "redirect_stderr": p.redirect_stderr, "stdout": p.stream_target("stdout"),
+            "stderr": "none" if stderr == "merged" else stderr, "directory": p.directory,
+            "umask": p.umask, "priority": p.priority}
+    return out
+
+
+class TestSupervisordReadsTheSame(unittest.TestCase):
+    """Tricky supervisord files read by supervisor 4 itself and by respawn: the
+    same processes with the same commands, environments and policies."""
+
+    def compare(self, files, skip=()):
+        py = supervisord_python(self)
+        d = temp_dir(self)
+        for name, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
+            write_file(os.path.join(d, name), text.replace("{dir}", d))
+        main = os.path.join(d, "supervisord.conf")
+        env = dict(os.environ, RESPAWN_CMP_PORT="8123")
+        p = subprocess.run([py, "-c", SUPERVISORD_DUMP, main], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=120, env=env, cwd=d)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        theirs = json.loads(p.stdout)
+        os.environ["RESPAWN_CMP_PORT"] = "8123"
+        self.addCleanup(os.environ.pop, "RESPAWN_CMP_PORT", None)
+        ours = respawn_reading(main)
+        self.assertEqual(sorted(ours), sorted(theirs))
+        for name in theirs:
+            for key in theirs[name]:
+                if key not in skip:
+                    self.assertEqual(ours[name][key], theirs[name][key], "%s: %s" % (name, key))
+        return ours
+
+    def test_syntax_expansions_and_instances(self):
+        ours = self.compare({"supervisord.conf": """\
+            [supervisord]
+            nodaemon=true                 ; comment
+            logfile={dir}/sd.log          # another
+            pidfile={dir}/sd.pid
+            environment=GLOBAL="g 1",OTHER=two
+
+            [program:worker]
+            command=/usr/bin/php %(here)s/artisan queue:work --queue=%(program_name)s-%(process_num)03d # the worker
+            process_name=%(program_name)s_%(process_num)02d
+            numprocs=3
+            numprocs_start=7
+            environment=PORT="90%(process_num)02d",NAME="%(group_name)s/%(host_node_name)s"
+            stdout_logfile={dir}/%(program_name)s-%(process_num)d.log
+            stdout_logfile={dir}/w-%(process_num)x.log
+            redirect_stderr=true
+            autostart=true
+            stopasgroup=true
+            exitcodes=0,2
+            startsecs=0
+            directory=%(here)s
+
+            [program:web]
+            command=/bin/sh -c "exec sleep %(ENV_PORT)s %(ENV_RESPAWN_CMP_PORT)s 100%%"
+            environment=PORT="80"
+            autorestart=false
+            priority=10
+            umask=022
+            stopwaitsecs=3600
+
+            [program:web]
+            startretries=9
+
+            [program:long]
+            command=/bin/echo a
+              b c
+              d
+            stderr_logfile=NONE
+            """})
+        self.assertEqual(sorted(ours), ["long", "web", "worker_07", "worker_08", "worker_09"])
+
+    def test_groups_and_includes(self):
+        self.compare({"supervisord.conf": """\
+            [supervisord]
+            [include]
+            files = conf.d/*.ini more.conf
+            [program:api]
+            command=/bin/true
+            priority=300
+            [program:jobs]
+            command=/bin/true %(group_name)s
+            process_name=job%(process_num)d
+            numprocs=2
+            [group:backend]
+            programs=api,jobs
+            priority=20
+            """, "conf.d/a.ini": """\
+            [program:inc]
+            command=/bin/echo %(here)s
+            autorestart=true
+            [program:api]
+            startsecs=7
+            """, "more.conf": """\
+            [program:last]
+            command=/bin/true
+            killasgroup=true
+            """}, skip=("priority",))
 
 
 if __name__ == "__main__":
