@@ -212,7 +212,7 @@ class ConfigErrors(Exception):
 # Reading a config is bounded whatever the file holds: far above any file a
 # person writes, these keep a mistaken or hostile one (/dev/zero, a FIFO, a
 # chain of includes, a megabyte of spaces) from freezing `check` or `run`.
-MAX_CONFIG_BYTES = 1 << 20        # one file
+MAX_CONFIG_BYTES = 4 << 20        # one file (5000 generated programs take ~1 MiB)
 MAX_CONFIG_FILES = 1000           # files in one config, includes counted
 MAX_INCLUDE_DEPTH = 20            # [include] within [include] ...
 MAX_SERVICES = 10000              # services in one config, instances counted
@@ -664,9 +664,9 @@ def _parse_ini(text, supervisord):
     sections, problems, seen = [], [], {}
     values = lines = key = None
     indent = 0
+    if "\r" in text:           # as a file opened in text mode reads it (universal newlines)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     for number, line in enumerate(text.split("\n"), 1):
-        if line.endswith("\r"):
-            line = line[:-1]
         stripped = line.strip()
         if stripped[:1] in ("#", ";"):
             value, had_comment = "", True
@@ -680,7 +680,7 @@ def _parse_ini(text, supervisord):
             elif key is not None and not had_comment:
                 values[key].append("")
             continue
-        level = len(line) - len(line.lstrip())
+        level = len(line) - len(line.lstrip()) if line[:1].isspace() else 0
         if key is not None and level > indent:
             values[key].append(value)         # a continuation line
             continue
@@ -705,7 +705,9 @@ def _parse_ini(text, supervisord):
             problems.append((number, "fatal", "a key outside any section: %s (put it under "
                              "[respawn] or [program:NAME])" % _cut(stripped)))
             break
-        cut = min((i for i in (value.find("="), value.find(":")) if i >= 0), default=-1)
+        cut, colon = value.find("="), value.find(":")
+        if cut < 0 or 0 <= colon < cut:
+            cut = colon
         name = value[:cut].rstrip().lower() if cut > 0 else ""
         if not name:
             problems.append((number, "fatal", "cannot read this line: %s (expected key = value "

@@ -6688,7 +6688,7 @@ class TestConfigBoundedReading(unittest.TestCase):
                          ";" * (respawn.MAX_CONFIG_BYTES + 10) + "\n")
         code, lines = check_cli(self, big)
         self.assertEqual((code, len(lines)), (2, 1), lines)
-        self.assertIn("larger than 1 MiB", lines[0])
+        self.assertIn("larger than 4 MiB", lines[0])
         # a chain of 1200 includes: one line, not RecursionError
         for i in range(1, 1201):
             write_file(os.path.join(d, "c%d.ini" % i), "[include]\nfiles = c%d.ini\n" % (i + 1))
@@ -7244,6 +7244,42 @@ class TestSupervisordRun(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
         self.assertFalse(os.path.exists(sup.path("supervisord.pid")))
 
+
+class TestConfigIniReader(unittest.TestCase):
+    def test_reads_what_configparser_reads(self):
+        """respawn's linear INI reader against configparser (the reference of both
+        dialects: respawn's strict one, and supervisord's) on random small files."""
+        import configparser
+        rng = random.Random(4242)
+        pieces = ["[a]", "[b]", "[program:x]", " [c] ; note", "[a] # x", "k = v", "K: v", "k=v ; c",
+                  "k = v # c", "k = v;c", "k2 = two  words", "k3 =", "  more", "\tmore", "", "   ",
+                  "; comment", "# comment", "  ; indented comment", "k4 = a = b", "k5 : a : b",
+                  "x", "= v", "k6 = [x]", "key with spaces = 1", "k7 = %(here)s"]
+        for n in range(3000):
+            text = "[a]\n" * rng.randrange(2) + "\n".join(
+                rng.choice(pieces) for _ in range(rng.randrange(1, 12))) + "\n"
+            for supervisord in (False, True):
+                with self.subTest(n=n, supervisord=supervisord, text=text):
+                    if supervisord:
+                        parser = configparser.RawConfigParser(strict=False, inline_comment_prefixes=(";", "#"),
+                                                              default_section="\0")
+                    else:
+                        parser = configparser.RawConfigParser(strict=True, inline_comment_prefixes=(";",),
+                                                              default_section="\0", empty_lines_in_values=False)
+                    try:
+                        parser.read_string(text)
+                        want = {s: dict(parser.items(s)) for s in parser.sections()}
+                    except configparser.Error:
+                        want = None
+                    sections, problems = respawn._parse_ini(text, supervisord)
+                    if want is None:
+                        self.assertTrue([p for p in problems if p[1] != "warning"], problems)
+                        continue
+                    self.assertEqual([p for p in problems if p[1] != "warning"], [])
+                    got = {}
+                    for name, line, values, lines in sections:
+                        got.setdefault(name, {}).update(values)
+                    self.assertEqual(got, want)
 
 _SUPERVISORD_PY = []
 
