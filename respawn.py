@@ -1058,6 +1058,8 @@ def _supervisord_settings(section, settings, err, warn, node):
     where = lambda key: section.lines.get(key) or [section.file, section.line]
     names = {"here": os.path.dirname(section.file), "host_node_name": node}
     for key, text in section.values.items():
+        if key == "user" and text.strip() in _own_user():
+            continue          # already so: the usual user=root of a container
         if key in SUPERVISORD_IGNORED:
             warn("[supervisord] %s has no effect here: %s" % (key, SUPERVISORD_IGNORED[key]), *where(key))
             continue
@@ -1078,6 +1080,15 @@ def _supervisord_settings(section, settings, err, warn, node):
                  "with run --daemon", *where(key), level="info")
         if setting:
             settings[setting] = value
+
+
+def _own_user():
+    import pwd
+    uid = os.geteuid()
+    try:
+        return (str(uid), pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        return (str(uid),)
 
 
 def _groups(sections, kinds, err, warn):
@@ -1204,6 +1215,12 @@ def _programs(section, settings, group_of, group_priority, node, err, warn, tabl
                  *where("killasgroup"))
         if group in group_priority:
             values["priority"] = group_priority[group]
+        for stream in ("stdout", "stderr"):
+            target = values.get(stream + "_logfile")
+            if isinstance(target, str) and target.startswith(("/dev/", "/proc/")):
+                # /dev/stdout is never rotated: the rename would move the device's
+                # name for everyone (supervisord fails there with "Illegal seek")
+                values[stream + "_logfile_maxbytes"] = 0
         name = _interpolate(template.strip(), names, lambda m: fail(m, *where("process_name")), sup, env)
         if not re.match(valid, name):
             fail("process_name %s gives the name %s, which may hold only %s"

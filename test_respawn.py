@@ -7140,6 +7140,32 @@ class TestSupervisordFiles(unittest.TestCase):
             self.assertIn("%s:%d: %s: %s" % (path, line, level, fragment), out)
         self.assertEqual(len(lines), 11, out)      # those ten, and ok
 
+    def test_container_idioms_are_quiet_and_safe(self):
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        config = load_text(self, """\
+            [supervisord]
+            user = %s
+            [program:a]
+            command = true
+            stdout_logfile = /dev/stdout
+            stderr_logfile = /dev/stderr
+            [program:b]
+            command = true
+            stdout_logfile = %%(here)s/b.log
+            """ % me)
+        # user = (the supervisor's own user) is already so: no warning
+        self.assertEqual(config.warnings, [])
+        # a device is never rotated (renaming /dev/stdout would move it for everyone)
+        a, b = config.programs["a"], config.programs["b"]
+        self.assertEqual((a.stdout_logfile_maxbytes, a.stderr_logfile_maxbytes), (0, 0))
+        self.assertEqual(b.stdout_logfile_maxbytes, 50 * 1024 ** 2)
+        other = "nobody" if me != "nobody" else "root"
+        config = load_text(self, "[supervisord]\nuser = %s\n[program:a]\ncommand = true\n" % other)
+        self.assertEqual([w.message for w in config.warnings],
+                         ["[supervisord] user has no effect here: respawn does not switch user: start it "
+                          "as that user (each program's user = works)"])
+
     def test_check_reports_text_and_machine_problems_together_at_their_keys(self):
         code, out, path = run_check(self, """\
             [program:a]
