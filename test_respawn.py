@@ -7271,6 +7271,35 @@ class TestSupervisordRun(unittest.TestCase):
         self.assertFalse(os.path.exists(sup.path("supervisord.pid")))
 
 
+    def test_reload_adds_and_removes_instances(self):
+        text = """\
+            [respawn]
+            watch_self = false
+            [supervisord]
+            [program:w]
+            command = sleep 100%(process_num)d
+            process_name = w%(process_num)d
+            numprocs = {n}
+            stdout_logfile = NONE
+            stderr_logfile = NONE
+            """
+        sup = Sup(self, text.replace("{n}", "2"))
+        sup.start()
+        sup.wait_state("w0", "RUNNING")
+        sup.wait_state("w1", "RUNNING")
+        kept = sup.svc("w0")["pid"]
+        sup.write_config(textwrap.dedent(text.replace("{n}", "3")))
+        p = sup.ctl("reload")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        sup.wait_state("w2", "RUNNING")
+        self.assertEqual(sup.svc("w0")["pid"], kept)          # untouched
+        sup.write_config(textwrap.dedent(text.replace("{n}", "1")))
+        p = sup.ctl("reload")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        wait_for(lambda: sorted(s["name"] for s in sup.status()["services"]) == ["w0"], what="w1, w2 removed")
+        self.assertEqual(sup.svc("w0")["pid"], kept)
+        self.assertEqual(sup.terminate(), 0)
+
 class TestConfigIniReader(unittest.TestCase):
     def test_reads_what_configparser_reads(self):
         """respawn's linear INI reader against configparser (the reference of both
