@@ -647,7 +647,22 @@ def expand_names(config, patterns, known=None):
     return list(dict.fromkeys(names)), unknown
 
 
-_INLINE_COMMENT = {False: re.compile(r"(?:^|(?<=\s));"), True: re.compile(r"(?:^|(?<=\s))[;#]")}
+def _comment_start(line, prefixes):
+    """Where an inline comment starts, found as configparser finds it, quirk
+    included: each round looks at the next ';' and the next '#', and the first
+    round with one after whitespace wins ("a;b ;c #d" is cut at ';', but
+    "a;b;c ;d #e" at '#')."""
+    start, index = None, {p: -1 for p in prefixes}
+    while start is None and index:
+        found = {}
+        for prefix, i in index.items():
+            i = line.find(prefix, i + 1)
+            if i >= 0:
+                found[prefix] = i
+                if i == 0 or line[i - 1].isspace():
+                    start = i if start is None else min(start, i)
+        index = found
+    return start
 
 
 def _parse_ini(text, supervisord):
@@ -660,7 +675,7 @@ def _parse_ini(text, supervisord):
     with a warning; blank lines kept in a continued value).  One linear pass:
     configparser's option pattern, and our scan for key lines, took 12 s on a line
     with a long run of spaces.  A key outside any section stops the file, as there."""
-    comment = _INLINE_COMMENT[supervisord]
+    prefixes = (";", "#") if supervisord else (";",)
     sections, problems, seen = [], [], {}
     values = lines = key = None
     indent = 0
@@ -671,9 +686,9 @@ def _parse_ini(text, supervisord):
         if stripped[:1] in ("#", ";"):
             value, had_comment = "", True
         else:
-            m = comment.search(line)
-            had_comment = m is not None
-            value = (line[:m.start()] if m else line).strip()
+            cut = _comment_start(line, prefixes)
+            had_comment = cut is not None
+            value = line[:cut].strip()
         if not value:
             if not supervisord:
                 key = None                    # a blank line ends a value
