@@ -7309,8 +7309,12 @@ class TestConfigIniReader(unittest.TestCase):
         pieces = ["[a]", "[b]", "[program:x]", " [c] ; note", "[a] # x", "k = v", "K: v", "k=v ; c",
                   "k = v # c", "k = v;c", "k2 = two  words", "k3 =", "  more", "\tmore", "", "   ",
                   "; comment", "# comment", "  ; indented comment", "k4 = a = b", "k5 : a : b",
-                  "x", "= v", "k6 = [x]", "key with spaces = 1", "k7 = %(here)s", "k8 = a;b;c ;d #e",
+                  "x", "= v", "k6 = [x]", "key with spaces = 1", "k7 = %(here)s",
                   "k9 = a#b ;c #d", "k10 = #x", "k11=;", "[d];x", "[e] ;x"]
+        if sys.version_info >= (3, 13):
+            # before 3.13 configparser cut this at '#' (a quirk of its search that
+            # 3.13 dropped); respawn cuts at the first comment, as 3.13 does
+            pieces.append("k8 = a;b;c ;d #e")
         for n in range(3000):
             text = "[a]\n" * rng.randrange(2) + "\n".join(
                 rng.choice(pieces) for _ in range(rng.randrange(1, 12))) + "\n"
