@@ -6892,6 +6892,28 @@ def _mutate(text, rng, d):
 
 
 class TestConfigFuzz(unittest.TestCase):
+    def test_every_parser_takes_any_text(self):
+        """Each key's parser, on hostile values (fixed seed): a value or ValueError,
+        nothing else, and a message that is one short line."""
+        rng = random.Random(12)
+        atoms = ["", " ", "0", "-1", "1e400", "inf", "nan", "-0", "0x1f", "1_000", "\u00b2", "\u0663",
+                 "\uff11", "99999999999999999999", "9" * 5000, " " * 5000, "\t", "\n", "\x0b", "%",
+                 "'", '"', "\\", ",", ":", "tcp:", "exec:", "=", "A=", "ms", "KB", "forever", "true",
+                 "unexpected", "TERM", "SIG_IGN", "\u2028", "\ud800", "a" * 300, "\x00"]
+        tables = [respawn.PROGRAM_KEYS, respawn.RESPAWN_KEYS,
+                  {k: v for k, v in respawn.SUPERVISORD_SETTINGS.items()}]
+        for n in range(4000):
+            table = tables[n % len(tables)]
+            key = rng.choice(sorted(table))
+            text = "".join(rng.choice(atoms) for _ in range(rng.randrange(1, 4)))
+            try:
+                table[key][0](text)
+            except ValueError as exc:
+                self.assertNotIn("\n", str(exc), (key, text))
+                self.assertLess(len(str(exc)), 700, (key, text[:80]))
+            except Exception as exc:       # noqa: the point of the test
+                self.fail("%s = %r: %s: %s" % (key, text[:80], type(exc).__name__, exc))
+
     def test_mutated_configs_never_trace_back(self):
         """A few thousand mutations of real configs (fixed seed): no exception but
         ConfigErrors, each error one line with FILE:LINE, each case in bounded time;
