@@ -68,15 +68,6 @@ MAX_REQUEST = 64 * 1024           # control-socket request size limit
 CLIENT_TIMEOUT = 10.0             # a client must send its request within this
 MAX_WAIT = 3600.0                 # the loop wakes at least this often (Timers.timeout)
 HANDLED_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGCHLD")
-# supervisord program keys respawn does not implement: a warning, not an error,
-# so that a supervisord [program:x] section runs unchanged.
-SUPERVISORD_KEYS = {
-    "process_name", "numprocs", "numprocs_start", "serverurl", "stdout_capture_maxbytes",
-    "stdout_events_enabled", "stdout_syslog", "stderr_capture_maxbytes",
-    "stderr_events_enabled", "stderr_syslog", "nice"}
-SUPERVISORD_SECTIONS = ("supervisord", "supervisorctl", "unix_http_server",
-                        "inet_http_server", "rpcinterface:", "group:", "eventlistener:",
-                        "fcgi-program:")
 
 
 def monotonic():
@@ -84,6 +75,8 @@ def monotonic():
 
 
 def did_you_mean(word, choices):
+    if len(word) > 100:
+        return ""          # no one mistypes a word that long, and difflib would take its time
     import difflib  # only on the error path
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return " (did you mean %r?)" % close[0] if close else ""
@@ -196,11 +189,14 @@ def file_hash(path):
 # ---------------------------------------------------------------------------
 
 class ConfigError(Exception):
-    """A mistake in a config file: shown to the user as one line, FILE:LINE: what."""
+    """A mistake in a config file: shown to the user as one line, FILE:LINE: what.
+    As a warning, level is "warning", or "info" for what needs no action."""
 
-    def __init__(self, message, file=None, line=None):
+    def __init__(self, message, file=None, line=None, level="warning"):
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "..."
         super().__init__(message)
-        self.message, self.file, self.line = message, file, line
+        self.message, self.file, self.line, self.level = message, file, line, level
 
     def __str__(self):
         where = self.file or "<config>"
@@ -218,25 +214,48 @@ class ConfigErrors(Exception):
         self.settings = None          # [respawn] as far as it parsed: clients still find the socket
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*\Z", re.I)
+# Reading a config is bounded whatever the file holds: far above any file a
+# person writes, these keep a mistaken or hostile one (/dev/zero, a FIFO, a
+# chain of includes, a megabyte of spaces) from freezing `check` or `run`.
+MAX_CONFIG_BYTES = 4 << 20        # one file (5000 generated programs take ~1 MiB)
+MAX_CONFIG_FILES = 1000           # files in one config, includes counted
+MAX_INCLUDE_DEPTH = 20            # [include] within [include] ...
+MAX_SERVICES = 10000              # services in one config, instances counted
+MAX_MESSAGE = 400                 # an error line quotes at most this much
+# Ranges of values: each one runs.  A week is far below what a timer holds (epoll
+# takes ~24 days in milliseconds); the counts bound memory and files.
+MAX_DURATION = 7 * 86400.0
+MAX_SIZE = 1024 ** 4
+MAX_ID = 2 ** 32 - 2              # uid/gid: (uid_t)-1 means "no change" to the kernel
+MAX_PRIORITY = 10 ** 9
+
+# matched on the stripped text: two runs of [ \t]* around an optional unit
+# backtrack quadratically on "1<100000 spaces>x"
+_DURATION = re.compile(r"([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})[ \t]*(ms|s|m|h|d)?\Z", re.I)
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"\s*(\d+)\s*(b|kb|mb|gb)?\s*\Z", re.I)
+_SIZE = re.compile(r"([0-9]{1,30})[ \t]*(b|kb|mb|gb)?\Z", re.I)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024 ** 2, "gb": 1024 ** 3}
+_INT = re.compile(r"([+-]?[0-9]{1,30})\Z")
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True,
           "false": False, "no": False, "off": False, "0": False}
 
 
+def _cut(text, n=60):
+    """A value as an error line quotes it: repr, and not a megabyte of it."""
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def parse_duration(text):
-    m = _DURATION.match(text)
+    m = _DURATION.match(text.strip(" \t"))
     if not m:
-        raise ValueError("expected a duration such as 10, 0.5, 500ms, 2s or 1m, not %r" % text)
+        raise ValueError("expected a duration such as 10, 0.5, 500ms, 2s or 1m, not %s" % _cut(text))
     return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower() or None]
 
 
 def parse_size(text):
-    m = _SIZE.match(text)
+    m = _SIZE.match(text.strip(" \t"))
     if not m:
-        raise ValueError("expected a size such as 1024, 10KB, 50MB or 1GB, not %r" % text)
+        raise ValueError("expected a size such as 1024, 10KB, 50MB or 1GB, not %s" % _cut(text))
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower() or None]
 
 
@@ -244,30 +263,57 @@ def parse_bool(text):
     try:
         return _BOOLS[text.strip().lower()]
     except KeyError:
-        raise ValueError("expected true or false, not %r" % text) from None
+        raise ValueError("expected true or false, not %s" % _cut(text)) from None
 
 
 def parse_int(text):
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number, not %r" % text) from None
+    # ASCII digits only: int() also takes '٣' and '1_000', which no one means
+    m = _INT.match(text.strip(" \t"))
+    if not m:
+        raise ValueError("expected a whole number, not %s" % _cut(text))
+    return int(m.group(1))
+
+
+def _show_duration(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return "%d%s" % (seconds // size, unit)
+    return "%g" % seconds
+
+
+def _show_size(n):
+    for unit, size in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024)):
+        if n and n % size == 0:
+            return "%d%s" % (n // size, unit)
+    return "%d" % n
+
+
+def in_range(parse, low, high, show=str):
+    """parse, and refuse a value outside [low, high] with the range in the message."""
+    def parse_in_range(text):
+        value = parse(text)
+        if value is not None and not low <= value <= high:
+            raise ValueError("%s is out of range (expected %s to %s)"
+                             % (_cut(text.strip()), show(low), show(high)))
+        return value
+    parse_in_range.range = (show(low), show(high))
+    return parse_in_range
 
 
 def parse_signal(text):
     try:
         return signal_number(text)
     except ValueError:
-        raise ValueError("expected a signal name such as TERM, INT, HUP, QUIT or KILL, not %r"
-                         % text) from None
+        raise ValueError("expected a signal name such as TERM, INT, HUP, QUIT or KILL, not %s"
+                         % _cut(text)) from None
 
 
 def parse_exitcodes(text):
     codes = set()
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) > 255:
-            raise ValueError("expected exit codes 0-255 separated by commas, not %r" % text)
+        if not re.match(r"[0-9]{1,3}\Z", part) or int(part) > 255:
+            raise ValueError("expected exit codes 0-255 separated by commas, not %s" % _cut(text))
         codes.add(int(part))
     return frozenset(codes)
 
@@ -279,7 +325,10 @@ def parse_autorestart(text):
     try:
         return parse_bool(value)
     except ValueError:
-        raise ValueError("expected true, false or unexpected, not %r" % text) from None
+        raise ValueError("expected true, false or unexpected, not %s" % _cut(text)) from None
+
+
+MAX_RETRIES = 10 ** 6
 
 
 def parse_startretries(text):
@@ -289,10 +338,13 @@ def parse_startretries(text):
         value = parse_int(text)
     except ValueError:
         value = -1            # one message for every bad value, naming `forever` too
-    if value < 0:
-        raise ValueError("expected a number of retries (0 or more) or forever, not %r" % text)
+    if not 0 <= value <= MAX_RETRIES:
+        raise ValueError("expected a number of retries (0 to %d) or forever, not %s"
+                         % (MAX_RETRIES, _cut(text)))
     return value
 
+
+parse_startretries.range = ("0", "1000000 or forever")
 
 # words with no quote, backslash or odd whitespace: str.split() gives what
 # shlex.split() gives, several times faster (500 programs load in a handoff)
@@ -313,13 +365,30 @@ def parse_command(text):
 
 
 def parse_umask(text):
-    try:
-        value = int(text.strip(), 8)
-    except ValueError:
-        raise ValueError("expected an octal umask such as 022, not %r" % text) from None
+    if not re.match(r"[ \t]*[0-7]{1,4}[ \t]*\Z", text):
+        raise ValueError("expected an octal umask such as 022, not %s" % _cut(text))
+    value = int(text.strip(), 8)
     if not 0 <= value <= 0o777:
-        raise ValueError("expected an octal umask between 000 and 777, not %r" % text)
+        raise ValueError("expected an octal umask between 000 and 777, not %s" % _cut(text))
     return value
+
+
+# a user or group: a name as useradd takes it (and user@domain of a directory
+# service), or a number, which must be an id the kernel can hold
+_ACCOUNT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,255}\$?\Z")
+
+
+def parse_account(text):
+    value = text.strip()
+    if not _ACCOUNT.match(value):
+        raise ValueError("expected a user or group name (letters, digits, _ . @ -) or a number, "
+                         "not %s" % _cut(text))
+    if value.isdigit() and int(value) > MAX_ID:
+        raise ValueError("%s is out of range (expected an id 0 to %d)" % (_cut(value), MAX_ID))
+    return value
+
+
+parse_account.range = ("0", str(MAX_ID))
 
 
 def parse_environment(text):
@@ -337,7 +406,7 @@ def parse_environment(text):
         key, sep, value = item.strip().partition("=")
         key = key.strip()
         if not sep or not re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", key):
-            raise ValueError('expected KEY="value" pairs separated by commas, not %r' % item.strip())
+            raise ValueError('expected KEY="value" pairs separated by commas, not %s' % _cut(item.strip()))
         env[key] = value
     return env
 
@@ -359,10 +428,10 @@ def parse_probe(text, allow_notify):
     if kind == "tcp" and sep:
         host, sep2, port = arg.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        if sep2 and port.isdigit() and 0 < int(port) < 65536:
+        if sep2 and re.match(r"[0-9]{1,5}\Z", port) and 0 < int(port) < 65536:
             return ("tcp", (host, int(port)))
-        raise ValueError("expected tcp:HOST:PORT with a port 1-65535, not %r" % text)
-    raise ValueError("expected %s, not %r" % (kinds, text))
+        raise ValueError("expected tcp:HOST:PORT with a port 1-65535, not %s" % _cut(text))
+    raise ValueError("expected %s, not %s" % (kinds, _cut(text)))
 
 
 def parse_logfile(text):
@@ -377,15 +446,22 @@ def parse_logfile(text):
 def parse_loglevel(text):
     value = text.strip().lower()
     if value not in LOG_LEVELS:
-        raise ValueError("expected one of %s, not %r" % (", ".join(LOG_LEVELS), text))
+        raise ValueError("expected one of %s, not %s" % (", ".join(LOG_LEVELS), _cut(text)))
     return value
 
 
 def parse_log_format(text):
     value = text.strip().lower()
     if value not in ("text", "json"):
-        raise ValueError("expected text or json, not %r" % text)
+        raise ValueError("expected text or json, not %s" % _cut(text))
     return value
+
+
+def parse_name(text):
+    """process_name as written: expanded per instance, checked after."""
+    if not text.strip():
+        raise ValueError("the name is empty")
+    return text.strip()
 
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "critical": 50}
@@ -404,42 +480,92 @@ RESPAWN_KEYS = {
     "log_format": (parse_log_format, "text"),
 }
 
+parse_duration_in_range = in_range(parse_duration, 0.0, MAX_DURATION, _show_duration)
+_size = in_range(parse_size, 0, MAX_SIZE, _show_size)
+_backups = in_range(parse_int, 0, 1000)
+
 PROGRAM_KEYS = {
     "command": (parse_command, None),
+    "process_name": (parse_name, "%(program_name)s"),
+    "numprocs": (in_range(parse_int, 1, MAX_SERVICES), 1),
+    "numprocs_start": (in_range(parse_int, 0, 10 ** 6), 0),
     "directory": (str, None),
     "environment": (parse_environment, {}),
-    "user": (str, None),
-    "group": (str, None),
+    "user": (parse_account, None),
+    "group": (parse_account, None),
     "umask": (parse_umask, None),
     "autostart": (parse_bool, True),
     "autorestart": (parse_autorestart, True),
     "exitcodes": (parse_exitcodes, frozenset([0])),
-    "startsecs": (parse_duration, 1.0),
+    "startsecs": (parse_duration_in_range, 1.0),
     "startretries": (parse_startretries, 3),
-    "backoff": (parse_duration, 1.0),
-    "backoff_max": (parse_duration, 60.0),
+    "backoff": (parse_duration_in_range, 1.0),
+    "backoff_max": (parse_duration_in_range, 60.0),
     "stopsignal": (parse_signal, signal.SIGTERM),
-    "stopwaitsecs": (parse_duration, 10.0),
+    "stopwaitsecs": (parse_duration_in_range, 10.0),
     "stopasgroup": (parse_bool, True),
     "killasgroup": (parse_bool, True),
     "stdout_logfile": (parse_logfile, None),
-    "stdout_logfile_maxbytes": (parse_size, 50 * 1024 ** 2),
-    "stdout_logfile_backups": (parse_int, 10),
+    "stdout_logfile_maxbytes": (_size, 50 * 1024 ** 2),
+    "stdout_logfile_backups": (_backups, 10),
     "redirect_stderr": (parse_bool, False),
     "stderr_logfile": (parse_logfile, None),
-    "stderr_logfile_maxbytes": (parse_size, 50 * 1024 ** 2),
-    "stderr_logfile_backups": (parse_int, 10),
-    "priority": (parse_int, 999),
+    "stderr_logfile_maxbytes": (_size, 50 * 1024 ** 2),
+    "stderr_logfile_backups": (_backups, 10),
+    "priority": (in_range(parse_int, -MAX_PRIORITY, MAX_PRIORITY), 999),
     "requires": (parse_list, ()),
     "ready": (lambda t: parse_probe(t, True), ("none", None)),
-    "ready_timeout": (parse_duration, 60.0),
+    "ready_timeout": (parse_duration_in_range, 60.0),
     "healthcheck": (lambda t: parse_probe(t, False), None),
-    "healthcheck_interval": (parse_duration, 10.0),
-    "healthcheck_failures": (parse_int, 3),
-    "watchdog": (parse_duration, 0.0),
-    "backoff_reset": (parse_duration, 60.0),
+    "healthcheck_interval": (parse_duration_in_range, 10.0),
+    "healthcheck_failures": (in_range(parse_int, 1, 1000), 3),
+    "watchdog": (parse_duration_in_range, 0.0),
+    "backoff_reset": (parse_duration_in_range, 60.0),
 }
 PROGRAM_DEFAULTS = {key: default for key, (_, default) in PROGRAM_KEYS.items()}
+# A file with a [supervisord] section gets supervisord 4's defaults where ours
+# differ (its options.py); the README's "Coming from supervisord" lists them.
+SUPERVISORD_DEFAULTS = {"autorestart": "unexpected", "stopasgroup": False, "killasgroup": False,
+                        "stdout_logfile": "auto", "stderr_logfile": "auto"}
+
+# supervisord program keys respawn does not implement: a warning, not an error,
+# so that a supervisord [program:x] section runs unchanged.
+SUPERVISORD_KEYS = {
+    "serverurl", "stdout_capture_maxbytes", "stdout_events_enabled", "stdout_syslog",
+    "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog", "nice"}
+
+# [supervisord] keys: (parser, the setting it fills).  Where that needs run-time
+# code (umask, minfds, minprocs, directory) apply_process_settings does it.
+SUPERVISORD_SETTINGS = {
+    "logfile": (str, "logfile"),
+    "pidfile": (str, "pidfile"),
+    "loglevel": (lambda t: {"trace": "debug", "blather": "debug"}.get(t.strip().lower())
+                 or parse_loglevel(t), "loglevel"),
+    "childlogdir": (str, "logdir"),
+    "umask": (parse_umask, "umask"),
+    "minfds": (in_range(parse_int, 1, 1 << 20), "minfds"),
+    "minprocs": (in_range(parse_int, 1, 1 << 22), "minprocs"),
+    "directory": (str, "directory"),
+    "environment": (parse_environment, "environment"),
+    "nodaemon": (parse_bool, None),
+    "nocleanup": (parse_bool, None),
+}
+# [supervisord] keys with no effect here, and what the user should know
+SUPERVISORD_IGNORED = {
+    "logfile_maxbytes": "the supervisor's own log is not rotated; rotate it with logrotate and SIGUSR1",
+    "logfile_backups": "the supervisor's own log is not rotated; rotate it with logrotate and SIGUSR1",
+    "user": "respawn does not switch user: start it as that user (each program's user = works)",
+    "identifier": "there is no XML-RPC interface to identify",
+    "silent": "the supervisor's own lines still go to stderr",
+    "strip_ansi": "output is kept as the program wrote it",
+}
+# sections that only serve supervisorctl and XML-RPC: respawn has its own socket
+SUPERVISORD_INFO_SECTIONS = ("supervisorctl", "unix_http_server", "inet_http_server", "rpcinterface:")
+# the rest of supervisord's sections that respawn does not run (yet)
+SUPERVISORD_SECTIONS = ("eventlistener:",)
+# The settings [supervisord] may fill beyond RESPAWN_KEYS: None = leave as it is.
+PROCESS_SETTINGS = {"umask": None, "minfds": None, "minprocs": None, "directory": None,
+                    "environment": {}}
 
 # Keys that shape the running process: a change to one of them restarts the
 # service on reload.  Everything else is policy, applied to the running process.
@@ -447,19 +573,28 @@ PROCESS_KEYS = ("command", "directory", "environment", "user", "group", "umask",
 
 
 class Program:
-    """One [program:NAME] section, typed.  Plain data; `raw` keeps the text for diffs."""
+    """One service: a [program:NAME] section, or one of its numprocs instances, typed.
+    Plain data; `raw` keeps the text for diffs, `lines` each key's (file, line)."""
 
-    def __init__(self, name, values, raw, file=None, line=None):
+    def __init__(self, name, values, raw, file=None, line=None, lines=None):
+        self.program_name = self.group_name = name
+        self.process_num = 0
         self.__dict__.update(PROGRAM_DEFAULTS)
         self.__dict__.update(values)
         self.name, self.raw, self.file, self.line = name, raw, file, line
+        self.lines = lines or {}
+
+    def where(self, key=None):
+        """(file, line) of a key, or of the section when the key is not written."""
+        return self.lines.get(key) or (self.file, self.line)
 
     def shape(self):
         """What a reload compares to decide whether the process must restart."""
         pipes = tuple(self.stream_target(s) == "none" for s in ("stdout", "stderr"))
         notify = self.ready[0] == "notify"
+        # the environment as typed too: [supervisord] environment is part of it
         return (tuple(self.raw.get(k) for k in PROCESS_KEYS), pipes, notify,
-                self.watchdog if notify else 0)
+                self.watchdog if notify else 0, tuple(sorted(self.environment.items())))
 
     def stream_target(self, stream):
         """'prefix' (the supervisor's own stdout/stderr), 'none', or a file path or 'auto'."""
@@ -472,12 +607,16 @@ class Program:
 class Config:
     """A whole config: the [respawn] settings, programs, and the text of every file read."""
 
-    def __init__(self, path, settings, programs, files, warnings, sections=()):
+    def __init__(self, path, settings, programs, files, warnings, sections=(), groups=None):
         self.path, self.settings, self.programs = path, settings, programs
         self.files, self.warnings = files, warnings
-        # [file, name, line, {key: text}] for every section as read: a re-exec hands
-        # them over, so the new image types them without parsing the INI again
+        # [file, name, line, {key: text}, {key: [file, line]}, supervisord?] for every
+        # section as read: a re-exec hands them over, so the new image types them
+        # without parsing the INI again
         self.sections = sections
+        # name -> [service names]: each program's instances and each [group:x]'s
+        # members, for NAME:* and a group name in client commands
+        self.groups = groups or {}
 
     def digest(self):
         h = sha256()
@@ -486,50 +625,207 @@ class Config:
         return h.hexdigest()
 
 
-_SECTION_LINE, _KEY_LINE = re.compile(r"\[(.+)\]"), re.compile(r"([^=:]+?)\s*[=:]")
-
-
-def _scan_lines(text):
-    """Line numbers of sections and keys: configparser does not keep them."""
-    where, section = {}, None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip()[:1] in ("#", ";") or line[:1].isspace():
+def expand_names(config, patterns, known=None):
+    """Client names -> (service names in order, no repeats; the patterns that match
+    nothing).  A pattern is a service, NAME:* (a program's instances or a group's
+    members), a group name, GROUP:NAME (supervisorctl's form) or all.  known: the
+    services that exist (default the config's programs)."""
+    known = config.programs if known is None else known
+    names, unknown = [], []
+    for pattern in patterns:
+        pattern = str(pattern)
+        group, colon, member = pattern.partition(":")
+        if pattern == "all":
+            found = list(known)
+        elif pattern in known:
+            found = [pattern]
+        elif not colon and group in config.groups:
+            found = config.groups[group]
+        elif colon and member == "*" and group in config.groups:
+            found = config.groups[group]
+        elif colon and group in config.groups and member in config.groups[group]:
+            found = [member]
+        else:
+            unknown.append(pattern)
             continue
-        m = _SECTION_LINE.match(line.strip())
-        if m:
-            section = m.group(1)
-            where.setdefault((section, None), number)
+        names.extend(n for n in found if n in known)
+    return list(dict.fromkeys(names)), unknown
+
+
+# An inline comment starts at the first ';' (or '#') at the start of the line or
+# after whitespace, as configparser finds it since 3.13.  (Before, its round-by-
+# round search cut "a;b;c ;d #e" at '#', not at the earlier ' ;': a quirk of
+# the Python that ran supervisord, not a rule to keep.)
+_INLINE_COMMENT = {(";",): re.compile(r"(?:^|(?<=\s));"), (";", "#"): re.compile(r"(?:^|(?<=\s))[;#]")}
+
+
+def _comment_start(line, prefixes):
+    m = _INLINE_COMMENT[prefixes].search(line)
+    return m.start() if m else None
+
+
+def _parse_ini(text, supervisord):
+    """INI text -> ([[section, line, {key: text}, {key: line}]], [(line, level, message)]),
+    level: warning, error (read on), fatal (the file cannot be used).
+
+    configparser's syntax as respawn reads it (strict: a repeated key or section is an
+    error; inline comments after whitespace with ';'; no DEFAULT section), or as
+    supervisord reads it (';' and '#'; a repeated key or section: the last value wins,
+    with a warning; blank lines kept in a continued value).  One linear pass:
+    configparser's option pattern, and our scan for key lines, took 12 s on a line
+    with a long run of spaces.  A key outside any section stops the file, as there."""
+    prefixes = (";", "#") if supervisord else (";",)
+    sections, problems, seen = [], [], {}
+    values = lines = key = None
+    indent = 0
+    if "\r" in text:           # as a file opened in text mode reads it (universal newlines)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.strip()
+        if stripped[:1] in ("#", ";"):
+            value, had_comment = "", True
+        else:
+            cut = _comment_start(line, prefixes)
+            had_comment = cut is not None
+            value = line[:cut].strip()
+        if not value:
+            if not supervisord:
+                key = None                    # a blank line ends a value
+            elif key is not None and not had_comment:
+                values[key].append("")
             continue
-        m = _KEY_LINE.match(line)
-        if m and section is not None:
-            where.setdefault((section, m.group(1).strip().lower()), number)
-    return where
+        level = len(line) - len(line.lstrip()) if line[:1].isspace() else 0
+        if key is not None and level > indent:
+            values[key].append(value)         # a continuation line
+            continue
+        indent, key = level, None
+        close = value.rfind("]")
+        if value[0] == "[" and close >= 2:
+            name = value[1:close]
+            if name in seen and not supervisord:
+                problems.append((number, "error", "section [%s] appears twice (keep one)" % name))
+                key = None
+                values, lines = {}, {}        # read on, into nothing
+                continue
+            if name in seen:
+                problems.append((number, "warning", "section [%s] appears again (first at line %d): "
+                                 "its keys are merged, the last value of each wins, as in supervisord"
+                                 % (name, seen[name])))
+            seen.setdefault(name, number)
+            values, lines = {}, {}
+            sections.append([name, number, values, lines])
+            continue
+        if values is None:
+            problems.append((number, "fatal", "a key outside any section: %s (put it under "
+                             "[respawn] or [program:NAME])" % _cut(stripped)))
+            break
+        cut, colon = value.find("="), value.find(":")
+        if cut < 0 or 0 <= colon < cut:
+            cut = colon
+        name = value[:cut].rstrip().lower() if cut > 0 else ""
+        if not name:
+            problems.append((number, "fatal", "cannot read this line: %s (expected key = value "
+                             "or [section])" % _cut(stripped)))
+            continue
+        if name in values:
+            if not supervisord:
+                problems.append((number, "error", "key %s appears twice in [%s] (keep one)"
+                                 % (_cut(name), sections[-1][0])))
+                continue
+            problems.append((number, "warning", "key %s appears again in [%s] (line %d before): "
+                             "the last value wins, as in supervisord" % (_cut(name), sections[-1][0],
+                                                                         lines[name])))
+        values[name] = [value[cut + 1:].strip()]
+        lines[name] = number
+        key = name
+    for name, number, values, lines in sections:
+        for k in values:
+            values[k] = "\n".join(values[k]).rstrip()
+    return sections, problems
 
 
-_INTERPOLATION = re.compile(r"%\(([^)]*)\)([sd])|%%|%")
+_EXPANSION = re.compile(r"%(?:(%)|\(([^()]*)\)([-#0 +]*)([0-9]*)(?:\.([0-9]*))?([A-Za-z]?))?")
 
 
-def _interpolate(value, names, fail):
-    """supervisord's %(ENV_X)s, %(here)s, %(program_name)s expansions."""
+def _interpolate(value, names, fail, strict=False, env=None):
+    """supervisord's expansions: %(here)s, %(program_name)s, %(process_num)02d (any
+    printf flags and width), %(ENV_X)s (env: the program's own environment first,
+    then ours) ...  strict (a supervisord file): a lone % is an error, as there."""
+    if "%" not in value:
+        return value
+
     def repl(m):
-        if m.group(0) == "%%":
+        pct, name, flags, width, precision, conv = m.groups()
+        if pct:
             return "%"
-        if m.group(0) == "%":
+        if name is None:
+            if strict:
+                fail("a lone %% in %s: write %%%% for a literal %% (supervisord's rule)" % _cut(value))
             return "%"
-        name = m.group(1)
-        if name.startswith("ENV_") and name[4:] in os.environ:
-            return os.environ[name[4:]]
-        if name in names:
-            return str(names[name])
-        fail("unknown expansion %%(%s)s (expected ENV_NAME, here, program_name, "
-             "process_num or group_name)" % name)
-        return m.group(0)
-    return _INTERPOLATION.sub(repl, value) if "%" in value else value
+        if name.startswith("ENV_") and name not in names:
+            found = (env or {}).get(name[4:], os.environ.get(name[4:]))
+            if found is None:
+                fail("environment variable %s is not set (in %%(%s)s)" % (_cut(name[4:], 40), name))
+                return m.group(0)
+        elif name in names:
+            found = names[name]
+        else:
+            fail("unknown expansion %%(%s)s (expected ENV_NAME, here, program_name, process_num, "
+                 "numprocs, group_name or host_node_name)" % _cut(name, 40)[1:-1])
+            return m.group(0)
+        if not conv or conv not in "diouxXeEfFgGcrsa" or len(width) > 3 or len(precision or "") > 3:
+            fail("cannot expand %s: expected a conversion such as s, d or 02d" % _cut(m.group(0)))
+            return m.group(0)
+        spec = "%" + flags + width + ("." + precision if precision is not None else "") + conv
+        try:
+            return spec % (found,)
+        except (TypeError, ValueError, OverflowError) as exc:
+            fail("cannot expand %s: %s" % (_cut(m.group(0)), exc))
+            return m.group(0)
+    return _EXPANSION.sub(repl, value)
 
 
 def _read_text(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    """A config file's text.  Only a regular file, and only so much of it: a FIFO
+    would block the read forever, /dev/zero never ends, and opening some devices
+    acts (a tape rewinds), so the type is checked before the open."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.EISDIR, "it is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "it is not a regular file (a FIFO, a device or a socket)")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):     # swapped since the stat
+            raise OSError(errno.EINVAL, "it is not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise OSError(errno.EFBIG, "it is larger than %d MiB" % (MAX_CONFIG_BYTES >> 20))
+    return b"".join(chunks).decode("utf-8")
+
+
+class _Section:
+    """One section as read: where it is, its keys as text and their lines."""
+
+    def __init__(self, file, name, line, values, lines, supervisord):
+        self.file, self.name, self.line = file, name, line
+        self.values = values          # key -> text
+        self.lines = lines            # key -> [file, line]
+        self.supervisord = supervisord
+
+    def carried(self):
+        return [self.file, self.name, self.line, self.values, self.lines, self.supervisord]
+
+
+_SUPERVISORD_HEADER = re.compile(r"^[ \t]*\[supervisord\]", re.M)
 
 
 class _Loader:
@@ -539,71 +835,136 @@ class _Loader:
         self.read = read
         self.errors, self.warnings = [], []
         self.files = {}          # path -> text, in reading order
-        self.sections = []       # (file, line numbers, section name, {key: value})
+        self.sections = []       # _Section, in reading order
+        self.too_many = False
 
     def error(self, message, file=None, line=None):
         self.errors.append(ConfigError(message, file, line))
 
-    def load(self, path, stack=(), line=None):
-        """line: of the [include] files key that named this file, for errors."""
+    def warn(self, message, file=None, line=None, level="warning"):
+        self.warnings.append(ConfigError(message, file, line, level))
+
+    def load(self, path, stack=(), line=None, supervisord=False):
+        """line: of the [include] files key that named this file, for errors.
+        supervisord: included by a supervisord file, so read as one."""
         path = os.path.abspath(path)
+        where = (stack[-1], line) if stack else (path, None)
         if path in stack:
             chain = " -> ".join(os.path.basename(p) for p in stack + (path,))
-            self.error("include loop: %s" % chain, stack[-1] if stack else path, line)
+            self.error("include loop: %s" % chain, *where)
+            return
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            self.error("includes nested more than %d deep (at %s)" % (MAX_INCLUDE_DEPTH, _cut(path)), *where)
+            return
+        if len(self.files) >= MAX_CONFIG_FILES:
+            if not self.too_many:
+                self.error("more than %d config files (includes counted)" % MAX_CONFIG_FILES, *where)
+            self.too_many = True
             return
         try:
             text = self.read(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self.error("cannot read the config: %s" % reason, stack[-1] if stack else path, line)
+        except OSError as exc:
+            self.error("cannot read the config%s: %s" % (
+                " %s" % _cut(path) if stack else "", exc.strerror or exc), *where)
+            return
+        except UnicodeDecodeError as exc:
+            # the line of the byte, not its offset
+            data = exc.object if isinstance(exc.object, bytes) else b""
+            number = data.count(b"\n", 0, exc.start) + 1
+            column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+            self.error("cannot read the config: 'utf-8' codec can't decode byte 0x%02x at column %d "
+                       "(save the file as UTF-8)" % (data[exc.start] if data else 0, column), path, number)
             return
         self.files[path] = text
-        import configparser
-        parser = configparser.RawConfigParser(
-            strict=True, inline_comment_prefixes=(";",), default_section="\0",
-            empty_lines_in_values=False)
-        try:
-            parser.read_string(text, source=path)
-        except configparser.DuplicateSectionError as exc:
-            self.error("section [%s] appears twice (keep one)" % exc.section, path, exc.lineno)
+        if "\0" in text:
+            self.error("a NUL byte in the config (is it a text file?)", path, text.count("\n", 0, text.index("\0")) + 1)
             return
-        except configparser.DuplicateOptionError as exc:
-            self.error("key %r appears twice in [%s] (keep one)" % (exc.option, exc.section),
-                       path, exc.lineno)
+        supervisord = supervisord or bool(_SUPERVISORD_HEADER.search(text))
+        found, problems = _parse_ini(text, supervisord)
+        includes = []
+        for number, level, message in problems:
+            if level == "warning":
+                self.warn(message, path, number)
+            else:
+                self.error(message, path, number)
+        if any(level == "fatal" for _, level, _ in problems):
             return
-        except configparser.MissingSectionHeaderError as exc:
-            self.error("a key outside any section: %r (put it under [respawn] or "
-                       "[program:NAME])" % exc.line.strip(), path, exc.lineno)
-            return
-        except configparser.ParsingError as exc:
-            source = text.splitlines()
-            for lineno, line in exc.errors:
-                # configparser keeps repr(line), newline escape and all: show the line itself
-                if 0 < lineno <= len(source):
-                    line = repr(source[lineno - 1].strip())
-                self.error("cannot read this line: %s (expected key = value or [section])"
-                           % line, path, lineno)
-            return
-        lines = _scan_lines(text)
-        for name in parser.sections():
-            values = dict(parser.items(name))
-            self.sections.append((path, lines, name, values))
-            if name == "include":
-                for key in values:
-                    if key != "files":
-                        self.error("unknown key %r in [include]%s" % (key, did_you_mean(key, ["files"])),
-                                   path, lines.get((name, key)))
+        for name, sline, values, lines in found:
+            section = _Section(path, name, sline, values, {k: [path, n] for k, n in lines.items()},
+                               supervisord)
+            if supervisord and name != "include":
+                # supervisord puts %(here)s in as it reads each file: merged sections keep theirs
                 here = os.path.dirname(path)
-                for pattern in parse_list(values.get("files", "")):
-                    pattern = os.path.join(here, os.path.expanduser(pattern))
-                    import glob
-                    for found in sorted(glob.glob(pattern)):
-                        self.load(found, stack + (path,), lines.get((name, "files")))
+                for key, text in values.items():
+                    if "%(here)s" in text:
+                        values[key] = text.replace("%(here)s", here)
+            self.sections.append(section)
+            if name == "include":
+                includes.append(section)
+                if not supervisord:
+                    self.include(section, stack + (path,))
+        if supervisord:
+            # supervisord reads the files it includes after the whole file: their
+            # keys come later, and win a merge
+            for section in includes:
+                self.include(section, stack + (path,))
+
+    def include(self, section, stack):
+        path, values = section.file, section.values
+        for key in values:
+            if key != "files":
+                self.error("unknown key %s in [include]%s" % (_cut(key), did_you_mean(key, ["files"])),
+                           *section.lines[key])
+        where = section.lines.get("files") or [path, section.line]
+        pattern_text = _interpolate(values.get("files", ""), {"here": os.path.dirname(path),
+                                                              "host_node_name": os.uname().nodename},
+                                    lambda m: self.error(m, *where))
+        import glob
+        for pattern in parse_list(pattern_text):
+            full = os.path.join(os.path.dirname(path), os.path.expanduser(pattern))
+            matches = sorted(glob.glob(full))
+            if not matches and section.supervisord:
+                self.warn("no file matches the include %s" % _cut(pattern), *where)
+            for found in matches:
+                self.load(found, stack, where[1], section.supervisord)
 
 
 # The form of Config.sections in a handoff state: a new image that reads them
 # otherwise parses the carried config text instead.
-SECTIONS_FORMAT = 1
+SECTIONS_FORMAT = 2
+
+
+def _merge_sections(loader):
+    """supervisord reads every file into one parser: a section that appears again
+    (in the same file or another) gets its keys merged, the last value winning.
+    In a respawn file a repeated section stays an error."""
+    merged, out, files = {}, [], set()
+    for section in loader.sections:
+        if section.name == "include":
+            continue
+        first = merged.get(section.name)
+        if first is None:
+            merged[section.name] = first = _Section(*section.carried())
+            files.add((section.name, section.file))
+            out.append(first)
+        elif section.supervisord:
+            if (section.name, section.file) not in files:    # within a file the reader said so
+                files.add((section.name, section.file))
+                loader.warn("[%s] appears again (first at %s:%d): its keys are merged, the last "
+                            "value of each wins, as in supervisord" % (section.name, first.file, first.line),
+                            section.file, section.line)
+            first.values = dict(first.values, **section.values)
+            first.lines = dict(first.lines, **section.lines)
+        elif section.name.startswith("program:"):
+            loader.error("[%s] is already defined at %s:%s" % (section.name, first.file, first.line),
+                         section.file, section.line)
+        elif section.name == "respawn":
+            loader.error("[respawn] is already defined in %s (keep one)" % first.file,
+                         section.file, section.line)
+        else:
+            loader.error("section [%s] appears twice (first at %s:%s; keep one)"
+                         % (section.name, first.file, first.line), section.file, section.line)
+    return out
 
 
 def load_config(path, machine_checks=False, read=_read_text, carried=None):
@@ -618,110 +979,324 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
         loader.load(path)
     else:
         loader.files = dict(carried["files"])
-        loader.sections = [(file, {(name, None): line}, name, values)
-                           for file, name, line, values in carried["sections"]]
-    err = loader.error
+        loader.sections = [_Section(*entry) for entry in carried["sections"]]
+    err, warn = loader.error, loader.warn
     settings = {k: d for k, (_, d) in RESPAWN_KEYS.items()}
-    programs = {}
-    seen_respawn = None
-    for file, lines, name, values in loader.sections:
-        here = os.path.dirname(file)
-        sline = lines.get((name, None))
-        if name == "include":
-            continue
-        if name == "respawn":
-            if seen_respawn:
-                err("[respawn] is already defined in %s (keep one)" % seen_respawn, file, sline)
+    settings.update((k, dict(v) if isinstance(v, dict) else v) for k, v in PROCESS_SETTINGS.items())
+    sections = _merge_sections(loader)
+    kinds = {}                   # "supervisord", "respawn", "program:", "group:" ... -> sections
+    for section in sections:
+        kind = section.name.split(":", 1)[0] + ":" if ":" in section.name else section.name
+        kinds.setdefault(kind, []).append(section)
+    node = os.uname().nodename
+    for section in kinds.get("supervisord", ()):
+        _supervisord_settings(section, settings, err, warn, node)
+    for section in kinds.get("respawn", ()):
+        _typed_keys(section, RESPAWN_KEYS, settings, {"here": os.path.dirname(section.file)}, err, warn)
+    group_of, groups, group_priority = _groups(kinds.get("group:", ()), kinds, err, warn)
+    programs, instances = {}, {}
+    for section in kinds.get("program:", ()):
+        if len(programs) >= MAX_SERVICES:
+            err("more than %d services (numprocs counted)" % MAX_SERVICES, section.file, section.line)
+            break
+        for prog in _programs(section, settings, group_of, group_priority, node, err, warn):
+            other = programs.get(prog.name)
+            if other is not None:
+                err("service %r of [%s] is also a service of [program:%s] (at %s:%s); names must "
+                    "differ" % (prog.name, section.name, other.program_name, other.file, other.line),
+                    *prog.where("process_name"))
                 continue
-            seen_respawn = file
-            table, target = RESPAWN_KEYS, settings
-            names = {"here": here}
-        elif name.startswith("program:"):
-            pname = name[len("program:"):].strip()
-            if not re.match(r"[A-Za-z0-9_.@-]+\Z", pname):
-                err("program name %r may hold only letters, digits and _ . @ -" % pname, file, sline)
-                continue
-            if pname in programs:
-                other = programs[pname]
-                err("[program:%s] is already defined at %s:%s" % (pname, other.file, other.line),
-                    file, sline)
-                continue
-            table, target = PROGRAM_KEYS, {}
-            names = {"here": here, "program_name": pname, "group_name": pname, "process_num": 0}
-        elif name.startswith(SUPERVISORD_SECTIONS):
-            loader.warnings.append(ConfigError(
-                "[%s] is a supervisord section that respawn does not use; ignored" % name,
-                file, sline))
-            continue
-        else:
-            choices = ["respawn", "include", "program:" + name.split(":")[-1]]
-            err("unknown section [%s]%s" % (name, did_you_mean(name, choices)
-                                             or " (expected [respawn], [include] or [program:NAME])"),
-                file, sline)
-            continue
-        raw = {}
-        for key, text in values.items():
-            kline = lines.get((name, key))
-            if key not in table:
-                if table is PROGRAM_KEYS and key in SUPERVISORD_KEYS:
-                    loader.warnings.append(ConfigError(
-                        "%r is a supervisord key that respawn does not implement; ignored" % key,
-                        file, kline))
-                    continue
-                err("unknown key %r in [%s]%s" % (key, name, did_you_mean(key, table)), file, kline)
-                continue
-            text = _interpolate(text, names, lambda m: err(m, file, kline))
-            raw[key] = text
-            try:
-                target[key] = table[key][0](text)
-            except ValueError as exc:
-                err("%s: %s" % (key, exc), file, kline)
-        if table is PROGRAM_KEYS:
-            if "command" not in raw:
-                err("[%s] has no command (add command = /path/to/program args)" % name, file, sline)
-                continue
-            programs[pname] = Program(pname, target, raw, file, sline)
-    config_file = os.path.abspath(path)
+            programs[prog.name] = prog
+            instances.setdefault(prog.program_name, []).append(prog.name)
+    for group, members in groups.items():
+        groups[group] = [n for m in members for n in instances.get(m, ())]
+    for name, names in instances.items():
+        groups.setdefault(name, names)
+    for kind, found in kinds.items():
+        if kind not in ("respawn", "supervisord", "program:", "group:"):
+            for section in found:
+                _other_section(section, err, warn)
+    for prog in programs.values():
+        prog.requires = _expand_requires(prog, programs, groups)
     for prog in programs.values():
         _check_program(prog, programs, err, loader.warnings)
     _check_requires(programs, err)
-    if machine_checks and not loader.errors:
+    if machine_checks:
+        seen = set()
         for prog in programs.values():
-            problem = machine_problem(prog)
-            if problem:
-                err("[program:%s] %s" % (prog.name, problem), prog.file, prog.line)
+            for key, problem in machine_problems(prog):
+                where = prog.where(key)
+                message = "[program:%s] %s" % (prog.name, problem)
+                if (where, problem) not in seen:    # numprocs instances share their mistakes
+                    seen.add((where, problem))
+                    err(message, *where)
+        directory = settings["directory"]
+        if directory and not os.path.isdir(directory):
+            section = kinds["supervisord"][0]
+            err("[supervisord] directory %s does not exist" % _cut(directory),
+                *(section.lines.get("directory") or [section.file, section.line]))
     if loader.errors:
         exc = ConfigErrors(loader.errors, loader.warnings)
         exc.settings = settings
         raise exc
-    return Config(config_file, settings, programs, loader.files, loader.warnings,
-                  [[file, name, lines.get((name, None)), values] for file, lines, name, values in loader.sections])
+    return Config(os.path.abspath(path), settings, programs, loader.files, loader.warnings,
+                  [s.carried() for s in loader.sections], groups)
+
+
+def _typed_keys(section, table, target, names, err, warn, strict=False, env=None, lax=False):
+    """Each key of a section typed into target; raw texts returned.  lax (a
+    supervisord file): an unknown key is a warning, as supervisord ignores it."""
+    raw = {}
+    for key, text in section.values.items():
+        where = section.lines.get(key) or [section.file, section.line]
+        if key not in table:
+            if table is PROGRAM_KEYS and key in SUPERVISORD_KEYS:
+                warn("%r is a supervisord key that respawn does not implement; ignored" % key, *where)
+            elif lax:
+                warn("unknown key %s in [%s]%s; ignored, as supervisord does"
+                     % (_cut(key), section.name, did_you_mean(key, table)), *where)
+            else:
+                err("unknown key %s in [%s]%s" % (_cut(key), section.name, did_you_mean(key, table)), *where)
+            continue
+        text = _interpolate(text, names, lambda m: err(m, *where), strict, env)
+        raw[key] = text
+        try:
+            target[key] = table[key][0](text)
+        except ValueError as exc:
+            err("%s: %s" % (key, exc), *where)
+    return raw
+
+
+def _supervisord_settings(section, settings, err, warn, node):
+    """[supervisord]: each key mapped to respawn's setting, or warned about by name."""
+    where = lambda key: section.lines.get(key) or [section.file, section.line]
+    names = {"here": os.path.dirname(section.file), "host_node_name": node}
+    for key, text in section.values.items():
+        if key == "user" and text.strip() in _own_user():
+            continue          # already so: the usual user=root of a container
+        if key in SUPERVISORD_IGNORED:
+            warn("[supervisord] %s has no effect here: %s" % (key, SUPERVISORD_IGNORED[key]), *where(key))
+            continue
+        if key not in SUPERVISORD_SETTINGS:
+            warn("unknown key %s in [supervisord]%s; ignored" % (
+                _cut(key), did_you_mean(key, list(SUPERVISORD_SETTINGS) + list(SUPERVISORD_IGNORED))),
+                *where(key))
+            continue
+        parse, setting = SUPERVISORD_SETTINGS[key]
+        text = _interpolate(text, names, lambda m: err(m, *where(key)), True)
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            err("%s: %s" % (key, exc), *where(key))
+            continue
+        if key == "nodaemon" and not value:
+            warn("[supervisord] nodaemon = false: respawn stays in the foreground unless started "
+                 "with run --daemon", *where(key), level="info")
+        if setting:
+            settings[setting] = value
+
+
+def _own_user():
+    import pwd
+    uid = os.geteuid()
+    try:
+        return (str(uid), pwd.getpwuid(uid).pw_name)
+    except KeyError:
+        return (str(uid),)
+
+
+def _groups(sections, kinds, err, warn):
+    """[group:x] programs = a, b: ({program: group}, {group: [programs]}, {group: priority})."""
+    group_of, groups, priority = {}, {}, {}
+    defined = {s.name[len("program:"):].strip() for s in kinds.get("program:", ())}
+    for section in sections:
+        gname = section.name[len("group:"):].strip()
+        where = lambda key: section.lines.get(key) or [section.file, section.line]
+        if not re.match(r"[^\s:/%]+\Z", gname):
+            err("group name %s may not hold whitespace, ':', '/' or '%%'" % _cut(gname), section.file, section.line)
+            continue
+        values = {}
+        _typed_keys(section, {"programs": (parse_list, ()), "priority": PROGRAM_KEYS["priority"]},
+                    values, {"here": os.path.dirname(section.file)}, err, warn, section.supervisord,
+                    lax=section.supervisord)
+        members = []
+        for member in values.get("programs", ()):
+            if member not in defined:
+                err("[group:%s] names %r, which is not a [program:NAME]%s"
+                    % (gname, member, did_you_mean(member, defined)), *where("programs"))
+            elif member in group_of:
+                err("[group:%s] names %r, which is already in [group:%s]"
+                    % (gname, member, group_of[member]), *where("programs"))
+            else:
+                group_of[member] = gname
+                members.append(member)
+        groups[gname] = members
+        if "priority" in values:
+            priority[gname] = values["priority"]
+    return group_of, groups, priority
+
+
+def _programs(section, settings, group_of, group_priority, node, err, warn, table=PROGRAM_KEYS):
+    """A [program:x] section's services: one, or numprocs instances named by process_name.
+    table: its keys (a section kind that is a program with more keys passes its own)."""
+    pname = section.name.split(":", 1)[1].strip()
+    sup = section.supervisord
+    valid = r"[^\s:/%]+\Z" if sup else r"[A-Za-z0-9_.@-]+\Z"
+    if not re.match(valid, pname):
+        err("program name %s may hold only %s" % (_cut(pname), "no whitespace, ':', '/' or '%'" if sup
+                                                  else "letters, digits and _ . @ -"),
+            section.file, section.line)
+        return []
+    texts = section.values
+    if "command" not in texts:
+        err("[%s] has no command (add command = /path/to/program args)" % section.name,
+            section.file, section.line)
+        return []
+    where = lambda key: section.lines.get(key) or [section.file, section.line]
+    group = group_of.get(pname, pname)
+    names = {"here": os.path.dirname(section.file), "program_name": pname, "group_name": group,
+             "host_node_name": node}
+    counts = {}
+    for key in ("numprocs", "numprocs_start"):
+        if key in texts:
+            try:
+                counts[key] = table[key][0](_interpolate(texts[key], names, lambda m: None, sup))
+            except ValueError as exc:
+                err("%s: %s" % (key, exc), *where(key))
+    numprocs, start = counts.get("numprocs", 1), counts.get("numprocs_start", 0)
+    template = texts.get("process_name", "%(program_name)s")
+    if numprocs > 1 and "%(process_num)" not in template:
+        err("numprocs = %d needs %%(process_num) in process_name, as in supervisord (e.g. "
+            "process_name = %%(program_name)s_%%(process_num)02d)" % numprocs, *where(
+                "process_name" if "process_name" in texts else "numprocs"))
+        numprocs = 1          # the section's other mistakes are still worth saying
+    defaults = dict(SUPERVISORD_DEFAULTS) if sup else {}
+    if sup and "stopasgroup" in texts and "killasgroup" not in texts:
+        defaults["killasgroup"] = None       # supervisord: killasgroup follows stopasgroup
+    out = []
+    for num in range(start, start + numprocs):
+        first = num == start                 # an instance's mistakes are its siblings': say them once
+        fail = err if first else (lambda *a: None)
+        names.update(process_num=num, numprocs=numprocs)
+        values = dict(defaults)
+        env = dict(settings["environment"])
+        if "environment" in texts:
+            try:
+                own = parse_environment(_interpolate(texts["environment"], names, lambda m: fail(
+                    m, *where("environment")), sup, settings["environment"]))
+            except ValueError as exc:
+                fail("environment: %s" % exc, *where("environment"))
+                own = {}
+            env.update(own)
+        raw = {}
+        for key, text in texts.items():
+            kwhere = where(key)
+            if key not in table:
+                if first:
+                    if key in SUPERVISORD_KEYS:
+                        warn("%r is a supervisord key that respawn does not implement; ignored" % key, *kwhere)
+                    elif sup:
+                        warn("unknown key %s in [%s]%s; ignored, as supervisord does"
+                             % (_cut(key), section.name, did_you_mean(key, table)), *kwhere)
+                    else:
+                        err("unknown key %s in [%s]%s" % (_cut(key), section.name,
+                                                         did_you_mean(key, table)), *kwhere)
+                continue
+            if key == "environment":
+                raw[key] = text
+                values[key] = env
+                continue
+            if key == "process_name":
+                continue          # named below, once the environment is known
+            if key in ("numprocs", "numprocs_start"):
+                raw[key] = text
+                values[key] = counts.get(key, PROGRAM_DEFAULTS[key])
+                continue
+            text = _interpolate(text, names, lambda m: fail(m, *kwhere), sup, env)
+            if sup and key in ("directory", "stdout_logfile", "stderr_logfile"):
+                text = os.path.expanduser(text)
+            raw[key] = text
+            try:
+                values[key] = table[key][0](text)
+            except ValueError as exc:
+                fail("%s: %s" % (key, exc), *kwhere)
+        if "environment" not in texts and env:
+            values["environment"] = env
+        if values.get("killasgroup", True) is None:
+            values["killasgroup"] = values.get("stopasgroup", False)
+        if sup and values.get("stopasgroup") and values.get("killasgroup") is False:
+            fail("stopasgroup = true needs killasgroup = true (supervisord refuses this too)",
+                 *where("killasgroup"))
+        if group in group_priority:
+            values["priority"] = group_priority[group]
+        for stream in ("stdout", "stderr"):
+            target = values.get(stream + "_logfile")
+            if isinstance(target, str) and target.startswith(("/dev/", "/proc/")):
+                # /dev/stdout is never rotated: the rename would move the device's
+                # name for everyone (supervisord fails there with "Illegal seek")
+                values[stream + "_logfile_maxbytes"] = 0
+        name = _interpolate(template.strip(), names, lambda m: fail(m, *where("process_name")), sup, env)
+        if not re.match(valid, name):
+            fail("process_name %s gives the name %s, which may hold only %s"
+                 % (_cut(template), _cut(name), "no whitespace, ':', '/' or '%'" if sup
+                    else "letters, digits and _ . @ -"), *where("process_name"))
+            return out
+        values.update(program_name=pname, group_name=group, process_num=num)
+        lines = {k: tuple(v) for k, v in section.lines.items()}
+        out.append(Program(name, values, raw, section.file, section.line, lines))
+    return out
+
+
+def _other_section(section, err, warn):
+    """Every section that is neither [respawn], [supervisord], [program:x] nor [group:x]."""
+    name, where = section.name, (section.file, section.line)
+    if name.startswith(SUPERVISORD_INFO_SECTIONS):
+        warn("[%s] serves supervisorctl and XML-RPC; respawn's commands use its own control "
+             "socket (python3 respawn.py status); ignored" % name, *where, level="info")
+    elif name.startswith("fcgi-program:"):
+        warn("[%s]: fcgi-program is not implemented; program %s will not be started"
+             % (name, name.split(":", 1)[1].strip()), *where)
+    elif name.startswith(SUPERVISORD_SECTIONS):
+        warn("[%s] is a supervisord section that respawn does not use; ignored" % name, *where)
+    elif section.supervisord:
+        warn("unknown section [%s]; ignored, as supervisord does" % _cut(name, 80)[1:-1], *where)
+    else:
+        choices = ["respawn", "include", "program:" + name.split(":")[-1]]
+        err("unknown section [%s]%s" % (_cut(name, 80)[1:-1], did_you_mean(name, choices)
+                                         or " (expected [respawn], [include] or [program:NAME])"), *where)
+
+
+def _expand_requires(prog, programs, groups):
+    """requires may name a service, a program (all its instances) or a group."""
+    names = []
+    for req in prog.requires:
+        if req in programs or req == prog.name or req not in groups:
+            names.append(req)          # _check_program judges it
+        else:
+            names.extend(n for n in groups[req] if n != prog.name)
+    return tuple(dict.fromkeys(names))
 
 
 def _check_program(prog, programs, err, warnings):
-    where = (prog.file, prog.line)
+    at = prog.where
     if prog.backoff <= 0 or prog.backoff_max < prog.backoff:
-        err("[program:%s] backoff must be > 0 and backoff_max >= backoff" % prog.name, *where)
-    if prog.healthcheck_failures < 1:
-        err("[program:%s] healthcheck_failures must be 1 or more" % prog.name, *where)
+        err("[program:%s] backoff must be > 0 and backoff_max >= backoff" % prog.name,
+            *at("backoff" if "backoff" in prog.lines or "backoff_max" not in prog.lines else "backoff_max"))
     if prog.healthcheck_interval <= 0:
-        err("[program:%s] healthcheck_interval must be more than 0" % prog.name, *where)
+        err("[program:%s] healthcheck_interval must be more than 0" % prog.name, *at("healthcheck_interval"))
     if prog.watchdog and prog.ready[0] != "notify":
         err("[program:%s] watchdog needs ready = notify (the service sends WATCHDOG=1)"
-            % prog.name, *where)
-    for stream in ("stdout", "stderr"):
-        if getattr(prog, stream + "_logfile_backups") < 0:
-            err("[program:%s] %s_logfile_backups must be 0 or more" % (prog.name, stream), *where)
+            % prog.name, *at("watchdog"))
     for req in prog.requires:
         if req == prog.name:
-            err("[program:%s] requires itself" % prog.name, *where)
+            err("[program:%s] requires itself" % prog.name, *at("requires"))
         elif req not in programs:
             err("[program:%s] requires %r, which is not a program%s"
-                % (prog.name, req, did_you_mean(req, programs)), *where)
+                % (prog.name, req, did_you_mean(req, programs)), *at("requires"))
         elif programs[req].priority > prog.priority:
             warnings.append(ConfigError(
                 "[program:%s] (priority %d) requires %s (priority %d): requires wins, %s starts "
-                "first" % (prog.name, prog.priority, req, programs[req].priority, req), *where))
+                "first" % (prog.name, prog.priority, req, programs[req].priority, req), *at("requires")))
 
 
 def _check_requires(programs, err):
@@ -729,21 +1304,36 @@ def _check_requires(programs, err):
     state = {}
 
     def visit(name, path):
+        # an explicit stack: a chain of thousands of requires would overflow Python's
+        # recursion limit
+        stack = [(name, iter(programs[name].requires))]
         state[name] = "open"
-        for req in programs[name].requires:
-            if req not in programs or req == name:
-                continue
-            if state.get(req) == "open":
-                cycle = path[path.index(req):] + [req]
-                prog = programs[name]
-                err("requires cycle: %s" % " -> ".join(cycle), prog.file, prog.line)
-            elif req not in state:
-                visit(req, path + [req])
-        state[name] = "done"
+        while stack:
+            current, reqs = stack[-1]
+            for req in reqs:
+                if req not in programs or req == current:
+                    continue
+                if state.get(req) == "open":
+                    cycle = path[path.index(req):] + [req]
+                    err("requires cycle: %s" % " -> ".join(cycle), *programs[current].where("requires"))
+                elif req not in state:
+                    state[req] = "open"
+                    path.append(req)
+                    stack.append((req, iter(programs[req].requires)))
+                    break
+            else:
+                stack.pop()
+                state[current] = "done"
+                path.pop()
 
     for name in programs:
         if name not in state:
             visit(name, [name])
+
+
+def _id_or_name(text):
+    """An all-digit user or group is an id (ASCII digits: '²'.isdigit() is true too)."""
+    return int(text) if re.match(r"[0-9]+\Z", text) else None
 
 
 def resolve_user(prog):
@@ -753,38 +1343,83 @@ def resolve_user(prog):
     if not prog.user and not prog.group:
         return None
     if prog.user:
-        pw = pwd.getpwuid(int(prog.user)) if prog.user.isdigit() else pwd.getpwnam(prog.user)
+        uid = _id_or_name(prog.user)
+        pw = pwd.getpwuid(uid) if uid is not None else pwd.getpwnam(prog.user)
         uid, gid, home, name = pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_name
     else:
         uid, gid, home, name = os.getuid(), os.getgid(), None, None
     if prog.group:
-        gid = int(prog.group) if prog.group.isdigit() else grp.getgrnam(prog.group).gr_gid
-        if prog.group.isdigit():
-            grp.getgrgid(gid)
+        gid = _id_or_name(prog.group)
+        gid = grp.getgrgid(gid).gr_gid if gid is not None else grp.getgrnam(prog.group).gr_gid
     groups = os.getgrouplist(name, gid) if name else [gid]
     return uid, gid, groups, home, name
 
 
-def machine_problem(prog):
-    """What on this machine stops the program from starting, or None."""
-    try:
-        resolve_user(prog)
-    except KeyError:
-        return "unknown user or group %r" % (prog.user or prog.group)
+def machine_problems(prog):
+    """What on this machine stops the program from starting: [(key, message)]."""
+    import grp
+    import pwd
+    problems = []
+    for key, lookup_id, lookup_name in (("user", pwd.getpwuid, pwd.getpwnam),
+                                        ("group", grp.getgrgid, grp.getgrnam)):
+        value = getattr(prog, key)
+        if value:
+            try:
+                num = _id_or_name(value)
+                lookup_id(num) if num is not None else lookup_name(value)
+            except (KeyError, OverflowError, ValueError):
+                problems.append((key, "unknown %s %r" % (key, value)))
     if prog.directory and not os.path.isdir(prog.directory):
-        return "directory %r does not exist" % prog.directory
+        problems.append(("directory", "directory %r does not exist" % prog.directory))
+        return problems
+    if not prog.command:
+        return problems           # a command that did not parse is reported already
     exe = prog.command[0]
     if "/" in exe:
         full = os.path.join(prog.directory or os.getcwd(), exe)
         if not os.path.exists(full):
-            return "command %r not found" % exe
-        if os.path.isdir(full) or not os.access(full, os.X_OK):
-            return "command %r is not executable" % exe
+            problems.append(("command", "command %r not found" % exe))
+        elif os.path.isdir(full) or not os.access(full, os.X_OK):
+            problems.append(("command", "command %r is not executable" % exe))
     else:
         env_path = prog.environment.get("PATH", os.environ.get("PATH", os.defpath))
         if not which(exe, env_path):
-            return "command %r not found in PATH" % exe
-    return None
+            problems.append(("command", "command %r not found in PATH" % exe))
+    return problems
+
+
+def machine_problem(prog):
+    """The first of machine_problems, or None."""
+    problems = machine_problems(prog)
+    return problems[0][1] if problems else None
+
+
+def apply_process_settings(settings, log):
+    """What [supervisord] asks of the supervisor process itself: umask, the
+    descriptor and process limits (raised, never lowered), the working folder.
+    Called once at `run`; log(level, message) says what could not be done."""
+    if settings.get("umask") is not None:
+        os.umask(settings["umask"])
+    import resource
+    for key, limit in (("minfds", resource.RLIMIT_NOFILE), ("minprocs", getattr(resource, "RLIMIT_NPROC", None))):
+        want = settings.get(key)
+        if want is None or limit is None:
+            continue
+        soft, hard = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            try:
+                resource.setrlimit(limit, (new, hard))
+            except (OSError, ValueError) as exc:
+                log("warn", "%s = %d: cannot raise the limit from %d: %s" % (key, want, soft, exc))
+                continue
+            if new < want:
+                log("warn", "%s = %d: the hard limit is %d; raised to that" % (key, want, hard))
+    if settings.get("directory"):
+        try:
+            os.chdir(settings["directory"])
+        except OSError as exc:
+            log("error", "cannot change to directory %s: %s" % (settings["directory"], exc.strerror))
 
 
 # ---------------------------------------------------------------------------
@@ -3085,11 +3720,11 @@ class Supervisor:
             return None
         if names == ["all"]:
             return sorted(self.services, key=lambda n: (self.services[n].program.priority, n))
-        unknown = [n for n in names if n not in self.services]
+        names, unknown = expand_names(self.config, names, self.services)
         if unknown:
             client.reply({"ok": False, "error": "no such service: %s" % ", ".join(unknown)})
             return None
-        return list(dict.fromkeys(names))
+        return names
 
     @batched
     def handle_request(self, client, req):
@@ -4284,7 +4919,7 @@ def find_config(explicit):
 
 def print_problems(exc, out=sys.stderr):
     for w in exc.warnings:
-        out.write("%s: warning: %s\n" % (str(w).split(": ", 1)[0], w.message))
+        out.write("%s: %s: %s\n" % (str(w).split(": ", 1)[0], w.level, w.message))
     for e in exc.errors:
         out.write("%s\n" % e)
 
@@ -4416,7 +5051,7 @@ def cmd_run(args, config_path, script, source):
         print_problems(exc)
         return EXIT_CONFIG
     for w in config.warnings:
-        sys.stderr.write("%s: warning: %s\n" % (str(w).split(": ", 1)[0], w.message))
+        sys.stderr.write("%s: %s: %s\n" % (str(w).split(": ", 1)[0], w.level, w.message))
     sock_path = socket_path(config)
     report = None
     if args.daemon:
@@ -4462,6 +5097,7 @@ def cmd_run(args, config_path, script, source):
         if not set_subreaper():
             sup.log("warn", "subreaper = true, but prctl(PR_SET_CHILD_SUBREAPER) failed")
     sup.setup_file_watch()
+    apply_process_settings(config.settings, sup.log)
     sup.log("info", "respawn %s (pid %d) supervising %s from %s; control socket %s; %s"
             % (__version__, os.getpid(), plural(len(sup.services), "service"), config.path, sock_path,
                sup.watcher.description))
@@ -4590,7 +5226,7 @@ def cmd_check(args, config_path):
         print_problems(exc, sys.stdout)
         return EXIT_CONFIG
     for w in config.warnings:
-        print("%s: warning: %s" % (str(w).split(": ", 1)[0], w.message))
+        print("%s: %s: %s" % (str(w).split(": ", 1)[0], w.level, w.message))
     if not args.trial:
         print("%s: ok, %s" % (config.path, plural(len(config.programs), "service")))
     return EXIT_OK

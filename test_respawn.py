@@ -478,8 +478,8 @@ command = x
 [program:c]
 priority = 1
 
-[supervisord]
-logfile = x
+[unix_http_server]
+file = x
 
 [program:d]
 command = /bin/true
@@ -505,13 +505,13 @@ ALL_BAD_ERRORS = [
     (11, "autorestart: expected true, false or unexpected"),
     (12, "startretries: expected a number of retries"),
     (13, "unknown key 'comand' in [program:a] (did you mean 'command'?)"),
+    (14, "numprocs = 2 needs %(process_num) in process_name, as in supervisord"),
     (17, "unknown section [progam:b] (did you mean 'program:b'?)"),
     (20, "[program:c] has no command"),
-    (34, "[program:f] requires 'zzz', which is not a program"),
+    (36, "[program:f] requires 'zzz', which is not a program"),
 ]
-ALL_BAD_WARNINGS = [(14, "'numprocs' is a supervisord key"),
-                    (15, "'stdout_events_enabled' is a supervisord key"),
-                    (23, "[supervisord] is a supervisord section")]
+ALL_BAD_WARNINGS = [(15, "warning", "'stdout_events_enabled' is a supervisord key"),
+                    (23, "info", "[unix_http_server] serves supervisorctl")]
 
 
 class TestCoreConfig(unittest.TestCase):
@@ -545,10 +545,10 @@ class TestCoreConfig(unittest.TestCase):
             self.assertRegex(line, r"^%s:\d+: " % re.escape(path))
         for number, fragment in ALL_BAD_ERRORS:
             self.assertTrue(any(l.startswith("%s:%d: " % (path, number)) and fragment in l
-                                and "warning" not in l for l in lines),
+                                and ": warning: " not in l and ": info: " not in l for l in lines),
                             "no error %r at line %d in:\n%s" % (fragment, number, out))
-        for number, fragment in ALL_BAD_WARNINGS:
-            self.assertTrue(any(l.startswith("%s:%d: warning: " % (path, number)) and fragment in l
+        for number, level, fragment in ALL_BAD_WARNINGS:
+            self.assertTrue(any(l.startswith("%s:%d: %s: " % (path, number, level)) and fragment in l
                                 for l in lines), "no warning %r at line %d in:\n%s" % (fragment, number, out))
         self.assertTrue(any("requires cycle:" in l and re.search(r"\bd -> e -> d\b|\be -> d -> e\b", l)
                             for l in lines), out)
@@ -574,9 +574,9 @@ class TestCoreConfig(unittest.TestCase):
             ("[program:a]\ndirectory = /tmp\n", 1, "[program:a] has no command"),
             ("[program:a]\ncommand = x\ncommand = y\n", 3, "key 'command' appears twice"),
             ("[program:a]\ncommand = x\n[program:a]\ncommand = y\n", 3, "section [program:a] appears twice"),
-            ("[program:a]\ncommand = x\nrequires = b\n", 1, "requires 'b', which is not a program"),
-            ("[program:a]\ncommand = x\nrequires = a\n", 1, "requires itself"),
-            ("[program:web]\ncommand = x\n[program:a]\ncommand = x\nrequires = wbe\n", 3,
+            ("[program:a]\ncommand = x\nrequires = b\n", 3, "requires 'b', which is not a program"),
+            ("[program:a]\ncommand = x\nrequires = a\n", 3, "requires itself"),
+            ("[program:web]\ncommand = x\n[program:a]\ncommand = x\nrequires = wbe\n", 5,
              "did you mean 'web'?"),
         ]
         for text, line, fragment in cases:
@@ -596,7 +596,8 @@ class TestCoreConfig(unittest.TestCase):
         nosection = write_file(os.path.join(d, "nosection.ini"), "command = x\n")
         badline = write_file(os.path.join(d, "badline.ini"), "[program:a]\ncommand = x\nbad line here\n")
         cases = [(missing, "%s: cannot read the config: No such file or directory" % missing),
-                 (latin, "%s: cannot read the config: 'utf-8' codec can't decode" % latin),
+                 (latin, "%s:2: cannot read the config: 'utf-8' codec can't decode byte 0xff at "
+                         "column 16" % latin),
                  (nosection, "%s:1: a key outside any section: 'command = x'" % nosection),
                  (badline, "%s:3: cannot read this line: 'bad line here' (expected key = value "
                            "or [section])" % badline)]
@@ -644,12 +645,14 @@ class TestCoreConfig(unittest.TestCase):
             """)
         self.assertEqual(code, 0, out)
         self.assertIn("ok, 1 service", out)
-        for line, what in [(1, "[supervisord]"), (3, "[unix_http_server]"), (7, "'numprocs'"),
-                           (8, "'stdout_events_enabled'"), (9, "'process_name'")]:
-            self.assertIn("%s:%d: warning: %s" % (path, line, what), out)
-        config = load_text(self, "[supervisord]\n[program:a]\ncommand = x\nnumprocs = 2\n")
-        self.assertEqual(list(config.programs), ["a"])
-        self.assertEqual(len(config.warnings), 2)
+        self.assertIn("%s:3: info: [unix_http_server] serves supervisorctl" % path, out)
+        self.assertIn("%s:8: warning: 'stdout_events_enabled' is a supervisord key" % path, out)
+        self.assertEqual(len(out.strip().splitlines()), 3, out)    # numprocs, process_name: understood
+        # supervisord's own rule: several instances need distinct names
+        path, errors, _ = config_errors(self, "[supervisord]\n[program:a]\ncommand = x\nnumprocs = 2\n")
+        self.assertEqual(errors, ["%s:4: numprocs = 2 needs %%(process_num) in process_name, as in "
+                                  "supervisord (e.g. process_name = %%(program_name)s_%%(process_num)02d)"
+                                  % path])
 
     def test_include_relative_to_including_file(self):
         d = temp_dir(self)
@@ -729,8 +732,8 @@ class TestCoreConfig(unittest.TestCase):
     def test_include_loop_names_the_files(self):
         d = temp_dir(self)
         os.makedirs(os.path.join(d, "sub"))
-        main = write_file(os.path.join(d, "top.ini"), "[include]\nfiles = sub/*.ini\n[program:a]\ncommand = x\n")
-        write_file(os.path.join(d, "sub", "inner.ini"), "[program:b]\ncommand = x\n[include]\nfiles = ../top.ini\n")
+        main = write_file(os.path.join(d, "top.ini"), "[include]\nfiles = sub/*.ini\n[program:a]\ncommand = true\n")
+        write_file(os.path.join(d, "sub", "inner.ini"), "[program:b]\ncommand = true\n[include]\nfiles = ../top.ini\n")
         p = subprocess.run([PY, SCRIPT, "-c", main, "check"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=60)
         self.assertEqual(p.returncode, 2, p.stdout)
@@ -754,7 +757,7 @@ class TestCoreConfig(unittest.TestCase):
         self.assertEqual(prog.directory, here)
         path, errors, _ = config_errors(self, "[program:a]\ncommand = echo %(ENV_RESPAWN_NO_SUCH_VAR_Q)s\n")
         self.assertEqual(len(errors), 1, errors)
-        self.assertIn("%s:2: unknown expansion %%(ENV_RESPAWN_NO_SUCH_VAR_Q)s" % path, errors[0])
+        self.assertIn("%s:2: environment variable 'RESPAWN_NO_SUCH_VAR_Q' is not set" % path, errors[0])
 
     def test_typed_values_and_defaults(self):
         config = load_text(self, """\
@@ -811,11 +814,12 @@ class TestCoreConfig(unittest.TestCase):
         with self.assertRaises(respawn.ConfigErrors) as cm:
             respawn.load_config(path, machine_checks=True)
         errors = [str(e) for e in cm.exception.errors]
-        want = [(1, "[program:missing] command '%s/no-such-program' not found" % d),
-                (3, "[program:noexec] command '%s' is not executable" % noexec),
-                (5, "[program:nodir] directory '%s/no-such-dir' does not exist" % d),
-                (8, "[program:nouser] unknown user or group 'no-such-user-respawn'"),
-                (11, "[program:notinpath] command 'no-such-command-respawn-xyz' not found in PATH")]
+        # each at the line of the key that causes it
+        want = [(2, "[program:missing] command '%s/no-such-program' not found" % d),
+                (4, "[program:noexec] command '%s' is not executable" % noexec),
+                (7, "[program:nodir] directory '%s/no-such-dir' does not exist" % d),
+                (10, "[program:nouser] unknown user 'no-such-user-respawn'"),
+                (12, "[program:notinpath] command 'no-such-command-respawn-xyz' not found in PATH")]
         self.assertEqual(sorted(errors), sorted("%s:%d: %s" % (path, n, m) for n, m in want))
         p = subprocess.run([PY, SCRIPT, "-c", path, "check"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=60)
@@ -7119,6 +7123,892 @@ print(got == [(child.pid, 7)], not w.unwatched)
         respawns(self, sup, "victim")
         self.assertEqual(sup.terminate(), 0)
         self.assertEqual(sup.stderr().count("cannot accept"), 1)
+
+
+# ---------------------------------------------------------------------------
+# Config, issues 12 and 13 (config side): bounded reading, ranges, hostile
+# values, a fuzzer; supervisord files: syntax, defaults, instances, groups
+# ---------------------------------------------------------------------------
+
+ONE_ERROR_LINE = r"^(/[^:]*):(\d+): \S"
+
+
+def check_cli(test, path, command="check", timeout=60):
+    """`check` or `run` on a config file: (exit code, output lines)."""
+    p = subprocess.run([PY, SCRIPT, "-c", path, command], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=timeout, cwd=os.path.dirname(path))
+    test.assertNotIn("Traceback", p.stdout)
+    return p.returncode, p.stdout.strip().splitlines()
+
+
+class TestConfigBoundedReading(unittest.TestCase):
+    def test_only_regular_files_are_read(self):
+        d = temp_dir(self)
+        fifo = os.path.join(d, "fifo")
+        os.mkfifo(fifo)
+        os.mkdir(os.path.join(d, "adir"))
+        for odd, why in [(fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                         (os.path.join(d, "adir"), "a directory")]:
+            main = write_file(os.path.join(d, "main.ini"),
+                              "[program:a]\ncommand = true\n[include]\nfiles = %s\n" % odd)
+            for command in ("check", "run"):
+                with self.subTest(odd=odd, command=command):
+                    # as an [include]: one line at the include's line
+                    code, lines = check_cli(self, main, command, timeout=30)
+                    self.assertEqual(code, 2, lines)
+                    self.assertEqual(len(lines), 1, lines)
+                    self.assertTrue(lines[0].startswith("%s:4: cannot read the config %r: " % (main, odd)), lines)
+                    self.assertIn(why, lines[0])
+                    # as the config itself
+                    code, lines = check_cli(self, odd, command, timeout=30)
+                    self.assertEqual(code, 2, lines)
+                    self.assertEqual(len(lines), 1, lines)
+                    self.assertIn(why, lines[0])
+
+    def test_size_and_include_depth_are_bounded(self):
+        d = temp_dir(self)
+        big = write_file(os.path.join(d, "big.ini"), "[program:a]\ncommand = true\n" +
+                         ";" * (respawn.MAX_CONFIG_BYTES + 10) + "\n")
+        code, lines = check_cli(self, big)
+        self.assertEqual((code, len(lines)), (2, 1), lines)
+        self.assertIn("larger than 4 MiB", lines[0])
+        # a chain of 1200 includes: one line, not RecursionError
+        for i in range(1, 1201):
+            write_file(os.path.join(d, "c%d.ini" % i), "[include]\nfiles = c%d.ini\n" % (i + 1))
+        write_file(os.path.join(d, "c1201.ini"), "[program:z]\ncommand = true\n")
+        code, lines = check_cli(self, os.path.join(d, "c1.ini"))
+        self.assertEqual((code, len(lines)), (2, 1), lines)
+        self.assertRegex(lines[0], r"c%d\.ini:2: includes nested more than %d deep"
+                         % (respawn.MAX_INCLUDE_DEPTH + 1, respawn.MAX_INCLUDE_DEPTH))
+
+    def test_long_runs_and_huge_keys_read_in_linear_time(self):
+        # configparser's option pattern and the old key scan were quadratic: 12 s
+        # for this file.  The bound here is a deadline, far above linear time.
+        d = temp_dir(self)
+        path = write_file(os.path.join(d, "long.ini"), "[program:a]\ncommand = true\n" + "k" + " " * 300000
+                          + "x = 1\n" + "y" * 300000 + " = 2\n" + "z = " + " " * 300000 + "3\n")
+        started = time.monotonic()
+        with self.assertRaises(respawn.ConfigErrors) as cm:
+            respawn.load_config(path)
+        self.assertLess(time.monotonic() - started, 5.0)
+        errors = [str(e) for e in cm.exception.errors]
+        self.assertEqual(len(errors), 3, errors)
+        for e, line in zip(errors, (3, 4, 5)):
+            self.assertTrue(e.startswith("%s:%d: " % (path, line)), e)
+            self.assertLess(len(e), 600)           # the value is cut, not quoted whole
+
+    def test_decoding_errors_and_nul_bytes_name_the_line(self):
+        d = temp_dir(self)
+        path = os.path.join(d, "c.ini")
+        with open(path, "wb") as f:
+            f.write(b"[program:a]\ncommand = true\n\n; caf\xe9\n")
+        code, lines = check_cli(self, path)
+        self.assertEqual((code, len(lines)), (2, 1), lines)
+        self.assertTrue(lines[0].startswith("%s:4: cannot read the config: 'utf-8' codec can't decode "
+                                            "byte 0xe9 at column 6" % path), lines)
+        for where in ("[program:a]\ncommand = tr\0ue\n", "[program:a]\ncommand = true\nuser = ro\0ot\n",
+                      "[program\0:a]\ncommand = true\n"):
+            with open(path, "w") as f:
+                f.write(where)
+            line = where[:where.index("\0")].count("\n") + 1
+            for command in ("check", "run"):
+                code, lines = check_cli(self, path, command)
+                self.assertEqual((code, len(lines)), (2, 1), lines)
+                self.assertTrue(lines[0].startswith("%s:%d: a NUL byte" % (path, line)), lines)
+
+
+# key -> (lowest, highest, one below, one above) as written in a config
+RANGED_VALUES = {
+    "startsecs": ("0", "7d", None, "604801"),
+    "stopwaitsecs": ("0", "168h", None, "30d"),
+    "backoff_max": ("1", "10080m", None, "1e400"),
+    "ready_timeout": ("0", "604800", None, "604800.5"),
+    "healthcheck_interval": ("1ms", "7d", None, "8d"),
+    "stdout_logfile_maxbytes": ("0", "1024GB", None, "1025GB"),
+    "stderr_logfile_backups": ("0", "1000", "-1", "1001"),
+    "healthcheck_failures": ("1", "1000", "0", "1001"),
+    "priority": ("-1000000000", "1000000000", "-1000000001", "99999999999999999999"),
+    "numprocs": ("1", "10000", "0", "10001"),
+    "numprocs_start": ("0", "1000000", "-1", "1000001"),
+    "startretries": ("0", "1000000", "-1", "1000001"),
+    "user": ("0", "4294967294", None, "4294967295"),
+    "group": ("0", "4294967294", None, "99999999999999999999"),
+    "umask": ("000", "777", None, "1000"),
+    "exitcodes": ("0", "255", "-1", "256"),
+}
+
+
+class TestConfigRanges(unittest.TestCase):
+    def test_every_value_in_range_passes_and_outside_fails_at_its_line(self):
+        for key, (low, high, below, above) in RANGED_VALUES.items():
+            for value in (low, high):
+                with self.subTest(key=key, value=value):
+                    config = load_text(self, "[program:a]\ncommand = true\n%s = %s\n" % (key, value)
+                                       + "process_name = a%(process_num)d\n" * (key == "numprocs"))
+                    self.assertTrue(config.programs)
+            for value in (below, above):
+                if value is None:
+                    continue
+                with self.subTest(key=key, value=value):
+                    path, errors, _ = config_errors(self, "[program:a]\ncommand = true\n%s = %s\n" % (key, value))
+                    self.assertEqual(len(errors), 1, errors)
+                    self.assertTrue(errors[0].startswith("%s:3: %s: " % (path, key)), errors)
+
+    def test_out_of_range_message_gives_the_range(self):
+        path, errors, _ = config_errors(self, "[program:a]\ncommand = true\nstartsecs = 30d\n"
+                                              "healthcheck_failures = 0\ngroup = 99999999999999999999\n")
+        self.assertEqual(errors, [
+            "%s:3: startsecs: '30d' is out of range (expected 0 to 7d)" % path,
+            "%s:4: healthcheck_failures: '0' is out of range (expected 1 to 1000)" % path,
+            "%s:5: group: '99999999999999999999' is out of range (expected an id 0 to 4294967294)" % path])
+
+    def test_unicode_digits_absurd_numbers_and_ids_are_ordinary_errors(self):
+        cases = ["user = \u00b2", "startsecs = \u0663", "group = 99999999999999999999",
+                 "startsecs = 1e400", "backoff = inf", "stopwaitsecs = nan", "startsecs = -1",
+                 "priority = \u0661\u0662", "exitcodes = \u00b2", "umask = \u0660\u0662\u0662",
+                 "stopsignal = \u00b9\u2075", "ready = tcp:localhost:\u0668\u0660", "numprocs = 1_0",
+                 "stdout_logfile_maxbytes = \uff11MB", "user = root\u3000x", "startretries = 10e3"]
+        for case in cases:
+            with self.subTest(case=case):
+                d = temp_dir(self)
+                sock, marker = os.path.join(d, "s.sock"), os.path.join(d, "started")
+                path = write_file(os.path.join(d, "c.ini"), "[respawn]\nsocket = %s\nwatch_self = false\n"
+                                  "[program:good]\ncommand = touch %s\nstartsecs = 0\n"
+                                  "[program:a]\ncommand = true\n%s\n" % (sock, marker, case))
+                for command in ("check", "run"):
+                    code, lines = check_cli(self, path, command, timeout=30)
+                    self.assertEqual(code, 2, lines)
+                    self.assertEqual(len(lines), 1, lines)
+                    self.assertTrue(lines[0].startswith("%s:9: " % path), lines)
+                # run touched nothing
+                self.assertFalse(os.path.exists(marker))
+                self.assertFalse(os.path.exists(sock))
+
+    def test_readme_lists_the_range_of_every_value(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        table = readme[readme.index("### Ranges of values"):]
+        table = table[:table.index("\n#")]
+        for key, (parse, _) in respawn.PROGRAM_KEYS.items():
+            if hasattr(parse, "range"):
+                with self.subTest(key=key):
+                    row = [l for l in table.splitlines() if "`%s`" % key in l]
+                    self.assertTrue(row, "no row for %s" % key)
+                    low, high = parse.range
+                    self.assertIn(low, row[0])
+                    self.assertIn(high.split()[0], row[0])
+
+
+def _fuzz_bases(d):
+    """Real configs to mutate: the bundled one, a supervisord one, an include."""
+    with open(os.path.join(HERE, "respawn.ini")) as f:
+        bundled = f.read()
+    os.mkfifo(os.path.join(d, "fifo"))
+    os.mkdir(os.path.join(d, "adir"))
+    write_file(os.path.join(d, "inc.ini"), "[program:inc]\ncommand = sleep 1\n")
+    supervisord = textwrap.dedent("""\
+        [supervisord]
+        nodaemon=true
+        logfile=/dev/null
+        pidfile=%(here)s/s.pid
+        environment=A="1",B="2"
+        [unix_http_server]
+        file=/tmp/never.sock
+        [include]
+        files = inc.ini
+        [program:worker]
+        command=php artisan queue:work --sleep=3 --tries=3 # the queue
+        process_name=%(program_name)s_%(process_num)02d
+        numprocs=4
+        autostart=true
+        autorestart=true
+        stopasgroup=true
+        user=root
+        redirect_stderr=true
+        stdout_logfile=%(here)s/worker-%(process_num)d.log
+        stopwaitsecs=3600
+        [program:nginx]
+        command=nginx -g 'daemon off;'
+        priority=10
+        stdout_logfile=/dev/stdout
+        stdout_logfile_maxbytes=0
+        [group:web]
+        programs=nginx,worker
+        priority=5
+        """)
+    return [bundled, supervisord, ALL_BAD]
+
+
+def _mutate(text, rng, d):
+    lines = text.split("\n")
+    choice = rng.randrange(12)
+    i = rng.randrange(len(lines))
+    key = lines[i].split("=")[0] if "=" in lines[i] else "command"
+    if choice == 0:
+        lines[i] = lines[i][:rng.randrange(len(lines[i]) + 1)] + "\0" + lines[i][rng.randrange(len(lines[i]) + 1):]
+    elif choice == 1:
+        lines[i] = "%s= %s" % (key, rng.choice(["9" * rng.randrange(1, 400), "1e400", "-1", "inf", "nan",
+                                                "-0", "0x10", "1_000", "99999999999999999999"]))
+    elif choice == 2:
+        lines[i] = "%s= %s" % (key, rng.choice(["\u00b2", "\u0663", "\u0661\u0660s", "\uff15MB", "\u096b"]))
+    elif choice == 3:
+        lines[i] = lines[i] + " " * rng.randrange(1000, 200000) + rng.choice(["", "x", "= 1", "#", ";"])
+    elif choice == 4:
+        lines[i] = "k" * rng.randrange(1000, 200000) + rng.choice(["", " = 1", ":"])
+    elif choice == 5:
+        lines.insert(i, "[include]\nfiles = %s" % rng.choice(["/dev/zero", "fifo", "adir", "*", "c.ini",
+                                                               "inc.ini inc.ini", "/dev/null", "../*"]))
+    elif choice == 6:
+        del lines[i]
+    elif choice == 7:
+        lines.insert(i, lines[rng.randrange(len(lines))])
+    elif choice == 8:
+        lines[i] = "%s= %s" % (key, rng.choice(["%(process_num)999999999d", "%(ENV_NOPE_Q)s", "%", "%(",
+                                                "%(here)d", "%(process_num)s%%", "%(numprocs)x"]))
+    elif choice == 9:
+        lines[i] = "".join(rng.choice("[]=:;#% \t\\'\"\u00e9\u2028\x0b\x1c\r") for _ in range(rng.randrange(1, 30)))
+    elif choice == 10:
+        lines[i] = "  " + lines[i]                    # a continuation line
+    else:
+        return "\n".join(lines).encode()[:-rng.randrange(1, 4)] + bytes([rng.randrange(128, 256)])
+    return "\n".join(lines)
+
+
+class TestConfigFuzz(unittest.TestCase):
+    def test_every_parser_takes_any_text(self):
+        """Each key's parser, on hostile values (fixed seed): a value or ValueError,
+        nothing else, and a message that is one short line."""
+        rng = random.Random(12)
+        atoms = ["", " ", "0", "-1", "1e400", "inf", "nan", "-0", "0x1f", "1_000", "\u00b2", "\u0663",
+                 "\uff11", "99999999999999999999", "9" * 5000, " " * 5000, "\t", "\n", "\x0b", "%",
+                 "'", '"', "\\", ",", ":", "tcp:", "exec:", "=", "A=", "ms", "KB", "forever", "true",
+                 "unexpected", "TERM", "SIG_IGN", "\u2028", "\ud800", "a" * 300, "\x00"]
+        tables = [respawn.PROGRAM_KEYS, respawn.RESPAWN_KEYS,
+                  {k: v for k, v in respawn.SUPERVISORD_SETTINGS.items()}]
+        for n in range(4000):
+            table = tables[n % len(tables)]
+            key = rng.choice(sorted(table))
+            text = "".join(rng.choice(atoms) for _ in range(rng.randrange(1, 4)))
+            try:
+                table[key][0](text)
+            except ValueError as exc:
+                self.assertNotIn("\n", str(exc), (key, text))
+                self.assertLess(len(str(exc)), 700, (key, text[:80]))
+            except Exception as exc:       # noqa: the point of the test
+                self.fail("%s = %r: %s: %s" % (key, text[:80], type(exc).__name__, exc))
+
+    def test_mutated_configs_never_trace_back(self):
+        """A few thousand mutations of real configs (fixed seed): no exception but
+        ConfigErrors, each error one line with FILE:LINE, each case in bounded time;
+        and a sample through the command line: exit 0 or 2, never a traceback."""
+        rng = random.Random(1213)
+        d = temp_dir(self)
+        bases = _fuzz_bases(d)
+        path = os.path.join(d, "c.ini")
+        cases = int(os.environ.get("RESPAWN_FUZZ_CASES", "3000"))
+        slowest = 0.0
+        sample = []
+        for n in range(cases):
+            text = bases[n % len(bases)]
+            for _ in range(rng.randrange(1, 4)):
+                text = _mutate(text.decode("utf-8", "replace") if isinstance(text, bytes) else text, rng, d)
+            with open(path, "wb") as f:
+                f.write(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+            started = time.monotonic()
+            try:
+                respawn.load_config(path, machine_checks=True)
+            except respawn.ConfigErrors as exc:
+                for e in exc.errors + exc.warnings:
+                    line = str(e)
+                    self.assertNotIn("\n", line, (n, text[:300]))
+                    self.assertRegex(line, ONE_ERROR_LINE, (n, text[:300]))
+            except Exception as exc:       # noqa: the point of the test
+                self.fail("case %d: %s: %s\n%r" % (n, type(exc).__name__, exc, text[:300]))
+            took = time.monotonic() - started
+            slowest = max(slowest, took)
+            self.assertLess(took, 5.0, "case %d took %.1f s" % (n, took))
+            if n % 100 == 0:
+                sample.append(text)
+        for n, text in enumerate(sample):
+            with open(path, "wb") as f:
+                f.write(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+            code, lines = check_cli(self, path, timeout=30)
+            self.assertIn(code, (0, 2), lines)
+            for line in lines:
+                self.assertRegex(line, ONE_ERROR_LINE if code == 2 else r"^/", (n, lines))
+
+
+class TestSupervisordFiles(unittest.TestCase):
+    def test_defaults_follow_supervisord_in_its_files_and_their_includes(self):
+        d = temp_dir(self)
+        os.mkdir(os.path.join(d, "conf.d"))
+        write_file(os.path.join(d, "conf.d", "inc.conf"), "[program:inc]\ncommand = sleep 1\n")
+        main = write_file(os.path.join(d, "supervisord.conf"), """\
+            [supervisord]
+            nodaemon = true
+            [include]
+            files = conf.d/*.conf
+            [program:a]
+            command = sleep 1
+            [program:grouped]
+            command = sleep 1
+            stopasgroup = true
+            """)
+        config = respawn.load_config(main)
+        for name in ("a", "inc"):
+            p = config.programs[name]
+            self.assertEqual((p.autorestart, p.stopasgroup, p.killasgroup, p.stdout_logfile, p.stderr_logfile),
+                             ("unexpected", False, False, "auto", "auto"), name)
+            # and where supervisord's equal ours
+            self.assertEqual((p.autostart, p.startsecs, p.startretries, p.stopwaitsecs, p.exitcodes,
+                              p.priority, p.redirect_stderr, p.stdout_logfile_maxbytes,
+                              p.stdout_logfile_backups, p.stopsignal),
+                             (True, 1.0, 3, 10.0, {0}, 999, False, 50 * 1024 ** 2, 10, signal.SIGTERM), name)
+        # supervisord: killasgroup follows stopasgroup
+        self.assertEqual((config.programs["grouped"].stopasgroup, config.programs["grouped"].killasgroup),
+                         (True, True))
+        # the same program in a file without [supervisord]: respawn's own defaults
+        plain = load_text(self, "[program:a]\ncommand = sleep 1\n").programs["a"]
+        self.assertEqual((plain.autorestart, plain.stopasgroup, plain.killasgroup, plain.stdout_logfile),
+                         (True, True, True, None))
+        path, errors, _ = config_errors(self, "[supervisord]\n[program:a]\ncommand = x\nstopasgroup = true\n"
+                                              "killasgroup = false\n")
+        self.assertEqual(len(errors), 1, errors)
+        self.assertTrue(errors[0].startswith("%s:5: stopasgroup = true needs killasgroup = true" % path))
+
+    def test_inline_comments_and_repeated_keys_and_sections(self):
+        d = temp_dir(self)
+        write_file(os.path.join(d, "more.conf"), "[program:a]\nstartsecs = 3\n")
+        main = write_file(os.path.join(d, "s.conf"), """\
+            [supervisord]
+            logfile = %(here)s/sd.log   # the log
+            [include]
+            files = more.conf
+            [program:a]
+            command = /bin/sleep 1000 # start the app
+            stdout_logfile = %(here)s/a.log ; log file
+            priority = 1
+            priority = 2
+            [program:a]
+            autostart = false
+            """)
+        config = respawn.load_config(main)
+        a = config.programs["a"]
+        self.assertEqual(a.command, ("/bin/sleep", "1000"))
+        self.assertEqual(a.stdout_logfile, os.path.join(d, "a.log"))
+        self.assertEqual((a.priority, a.autostart, a.startsecs), (2, False, 3.0))
+        self.assertEqual(config.settings["logfile"], os.path.join(d, "sd.log"))
+        warnings = sorted((w.line, w.file, w.message) for w in config.warnings)
+        self.assertEqual([(w[0], w[1]) for w in warnings], [(1, os.path.join(d, "more.conf")), (9, main), (10, main)],
+                         warnings)
+        self.assertIn("key 'priority' appears again in [program:a] (line 8 before): the last value wins",
+                      warnings[1][2])
+        self.assertIn("[program:a] appears again", warnings[0][2])
+        # a respawn file keeps '#' (SPEC: only ';' there) and refuses a repeat
+        plain = load_text(self, "[program:a]\ncommand = echo a # b\n").programs["a"]
+        self.assertEqual(plain.command, ("echo", "a", "#", "b"))
+
+    def test_instances_and_every_expansion(self):
+        os.environ["RESPAWN_CFG_TEST_Y"] = "from-env"
+        self.addCleanup(os.environ.pop, "RESPAWN_CFG_TEST_Y", None)
+        config = load_text(self, """\
+            [supervisord]
+            environment = GLOBAL="g"
+            [program:worker]
+            command = /bin/echo %(process_num)d %(process_num)03d %(process_num)-3d| %(numprocs)d %(group_name)s %(host_node_name)s %(ENV_PORT)s %(ENV_RESPAWN_CFG_TEST_Y)s %(ENV_GLOBAL)s 100%%
+            process_name = %(program_name)s_%(process_num)02d
+            numprocs = 3
+            numprocs_start = 8
+            environment = PORT="80%(process_num)02d",HOME_DIR="%(here)s"
+            stdout_logfile = %(here)s/w-%(process_num)x.log
+            directory = %(here)s
+            """, name="s.conf")
+        here = os.path.dirname(config.path)
+        self.assertEqual(list(config.programs), ["worker_08", "worker_09", "worker_10"])
+        w = config.programs["worker_10"]
+        self.assertEqual(w.command, ("/bin/echo", "10", "010", "10", "|", "3", "worker", os.uname().nodename,
+                                     "8010", "from-env", "g", "100%"))
+        self.assertEqual(w.environment, {"GLOBAL": "g", "PORT": "8010", "HOME_DIR": here})
+        self.assertEqual(w.stdout_logfile, os.path.join(here, "w-a.log"))
+        self.assertEqual((w.program_name, w.process_num, w.directory), ("worker", 10, here))
+        self.assertEqual(config.groups["worker"], ["worker_08", "worker_09", "worker_10"])
+        # the same in a respawn file (numprocs is SPEC's there too)
+        config = load_text(self, "[program:w]\ncommand = echo %(process_num)d\nnumprocs = 2\n"
+                                 "process_name = w%(process_num)d\n")
+        self.assertEqual([p.command for p in config.programs.values()], [("echo", "0"), ("echo", "1")])
+
+    def test_expansion_errors(self):
+        cases = [
+            ("[program:a]\ncommand = echo %(ENV_RESPAWN_NOT_SET_Q)s\n",
+             "environment variable 'RESPAWN_NOT_SET_Q' is not set"),
+            ("[program:a]\ncommand = echo %(nope)s\n", "unknown expansion %(nope)s"),
+            ("[supervisord]\n[program:a]\ncommand = date +%Y\n", "a lone % in"),
+            ("[program:a]\ncommand = echo %(process_num)99999d\n", "cannot expand"),
+            ("[program:a]\ncommand = echo %(here)d\n", "cannot expand"),
+            ("[program:a]\ncommand = x\nnumprocs = 2\n", "needs %(process_num) in process_name"),
+            ("[program:a]\ncommand = x\nprocess_name = b\n[program:b]\ncommand = y\n", "is also a service of [program:a]"),
+            ("[program:a]\ncommand = x\nprocess_name = a:%(process_num)d\n", "gives the name 'a:0'"),
+        ]
+        for text, fragment in cases:
+            with self.subTest(text=text):
+                path, errors, _ = config_errors(self, text)
+                self.assertEqual(len(errors), 1, errors)
+                self.assertIn(fragment, errors[0])
+                self.assertRegex(errors[0], r"^%s:[234]: " % re.escape(path))
+        # a lone % stays literal in a respawn file
+        self.assertEqual(load_text(self, "[program:a]\ncommand = date +%Y\n").programs["a"].command, ("date", "+%Y"))
+
+    def test_groups_and_names(self):
+        config = load_text(self, """\
+            [supervisord]
+            [program:web]
+            command = sleep 1
+            priority = 50
+            [program:worker]
+            command = sleep 1
+            process_name = worker%(process_num)d
+            numprocs = 2
+            [program:solo]
+            command = sleep 1
+            [group:app]
+            programs = web, worker
+            priority = 7
+            """)
+        self.assertEqual(config.groups["app"], ["web", "worker0", "worker1"])
+        self.assertEqual([config.programs[n].priority for n in ("web", "worker0", "solo")], [7, 7, 999])
+        self.assertEqual(config.programs["worker1"].group_name, "app")
+        expand = lambda *p: respawn.expand_names(config, p)
+        self.assertEqual(expand("app"), (["web", "worker0", "worker1"], []))
+        self.assertEqual(expand("app:*"), (["web", "worker0", "worker1"], []))
+        self.assertEqual(expand("worker:*", "solo"), (["worker0", "worker1", "solo"], []))
+        self.assertEqual(expand("app:worker1", "worker1", "nope", "app:nope"), (["worker1"], ["nope", "app:nope"]))
+        path, errors, _ = config_errors(self, "[program:a]\ncommand = x\n[group:g]\nprograms = a, b\n")
+        self.assertEqual(errors, ["%s:4: [group:g] names 'b', which is not a [program:NAME]" % path])
+        # requires may name a program with instances: each of them
+        config = load_text(self, "[program:db]\ncommand = x\nprocess_name = db%(process_num)d\nnumprocs = 2\n"
+                                 "[program:app]\ncommand = x\nrequires = db\n")
+        self.assertEqual(config.programs["app"].requires, ("db0", "db1"))
+
+    def test_supervisord_section_keys_and_other_sections(self):
+        d = temp_dir(self)
+        path = write_file(os.path.join(d, "s.conf"), """\
+            [supervisord]
+            logfile = %(here)s/sd.log
+            pidfile = %(here)s/sd.pid
+            loglevel = blather
+            childlogdir = %(here)s/logs
+            umask = 002
+            minfds = 4096
+            minprocs = 300
+            directory = %(here)s
+            environment = K="v"
+            nodaemon = true
+            identifier = box
+            logfile_maxbytes = 1MB
+            strip_ansi = true
+            colour = blue
+            [unix_http_server]
+            file = /tmp/s.sock
+            [inet_http_server]
+            port = 127.0.0.1:9001
+            [supervisorctl]
+            serverurl = unix:///tmp/s.sock
+            [rpcinterface:supervisor]
+            supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+            [fcgi-program:php]
+            command = php-cgi
+            socket = tcp://127.0.0.1:9000
+            [program:a]
+            command = true
+            nice = 5
+            """)
+        code, lines = check_cli(self, path)
+        self.assertEqual(code, 0, lines)
+        config = respawn.load_config(path)
+        s = config.settings
+        self.assertEqual((s["logfile"], s["pidfile"], s["loglevel"], s["logdir"], s["umask"], s["minfds"],
+                          s["minprocs"], s["directory"], s["environment"]),
+                         (d + "/sd.log", d + "/sd.pid", "debug", d + "/logs", 0o2, 4096, 300, d, {"K": "v"}))
+        self.assertEqual(config.programs["a"].environment, {"K": "v"})
+        out = "\n".join(lines)
+        for line, level, fragment in [(12, "warning", "[supervisord] identifier has no effect here"),
+                                      (13, "warning", "[supervisord] logfile_maxbytes has no effect here"),
+                                      (14, "warning", "[supervisord] strip_ansi has no effect here"),
+                                      (15, "warning", "unknown key 'colour' in [supervisord]"),
+                                      (16, "info", "[unix_http_server] serves supervisorctl"),
+                                      (18, "info", "[inet_http_server] serves supervisorctl"),
+                                      (20, "info", "[supervisorctl] serves supervisorctl"),
+                                      (22, "info", "[rpcinterface:supervisor] serves supervisorctl"),
+                                      (24, "warning", "[fcgi-program:php]: fcgi-program is not implemented; "
+                                                     "program php will not be started"),
+                                      (29, "warning", "'nice' is a supervisord key")]:
+            self.assertIn("%s:%d: %s: %s" % (path, line, level, fragment), out)
+        self.assertEqual(len(lines), 11, out)      # those ten, and ok
+
+    def test_container_idioms_are_quiet_and_safe(self):
+        import pwd
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        config = load_text(self, """\
+            [supervisord]
+            user = %s
+            [program:a]
+            command = true
+            stdout_logfile = /dev/stdout
+            stderr_logfile = /dev/stderr
+            [program:b]
+            command = true
+            stdout_logfile = %%(here)s/b.log
+            """ % me)
+        # user = (the supervisor's own user) is already so: no warning
+        self.assertEqual(config.warnings, [])
+        # a device is never rotated (renaming /dev/stdout would move it for everyone)
+        a, b = config.programs["a"], config.programs["b"]
+        self.assertEqual((a.stdout_logfile_maxbytes, a.stderr_logfile_maxbytes), (0, 0))
+        self.assertEqual(b.stdout_logfile_maxbytes, 50 * 1024 ** 2)
+        other = "nobody" if me != "nobody" else "root"
+        config = load_text(self, "[supervisord]\nuser = %s\n[program:a]\ncommand = true\n" % other)
+        self.assertEqual([w.message for w in config.warnings],
+                         ["[supervisord] user has no effect here: respawn does not switch user: start it "
+                          "as that user (each program's user = works)"])
+
+    def test_check_reports_text_and_machine_problems_together_at_their_keys(self):
+        code, out, path = run_check(self, """\
+            [program:a]
+            command = /no/such/program-q
+            user = no-such-user-respawn-q
+            startsecs = 5x
+            [program:b]
+            command = true
+            directory = /no/such/dir-q
+            """)
+        self.assertEqual(code, 2, out)
+        self.assertEqual(sorted(out.strip().splitlines()), sorted([
+            "%s:2: [program:a] command '/no/such/program-q' not found" % path,
+            "%s:3: [program:a] unknown user 'no-such-user-respawn-q'" % path,
+            "%s:4: startsecs: expected a duration such as 10, 0.5, 500ms, 2s or 1m, not '5x'" % path,
+            "%s:7: [program:b] directory '/no/such/dir-q' does not exist" % path]))
+
+    def test_carried_sections_keep_the_supervisord_reading(self):
+        config = load_text(self, """\
+            [supervisord]
+            environment = G="1"
+            [program:w]
+            command = echo %(process_num)d # comment
+            process_name = w%(process_num)d
+            numprocs = 2
+            [group:g]
+            programs = w
+            """)
+        sections = json.loads(json.dumps(config.sections))
+        again = respawn.load_config(config.path, read=lambda p: self.fail("read %s" % p),
+                                    carried={"files": config.files, "sections": sections})
+        self.assertEqual(list(again.programs), ["w0", "w1"])
+        for name, prog in config.programs.items():
+            self.assertEqual(vars(again.programs[name]), vars(prog), name)
+        self.assertEqual(again.groups, config.groups)
+        self.assertEqual(again.settings, config.settings)
+
+
+class TestSupervisordRun(unittest.TestCase):
+    def test_instances_groups_and_supervisord_settings_at_run_time(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        minfds = soft + 10 if hard == resource.RLIM_INFINITY or soft + 10 <= hard else soft
+        sup = Sup(self, """\
+            [respawn]
+            watch_self = false
+            [supervisord]
+            minfds = {minfds}
+            pidfile = {dir}/supervisord.pid
+            umask = 027
+            environment = FROM_SUPERVISORD="yes"
+            directory = {dir}
+            [program:worker]
+            command = sh -c 'echo "$N $FROM_SUPERVISORD $(umask) $(pwd)" > w%(process_num)d.out; exec sleep 1000'
+            process_name = %(program_name)s_%(process_num)02d
+            numprocs = 2
+            environment = N="%(process_num)d"
+            stdout_logfile = NONE   # not AUTO
+            stderr_logfile = NONE
+            [program:web]
+            command = sleep 1000
+            stdout_logfile = NONE
+            stderr_logfile = NONE
+            [group:front]
+            programs = web
+            """.replace("{minfds}", str(minfds)))
+        sup.start()
+        for name in ("worker_00", "worker_01", "web"):
+            sup.wait_state(name, "RUNNING")
+        self.assertEqual(sorted(s["name"] for s in sup.status()["services"]), ["web", "worker_00", "worker_01"])
+        with open(sup.path("supervisord.pid")) as f:
+            self.assertEqual(int(f.read()), sup.proc.pid)
+        for n in (0, 1):
+            out = wait_for(lambda: (lambda t: t if t.endswith("\n") else None)(
+                read_text(sup.path("w%d.out" % n)) if os.path.exists(sup.path("w%d.out" % n)) else ""),
+                what="w%d.out" % n)
+            self.assertEqual(out, "%d yes 0027 %s\n" % (n, sup.dir))
+        with open("/proc/%d/limits" % sup.proc.pid) as f:
+            limits = [l for l in f if l.startswith("Max open files")][0].split()
+        self.assertEqual(int(limits[3]), minfds)
+        # instances survive a re-exec as they are (their names are in the carried sections)
+        before = {s["name"]: s["pid"] for s in sup.status()["services"]}
+        p = sup.ctl("reexec")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        wait_for(lambda: sup.status()["supervisor"]["reexecs"] == 1, what="the re-exec")
+        self.assertEqual({s["name"]: s["pid"] for s in sup.status()["services"]}, before)
+        p = sup.ctl("stop", "worker:*")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(sup.svc("worker_00")["state"], "STOPPED")
+        self.assertEqual(sup.svc("worker_01")["state"], "STOPPED")
+        self.assertEqual(sup.svc("web")["state"], "RUNNING")
+        old = sup.svc("web")["pid"]
+        p = sup.ctl("restart", "front")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        sup.wait_pid_change("web", old)
+        p = sup.ctl("start", "front:web", "worker_01")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        sup.wait_state("worker_01", "RUNNING")
+        p = sup.ctl("stop", "nope:*")
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("no such service: nope:*", p.stdout + p.stderr)
+        self.assertEqual(sup.terminate(), 0)
+        self.assertFalse(os.path.exists(sup.path("supervisord.pid")))
+
+
+    def test_reload_adds_and_removes_instances(self):
+        text = """\
+            [respawn]
+            watch_self = false
+            [supervisord]
+            [program:w]
+            command = sleep 100%(process_num)d
+            process_name = w%(process_num)d
+            numprocs = {n}
+            stdout_logfile = NONE
+            stderr_logfile = NONE
+            """
+        sup = Sup(self, text.replace("{n}", "2"))
+        sup.start()
+        sup.wait_state("w0", "RUNNING")
+        sup.wait_state("w1", "RUNNING")
+        kept = sup.svc("w0")["pid"]
+        sup.write_config(textwrap.dedent(text.replace("{n}", "3")))
+        p = sup.ctl("reload")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        sup.wait_state("w2", "RUNNING")
+        self.assertEqual(sup.svc("w0")["pid"], kept)          # untouched
+        sup.write_config(textwrap.dedent(text.replace("{n}", "1")))
+        p = sup.ctl("reload")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        wait_for(lambda: sorted(s["name"] for s in sup.status()["services"]) == ["w0"], what="w1, w2 removed")
+        self.assertEqual(sup.svc("w0")["pid"], kept)
+        self.assertEqual(sup.terminate(), 0)
+
+class TestConfigIniReader(unittest.TestCase):
+    def test_reads_what_configparser_reads(self):
+        """respawn's linear INI reader against configparser (the reference of both
+        dialects: respawn's strict one, and supervisord's) on random small files."""
+        import configparser
+        rng = random.Random(4242)
+        pieces = ["[a]", "[b]", "[program:x]", " [c] ; note", "[a] # x", "k = v", "K: v", "k=v ; c",
+                  "k = v # c", "k = v;c", "k2 = two  words", "k3 =", "  more", "\tmore", "", "   ",
+                  "; comment", "# comment", "  ; indented comment", "k4 = a = b", "k5 : a : b",
+                  "x", "= v", "k6 = [x]", "key with spaces = 1", "k7 = %(here)s",
+                  "k9 = a#b ;c #d", "k10 = #x", "k11=;", "[d];x", "[e] ;x"]
+        if sys.version_info >= (3, 13):
+            # before 3.13 configparser cut this at '#' (a quirk of its search that
+            # 3.13 dropped); respawn cuts at the first comment, as 3.13 does
+            pieces.append("k8 = a;b;c ;d #e")
+        for n in range(3000):
+            text = "[a]\n" * rng.randrange(2) + "\n".join(
+                rng.choice(pieces) for _ in range(rng.randrange(1, 12))) + "\n"
+            for supervisord in (False, True):
+                with self.subTest(n=n, supervisord=supervisord, text=text):
+                    if supervisord:
+                        parser = configparser.RawConfigParser(strict=False, inline_comment_prefixes=(";", "#"),
+                                                              default_section="\0")
+                    else:
+                        parser = configparser.RawConfigParser(strict=True, inline_comment_prefixes=(";",),
+                                                              default_section="\0", empty_lines_in_values=False)
+                    try:
+                        parser.read_string(text)
+                        want = {s: dict(parser.items(s)) for s in parser.sections()}
+                    except configparser.Error:
+                        want = None
+                    sections, problems = respawn._parse_ini(text, supervisord)
+                    if want is None:
+                        self.assertTrue([p for p in problems if p[1] != "warning"], problems)
+                        continue
+                    self.assertEqual([p for p in problems if p[1] != "warning"], [])
+                    got = {}
+                    for name, line, values, lines in sections:
+                        got.setdefault(name, {}).update(values)
+                    self.assertEqual(got, want)
+
+_SUPERVISORD_PY = []
+
+
+def supervisord_python(test):
+    """A Python with supervisor 4 importable: $RESPAWN_SUPERVISORD_PYTHON, or a scratch
+    venv made once per run; the test is skipped, with the reason, if neither works."""
+    if not _SUPERVISORD_PY:
+        py = os.environ.get("RESPAWN_SUPERVISORD_PYTHON")
+        reason = None
+        if not py:
+            d = tempfile.mkdtemp(prefix="respawn-supervisord-venv-")
+            import atexit
+            atexit.register(shutil.rmtree, d, True)
+            py = os.path.join(d, "bin", "python")
+            try:
+                subprocess.run([PY, "-m", "venv", d], check=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=300)
+                subprocess.run([py, "-m", "pip", "install", "-q", "supervisor>=4,<5"], check=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+                reason = "cannot install supervisor 4 into a venv: %s" % (
+                    getattr(exc, "output", b"") or str(exc).encode())[-300:].decode("utf-8", "replace")
+        _SUPERVISORD_PY.append((py, reason))
+    py, reason = _SUPERVISORD_PY[0]
+    if reason:
+        test.skipTest(reason)
+    return py
+
+
+# supervisord's own reading of a config, as JSON: every process of every group
+SUPERVISORD_DUMP = r"""
+import json, shlex, sys
+from supervisor.options import ServerOptions
+from supervisor import datatypes
+o = ServerOptions()
+o.realize(args=["-c", sys.argv[1]])
+out = {}
+log = lambda v: "auto" if v is datatypes.Automatic else "none" if v is None else v
+for g in o.process_group_configs:
+    for p in g.process_configs:
+        ar = p.autorestart
+        out[p.name] = {
+            "group": g.name, "command": shlex.split(p.command), "environment": p.environment or {},
+            "autostart": p.autostart, "startsecs": p.startsecs, "startretries": p.startretries,
+            "autorestart": {False: False}.get(ar, "unexpected" if ar is datatypes.RestartWhenExitUnexpected else True),
+            "stopasgroup": p.stopasgroup, "killasgroup": p.killasgroup, "stopwaitsecs": p.stopwaitsecs,
+            "exitcodes": sorted(p.exitcodes), "redirect_stderr": p.redirect_stderr,
+            "stdout": log(p.stdout_logfile), "stderr": log(p.stderr_logfile),
+            "directory": p.directory, "umask": p.umask, "priority": p.priority}
+print(json.dumps(out))
+"""
+
+
+def respawn_reading(path):
+    config = respawn.load_config(path)
+    out = {}
+    for name, p in config.programs.items():
+        stderr = p.stream_target("stderr")
+        out[name] = {
+            "group": p.group_name, "command": list(p.command), "environment": p.environment,
+            "autostart": p.autostart, "startsecs": p.startsecs, "startretries": p.startretries,
+            "autorestart": p.autorestart, "stopasgroup": p.stopasgroup, "killasgroup": p.killasgroup,
+            "stopwaitsecs": p.stopwaitsecs, "exitcodes": sorted(p.exitcodes),
+            "redirect_stderr": p.redirect_stderr, "stdout": p.stream_target("stdout"),
+            "stderr": "none" if stderr == "merged" else stderr, "directory": p.directory,
+            "umask": p.umask, "priority": p.priority}
+    return out
+
+
+class TestSupervisordReadsTheSame(unittest.TestCase):
+    """Tricky supervisord files read by supervisor 4 itself and by respawn: the
+    same processes with the same commands, environments and policies."""
+
+    def compare(self, files, skip=()):
+        py = supervisord_python(self)
+        d = temp_dir(self)
+        for name, text in files.items():
+            os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
+            write_file(os.path.join(d, name), text.replace("{dir}", d))
+        main = os.path.join(d, "supervisord.conf")
+        env = dict(os.environ, RESPAWN_CMP_PORT="8123")
+        p = subprocess.run([py, "-c", SUPERVISORD_DUMP, main], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=120, env=env, cwd=d)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        theirs = json.loads(p.stdout)
+        os.environ["RESPAWN_CMP_PORT"] = "8123"
+        self.addCleanup(os.environ.pop, "RESPAWN_CMP_PORT", None)
+        ours = respawn_reading(main)
+        self.assertEqual(sorted(ours), sorted(theirs))
+        for name in theirs:
+            for key in theirs[name]:
+                if key not in skip:
+                    self.assertEqual(ours[name][key], theirs[name][key], "%s: %s" % (name, key))
+        return ours
+
+    def test_syntax_expansions_and_instances(self):
+        ours = self.compare({"supervisord.conf": """\
+            [supervisord]
+            nodaemon=true                 ; comment
+            logfile={dir}/sd.log          # another
+            pidfile={dir}/sd.pid
+            environment=GLOBAL="g 1",OTHER=two
+
+            [program:worker]
+            command=/usr/bin/php %(here)s/artisan queue:work --queue=%(program_name)s-%(process_num)03d # the worker
+            process_name=%(program_name)s_%(process_num)02d
+            numprocs=3
+            numprocs_start=7
+            environment=PORT="90%(process_num)02d",NAME="%(group_name)s/%(host_node_name)s"
+            stdout_logfile={dir}/%(program_name)s-%(process_num)d.log
+            stdout_logfile={dir}/w-%(process_num)x.log
+            redirect_stderr=true
+            autostart=true
+            stopasgroup=true
+            exitcodes=0,2
+            startsecs=0
+            directory=%(here)s
+
+            [program:web]
+            command=/bin/sh -c "exec sleep %(ENV_PORT)s %(ENV_RESPAWN_CMP_PORT)s 100%%"
+            environment=PORT="80"
+            autorestart=false
+            priority=10
+            umask=022
+            stopwaitsecs=3600
+
+            [program:web]
+            startretries=9
+
+            [program:long]
+            command=/bin/echo a
+              b c
+              d
+            stderr_logfile=NONE
+            """})
+        self.assertEqual(sorted(ours), ["long", "web", "worker_07", "worker_08", "worker_09"])
+
+    def test_groups_and_includes(self):
+        self.compare({"supervisord.conf": """\
+            [supervisord]
+            [include]
+            files = conf.d/*.ini more.conf
+            [program:api]
+            command=/bin/true
+            priority=300
+            [program:jobs]
+            command=/bin/true %(group_name)s
+            process_name=job%(process_num)d
+            numprocs=2
+            [group:backend]
+            programs=api,jobs
+            priority=20
+            """, "conf.d/a.ini": """\
+            [program:inc]
+            command=/bin/echo %(here)s
+            autorestart=true
+            [program:api]
+            startsecs=7
+            """, "more.conf": """\
+            [program:last]
+            command=/bin/true
+            killasgroup=true
+            """}, skip=("priority",))
 
 
 if __name__ == "__main__":
