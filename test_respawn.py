@@ -3401,7 +3401,17 @@ def fd_targets(pid):
 def rx_children_of(ppid):
     """(pid, cmdline bytes) of the live processes whose parent is ppid."""
     out = []
-    for name in os.listdir("/proc"):
+    # The kernel's own list is one read: a scan of all of /proc on a busy machine
+    # can take longer than a child lives (a trial check lasts ~0.1 s).
+    try:
+        kids = set()
+        for task in os.listdir("/proc/%d/task" % ppid):
+            with open("/proc/%d/task/%s/children" % (ppid, task)) as f:
+                kids.update(f.read().split())
+        names = sorted(kids)
+    except OSError:
+        names = os.listdir("/proc")
+    for name in names:
         if not name.isdigit():
             continue
         try:
