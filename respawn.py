@@ -143,7 +143,7 @@ def plural(n, word):
 
 def describe_exit(status):
     if status is None:
-        return "not started"
+        return "exit status unknown"
     if status < 0:
         return "killed by %s" % signal_name(-status)
     return "exit %d" % status
@@ -2025,12 +2025,13 @@ def _child_setup(umask, ids):
     return setup
 
 
-def spawn(prog, stdout, stderr, extra_env=None):
+def spawn(prog, stdout, stderr, extra_env=None, hold=()):
     """Start a program's process in its own session and process group; its pid.
 
     stdout/stderr are fds (or subprocess.DEVNULL).  The child starts clean:
     the supervisor keeps its own mask empty and no signal ignored but the two
-    Python ignores itself, which restore_signals puts back (research F25)."""
+    Python ignores itself, which restore_signals puts back (research F25).
+    hold: fds the child keeps at the same numbers (its pipes' read ends)."""
     import subprocess
     env = None        # our own environment, as the kernel has it: nothing to copy or encode
     if prog.environment or extra_env:
@@ -2055,6 +2056,8 @@ def spawn(prog, stdout, stderr, extra_env=None):
         env.update(extra_env)
     kwargs = dict(stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=prog.directory,
                   env=env, start_new_session=True, close_fds=True, restore_signals=True)
+    if hold:
+        kwargs["pass_fds"] = tuple(hold)
     if sys.version_info >= (3, 9):
         if ids:
             kwargs.update(user=ids[0], group=ids[1], extra_groups=ids[2])
@@ -2642,11 +2645,13 @@ class LogFile:
 class Pipe:
     """The read end of one service stream, and the partial line read so far."""
 
-    __slots__ = ("fd", "service", "stream", "partial", "carried")
+    __slots__ = ("fd", "service", "stream", "partial", "carried", "held", "ino")
 
-    def __init__(self, fd, service, stream, partial=b""):
+    def __init__(self, fd, service, stream, partial=b"", held=None):
         self.fd, self.service, self.stream, self.partial = fd, service, stream, partial
         self.carried = 0              # bytes read; -2 once grown, -1 if it could not be
+        self.held = held              # (pid, fd): the process holding a copy of it, at that fd
+        self.ino = None
 
 
 GROWN_PIPES_MAX = 32                  # 32 MiB of pipe: half the kernel's per-user soft limit
@@ -2741,43 +2746,11 @@ class Timers:
                 callback(*args)
 
 
-def default_runtime_dir():
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "respawn")
-    if os.geteuid() == 0:
-        return "/run/respawn"
-    return "/tmp/respawn-%d" % os.geteuid()
-
-
-def default_socket(config_path):
-    path = os.path.abspath(config_path)
-    name = os.path.basename(path)
-    if name.endswith(".ini"):
-        name = name[:-4]
-    digest = sha256(path.encode()).hexdigest()[:8]
-    return os.path.join(default_runtime_dir(), "%s-%s.sock" % (name, digest))
-
-
 def default_logdir():
     if os.geteuid() == 0:
         return "/var/log/respawn"
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(base, "respawn")
-
-
-def socket_path(config):
-    return config.settings["socket"] or default_socket(config.path)
-
-
-def make_private_dir(path):
-    """The socket's folder: created 0700, and refused if someone else can write to it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid != os.geteuid():
-        raise OSError(errno.EPERM, "%s belongs to uid %d, not to us" % (path, st.st_uid))
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-
 
 
 def batched(method):
@@ -2799,9 +2772,10 @@ def batched(method):
 
 class Live:
     """A service's live handles, beside its record: timers by slot, probes in
-    flight, its notify socket, and the recent lines `log` shows."""
+    flight, its notify socket, the recent lines `log` shows, and what its process
+    is beyond its pid (for adoption after a crash: handed over, not policy data)."""
 
-    __slots__ = ("timers", "probes", "notify", "tail", "err_tail")
+    __slots__ = ("timers", "probes", "notify", "tail", "err_tail", "starttime", "adopted", "marker")
 
     def __init__(self):
         self.timers = {}              # slot -> Timers entry
@@ -2809,6 +2783,9 @@ class Live:
         self.notify = None            # (socket, address) for $NOTIFY_SOCKET
         self.tail = None              # deque of recent lines (prefixed output only)
         self.err_tail = None          # the stderr lines among them alone, for `log --stderr`
+        self.starttime = None         # its process's start time (proc_start_time)
+        self.adopted = False          # started by a supervisor before us: not our child
+        self.marker = None            # the SERVICE_MARKER it got (1.0.0 gave none)
 
 
 class Supervisor:
@@ -2875,6 +2852,9 @@ class Supervisor:
         self.shutdown_clients = []            # told when the supervisor has stopped
         self.reexeced = None                  # wall time of the last re-exec
         self.pidfile = None
+        self.state_file = None                # StateFile, for adoption after a crash
+        self.adopted_watch = None             # AdoptedWatch, once a process was adopted
+        self.marker = marker_prefix(config.path)
         self.apply_settings()
 
     @property
@@ -3144,7 +3124,8 @@ class Supervisor:
                 if target in ("none", "merged"):
                     continue
                 r, w = os.pipe()
-                fds += [r, w]
+                fds += [w, r]
+                r = fds[-1] = hold_above(r)
                 streams[stream] = r
                 if stream == "stdout":
                     out_w = w
@@ -3152,22 +3133,24 @@ class Supervisor:
                     err_w = w
             if prog.stream_target("stderr") == "merged":
                 err_w = out_w if out_w != subprocess.DEVNULL else subprocess.STDOUT
-            extra = {}
+            extra = {SERVICE_MARKER: "%s/%s" % (self.marker, svc.name)}
             if prog.ready[0] == "notify":
                 extra["NOTIFY_SOCKET"] = self.notify_socket(svc)
                 if prog.watchdog:
                     extra["WATCHDOG_USEC"] = str(int(prog.watchdog * 1e6))
-            pid = spawn(prog, out_w, err_w, extra)
+            pid = spawn(prog, out_w, err_w, extra, hold=streams.values())
         except (SpawnError, OSError) as exc:
             for fd in fds:
                 os.close(fd)
             message = str(exc) if isinstance(exc, SpawnError) else "cannot start: %s" % exc
             self.feed(svc, SpawnFailed(message))
             return
-        for fd in fds[1::2]:
+        for fd in fds[0::2]:
             os.close(fd)
         for stream, r in streams.items():
-            self.add_pipe(Pipe(r, svc.name, stream))
+            self.add_pipe(Pipe(r, svc.name, stream, held=(pid, r)))
+        live = self.live[svc.name]        # what adoption after a crash needs of the process
+        live.starttime, live.adopted, live.marker = proc_start_time(pid), False, extra[SERVICE_MARKER]
         self.watcher.watch(pid, self.child_callback(svc))
         import shlex
         self.log("info", "started pid %d: %s" % (pid, shlex.join(prog.command)), svc.name)
@@ -3700,7 +3683,8 @@ class Supervisor:
                 "retry_in": round(svc.deadline - now, 3)
                 if svc.state == BACKOFF and svc.deadline is not None else None,
                 "failures": svc.failures, "waiting_for": svc.waiting_for,
-                "dropped_bytes": svc.dropped_bytes}
+                "dropped_bytes": svc.dropped_bytes,
+                "adopted": self.live[svc.name].adopted}
 
     def status_json(self, names=None):
         """The snapshot of the supervisor and its services (status --json)."""
@@ -4010,6 +3994,9 @@ class Supervisor:
             if entry.get("err_tail"):
                 from collections import deque
                 self.live[svc.name].err_tail = deque(entry["err_tail"], maxlen=TAIL_LINES)
+            if entry.get("process"):
+                live = self.live[svc.name]
+                live.starttime, live.adopted, live.marker = entry["process"]
         return state
 
     @batched
@@ -4029,16 +4016,30 @@ class Supervisor:
             else:
                 os.close(fd)
         for p in fds["pipes"]:
-            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", ""))))
+            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", "")),
+                               tuple(p["held"]) if p.get("held") else None))
         lost = []
         for svc in list(self.services.values()):
             for what, when in svc.deadlines():
                 self.do_arm(svc, Arm(what, when))
-            if svc.pid is not None and not self.watcher.adopt(svc.pid, self.child_callback(svc)):
+            live = self.live[svc.name]
+            if svc.pid is None:
+                continue
+            if live.adopted:              # not our child: watched through its pidfd again
+                if not rewatch_adopted(self, svc):
+                    lost.append(svc)
+            elif not self.watcher.adopt(svc.pid, self.child_callback(svc)):
                 lost.append(svc)
+            elif live.starttime is None:  # handed over by 1.0.0, which did not keep it
+                live.starttime = proc_start_time(svc.pid)
         for svc in lost:
-            self.log("error", "pid %d is no longer our child" % svc.pid, svc.name)
-            self.feed(svc, Exited(None, "lost during re-exec"))
+            if self.live[svc.name].adopted:
+                self.live[svc.name].adopted = False
+                self.log("info", "adopted pid %d exited during the re-exec" % svc.pid, svc.name)
+                self.feed(svc, Exited(None))
+            else:
+                self.log("error", "pid %d is no longer our child" % svc.pid, svc.name)
+                self.feed(svc, Exited(None, "lost during re-exec"))
         return state
 
     @batched
@@ -4690,6 +4691,8 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
             entry["tail"] = list(live.tail)
         if live.err_tail:
             entry["err_tail"] = list(live.err_tail)
+        if live.starttime is not None:
+            entry["process"] = [live.starttime, live.adopted, live.marker]
         if svc.want == FORGET:
             # the new image types programs from the config text; a removed one,
             # still stopping, is in no config any more
@@ -4708,7 +4711,8 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
         "waiters": [{"fd": c.sock.fileno(), "cmd": cmd, "names": names}
                     for c, cmd, names in sup.waiters if c.sock is not None],
         "pipes": [dict({"fd": p.fd, "service": p.service, "stream": p.stream},
-                       **({"partial": base64.b64encode(p.partial).decode()} if p.partial else {}))
+                       **({"partial": base64.b64encode(p.partial).decode()} if p.partial else {}),
+                       **({"held": list(p.held)} if p.held is not None else {}))
                   for p in sup.pipes.values()],
         "notify": {name: [live.notify[0].fileno(), live.notify[1]]
                    for name, live in sup.live.items() if live.notify is not None},
@@ -4782,6 +4786,770 @@ def decode_handoff(state, programs, now):
 
 
 # ---------------------------------------------------------------------------
+# Identity, state file and adoption: one supervisor per config, and services
+# that outlive a killed supervisor and are taken over by the next one
+# ---------------------------------------------------------------------------
+#
+# Identity is the config file's resolved path (symlinks resolved).  Its lock
+# and its state file live in one folder per user that no environment variable
+# moves (identity_dir): $XDG_RUNTIME_DIR is set by a login and not by cron or
+# systemd, so a lock under it would let two supervisors run one config.  The
+# lock is an flock, which dies with its holder: a crash never leaves a lock
+# that blocks the next start.  The lock file also says where its holder
+# listens, so clients find it whatever their environment or an unreloaded
+# edit of `socket =` says.
+#
+# Each service holds a copy of its own output pipes' read ends (at the fd
+# number they have in the supervisor, at least HELD_FD_FLOOR): while it lives
+# its pipes always have a reader, so it never gets SIGPIPE because the
+# supervisor died, and its output waits in the pipe.  The next supervisor
+# takes the read ends back with pidfd_getfd (research: adoption.md).
+
+STATE_FORMAT = 1                  # state file format version
+HELD_FD_FLOOR = 10                # shells name fds 0-9 (`exec 9>lock`): held read ends stay above
+SERVICE_MARKER = "RESPAWN_SERVICE"   # in each service's environment: CONFIGID/NAME
+ADOPTED_POLL = 1.0                # seconds between checks of an adopted process, without pidfds
+SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438   # the same on every architecture of the unified table
+UNIFIED_SYSCALLS = ("x86_64", "aarch64", "i386", "i686", "armv7l", "armv6l", "riscv64",
+                    "ppc64le", "ppc64", "s390x", "loongarch64")
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def default_runtime_dir():
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "respawn")
+    return identity_dir()
+
+
+def identity_dir():
+    """Where locks and state files live: one folder per user, the same in every
+    environment (login, cron, systemd, sudo)."""
+    return "/run/respawn" if os.geteuid() == 0 else "/tmp/respawn-%d" % os.geteuid()
+
+
+def config_identity(config_path):
+    """(name, digest): the config's file name without .ini, and the SHA-256 of its
+    resolved path: the same file reached by any path is the same config."""
+    real = os.path.realpath(config_path)
+    name = os.path.basename(real)
+    if name.endswith(".ini"):
+        name = name[:-4]
+    return name, sha256(os.fsencode(real)).hexdigest()
+
+
+def identity_base(config_path):
+    name, digest = config_identity(config_path)
+    return os.path.join(identity_dir(), "%s-%s" % (name, digest[:16]))
+
+
+def lock_path(config_path):
+    return identity_base(config_path) + ".lock"
+
+
+def state_path(config_path):
+    return identity_base(config_path) + ".state"
+
+
+def marker_prefix(config_path):
+    return config_identity(config_path)[1][:16]
+
+
+def default_socket(config_path):
+    name, digest = config_identity(config_path)
+    return os.path.join(default_runtime_dir(), "%s-%s.sock" % (name, digest[:8]))
+
+
+def socket_path(config):
+    return config.settings["socket"] or default_socket(config.path)
+
+
+def make_private_dir(path, private=False):
+    """A folder for a socket (or, private, for our locks and state).  What we create,
+    parents included, is 0700.  A folder that exists keeps its mode and owner (as root,
+    `socket = /tmp/x.sock` must not make /tmp 0700) and is refused if it belongs to
+    someone other than root and us; a private one must be ours and closed to others."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue              # a racing start made it: checked below as an existing one
+        os.chmod(d, 0o700)        # a umask of 0777 would have left it unusable
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "%s is not a folder" % path)
+    if st.st_uid not in ((os.geteuid(),) if private else (0, os.geteuid())):
+        raise OSError(errno.EPERM, "%s belongs to uid %d, not to us" % (path, st.st_uid))
+    if private and st.st_mode & 0o022:
+        raise OSError(errno.EPERM, "%s can be written by other users (chmod 700 it)" % path)
+
+
+def _lock_text(fd):
+    try:
+        return os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _legacy_holder(path):
+    """1.0.0 kept its lock beside the socket: a supervisor of that release still
+    running is found there (and its leftover file, unheld, is removed)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_text(fd).strip() or "?"
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    finally:
+        os.close(fd)
+
+
+def acquire_lock(config_path, sock_path, legacy=True):
+    """One supervisor per config: an flock on lock_path(config_path), which the kernel
+    releases when its holder dies.  The file names the holder and its socket."""
+    path = lock_path(config_path)
+    make_private_dir(os.path.dirname(path), private=True)
+    holder = _legacy_holder(sock_path + ".lock") if legacy else None
+    if holder:
+        raise AlreadyRunning(holder)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = _lock_text(fd)
+            os.close(fd)
+            raise AlreadyRunning(text.split("\n", 1)[0].strip() or "?") from None
+        # the holder removes the file at its exit before it lets go: a lock won on
+        # a file that is no longer at the path is no lock (take the new file's)
+        try:
+            here, st = os.fstat(fd), os.stat(path)
+            if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, ("%d\n%s\n" % (os.getpid(), sock_path)).encode(), 0)
+    return fd
+
+
+def release_lock(fd, path):
+    """At a clean exit: the file goes first, while we still hold it (acquire_lock)."""
+    try:
+        here, st = os.fstat(fd), os.stat(path)
+        if (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def running_socket(config_path):
+    """The socket of the supervisor running this config, from its lock file, or None."""
+    try:
+        with open(lock_path(config_path), "rb") as f:
+            text = f.read(4096).decode("utf-8", "replace")
+        pid, sock = text.split("\n", 1)
+        sock = sock[:-1] if sock.endswith("\n") else sock
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return None
+    return sock if os.path.exists(sock) else None
+
+
+# -- processes that are not our children ----------------------------------
+
+def proc_fields(pid):
+    """/proc/PID/stat after the command name: [0] state, [3] session, [19] start time."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
+def proc_start_time(pid):
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the PID, it names one
+    process for the boot's whole life, where a PID alone may be reused."""
+    fields = proc_fields(pid)
+    return int(fields[19]) if fields and fields[0] not in (b"Z", b"X") else None
+
+
+def proc_marker(pid):
+    """The service marker in a process's environment; '' if it has none, None if
+    its environment cannot be read (another user, or not dumpable)."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            env = f.read()
+    except OSError:
+        return None
+    for item in env.split(b"\0"):
+        if item.startswith(SERVICE_MARKER.encode() + b"="):
+            return item[len(SERVICE_MARKER) + 1:].decode("utf-8", "replace")
+    return ""
+
+
+_BOOT_ID = []
+
+
+def boot_id():
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID.append(f.read().strip())
+        except OSError:
+            _BOOT_ID.append("")
+    return _BOOT_ID[0]
+
+
+def _syscall(number, *args):
+    import ctypes         # only when adopting: it would stay in memory for the supervisor's life
+    if os.uname().machine not in UNIFIED_SYSCALLS:
+        raise OSError(errno.ENOSYS, "no syscall numbers known for %s" % os.uname().machine)
+    libc = ctypes.CDLL(None, use_errno=True)
+    result = libc.syscall(ctypes.c_long(number), *[ctypes.c_long(a) for a in args])
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def pidfd_open(pid):
+    """A pidfd of any process (Python 3.9+ has os.pidfd_open; 3.8 asks the kernel)."""
+    if hasattr(os, "pidfd_open"):
+        return os.pidfd_open(pid)
+    fd = _syscall(SYS_PIDFD_OPEN, pid, 0)
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def take_fds(pidfd, fds):
+    """Copies of another process's fds (pidfd_getfd, Linux 5.6+; close-on-exec).  The
+    kernel asks for ptrace rights: root, or the same user on a process that is dumpable
+    (and, with Yama, ptrace_scope 0).  OSError otherwise; nothing is left open then."""
+    taken = []
+    try:
+        for fd in fds:
+            taken.append(_syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
+    except OSError:
+        for fd in taken:
+            os.close(fd)
+        raise
+    return taken
+
+
+def hold_above(fd):
+    """The read end moved to HELD_FD_FLOOR or above (the old fd closed once it is); the
+    service gets its copy at that number."""
+    high = fcntl.fcntl(fd, getattr(fcntl, "F_DUPFD_CLOEXEC", 1030), HELD_FD_FLOOR)
+    os.close(fd)
+    return high
+
+
+class AdoptedWatch:
+    """Exits of adopted processes.  They are not our children: no SIGCHLD, no waitid,
+    no exit status.  Their pidfd becomes readable when they exit, whichever child
+    watcher runs; without pidfds (kernel < 5.3) their start time is checked every
+    ADOPTED_POLL seconds, which a reused PID cannot pass."""
+
+    def __init__(self, selector, timers):
+        self.selector, self.timers = selector, timers
+        self.pidfds = {}          # pid -> pidfd
+        self.polls = {}           # pid -> timer
+
+    def watch(self, pid, starttime, pidfd, callback):
+        if pidfd is not None:
+            self.pidfds[pid] = pidfd
+            self.selector.register(pidfd, selectors.EVENT_READ,
+                                   lambda mask: self._gone(pid, callback))
+        else:
+            self._poll(pid, starttime, callback)
+
+    def _poll(self, pid, starttime, callback):
+        if proc_start_time(pid) != starttime:
+            self._gone(pid, callback)
+        else:
+            self.polls[pid] = self.timers.at(monotonic() + ADOPTED_POLL, self._poll,
+                                             pid, starttime, callback)
+
+    def _gone(self, pid, callback):
+        self.forget(pid)
+        callback(pid, None)
+
+    def forget(self, pid):
+        fd = self.pidfds.pop(pid, None)
+        if fd is not None:
+            self.selector.unregister(fd)
+            os.close(fd)
+        self.timers.cancel(self.polls.pop(pid, None))
+
+
+def adopted_watch(sup):
+    if sup.adopted_watch is None:
+        sup.adopted_watch = AdoptedWatch(sup.selector, sup.timers)
+    return sup.adopted_watch
+
+
+# -- the state file ---------------------------------------------------------
+
+def state_snapshot(sup):
+    """What the next supervisor needs after a crash: each service's process (PID and
+    start time), the pipe fds it holds, its notify address, and what was asked."""
+    held = {}
+    for pipe in sup.pipes.values():
+        if pipe.held is not None:
+            if pipe.ino is None:
+                pipe.ino = os.fstat(pipe.fd).st_ino
+            # (a pipe of an earlier process of the service, still open, is not held by this one)
+            held.setdefault(pipe.held[0], []).append([pipe.stream, pipe.held[1], pipe.ino])
+    services = []
+    for svc in sup.services.values():
+        live = sup.live[svc.name]
+        entry = {"name": svc.name, "wanted": svc.want == UP, "restarts": svc.restarts}
+        if svc.pid is not None and live.starttime is not None:
+            entry.update(pid=svc.pid, starttime=live.starttime, started=svc.started, marker=live.marker,
+                         pipes=sorted(held.get(svc.pid, ())),
+                         notify=live.notify[1] if live.notify else None)
+        services.append(entry)
+    return {"respawn_state": STATE_FORMAT, "version": __version__, "boot_id": boot_id(),
+            "config": os.path.realpath(sup.config.path), "supervisor": os.getpid(),
+            "services": services}
+
+
+def write_state(path, snapshot):
+    """Atomic: a reader (the next supervisor) sees the old file or the new one, whole.
+    No fsync: the file is for a supervisor that crashed, not a machine (after a
+    reboot its PIDs mean nothing, and boot_id says so)."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            write_all(fd, snapshot)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _check_entry(e):
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+        return "a service entry without a name"
+    if not isinstance(e.get("wanted", True), bool) or not _is_int(e.get("restarts", 0)):
+        return "service %r: bad wanted or restarts" % e["name"]
+    if "pid" not in e:
+        return None
+    if not (_is_int(e["pid"]) and e["pid"] > 0 and _is_int(e.get("starttime"))):
+        return "service %r: bad pid or start time" % e["name"]
+    if not isinstance(e.get("started"), (int, float)) or isinstance(e.get("started"), bool):
+        return "service %r: bad start time" % e["name"]
+    pipes = e.get("pipes")
+    if not isinstance(pipes, list) or not all(
+            isinstance(p, list) and len(p) == 3 and p[0] in ("stdout", "stderr")
+            and _is_int(p[1]) and p[1] >= 0 and _is_int(p[2]) for p in pipes):
+        return "service %r: bad pipes" % e["name"]
+    if e.get("notify") is not None and not (isinstance(e["notify"], str) and e["notify"].startswith("@")):
+        return "service %r: bad notify address" % e["name"]
+    if e.get("marker") is not None and not isinstance(e["marker"], str):
+        return "service %r: bad marker" % e["name"]
+    return None
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_state(path, config_path):
+    """(snapshot, problem): (None, None) when there is none to take (no file, or one
+    from before a reboot), (None, why) when it cannot be trusted."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 << 20)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, "cannot read it: %s" % exc.strerror
+    try:
+        snap = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return None, "corrupt or truncated (%s)" % exc
+    if not isinstance(snap, dict) or "respawn_state" not in snap:
+        return None, "not a respawn state file"
+    if snap["respawn_state"] != STATE_FORMAT:
+        return None, "format %r from version %s; this version %s reads format %d" % (
+            snap["respawn_state"], snap.get("version"), __version__, STATE_FORMAT)
+    if snap.get("boot_id") != boot_id():
+        return None, None         # written before a reboot: none of its processes exists
+    if snap.get("config") != os.path.realpath(config_path):
+        return None, "written for another config (%s)" % snap.get("config")
+    if not isinstance(snap.get("services"), list):
+        return None, "no service list"
+    for e in snap["services"]:
+        problem = _check_entry(e)
+        if problem:
+            return None, problem
+    return snap, None
+
+
+def adoptable(entry, marker):
+    """'adopt', 'gone' or 'foreign', and why: whether the process a state entry names
+    is still that service.  Same PID and start time (a reused PID has another), still
+    leading its own session (each service does), and, where its environment can be
+    read (not so for a process that made itself undumpable), this service's marker
+    (unless it was started by 1.0.0, which gave none: the entry says so)."""
+    pid = entry["pid"]
+    fields = proc_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return "gone", "pid %d exited" % pid
+    if int(fields[19]) != entry["starttime"]:
+        return "gone", "pid %d exited (the pid now belongs to another process)" % pid
+    if int(fields[3]) != pid:
+        return "foreign", "pid %d of %s does not lead its own session" % (pid, entry["name"])
+    if entry.get("marker") is None:
+        return "adopt", None
+    if entry["marker"] != marker:
+        return "foreign", "the entry of %s names the marker %s" % (entry["name"], entry["marker"])
+    found = proc_marker(pid)
+    if found is not None and found != marker:
+        return "foreign", "pid %d of %s %s" % (pid, entry["name"], "carries %s=%s" % (
+            SERVICE_MARKER, found) if found else "has no %s in its environment" % SERVICE_MARKER)
+    return "adopt", None
+
+
+def find_marked(prefix):
+    """Services of this config still running, found by their marker: {name: pid}.
+    Only session leaders count (a service's children inherit its environment)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        fields = proc_fields(pid)
+        if not fields or int(fields[3]) != pid or fields[0] in (b"Z", b"X"):
+            continue
+        marker = proc_marker(pid)
+        if marker and marker.startswith(prefix + "/"):
+            found.setdefault(marker[len(prefix) + 1:], pid)
+    return found
+
+
+class StateFile:
+    """The state on disk: written when it changes, once per loop turn however many
+    changes that turn made (a timer due at once), and only if the bytes differ."""
+
+    def __init__(self, sup, path):
+        self.sup, self.path = sup, path
+        self.due = False
+        self.written = None
+        self.failed = False
+
+    def changed(self):
+        if not self.due:
+            self.due = True
+            self.sup.timers.at(0, self.flush)
+
+    def flush(self):
+        self.due = False
+        data = json.dumps(state_snapshot(self.sup), separators=(",", ":")).encode()
+        if data == self.written:
+            return
+        try:
+            write_state(self.path, data)
+        except OSError as exc:
+            if not self.failed:
+                self.sup.log("error", "cannot write the state file %s: %s; a crash now would "
+                             "leave services the next supervisor cannot adopt" % (self.path, exc.strerror))
+            self.failed = True
+            return
+        if self.failed:
+            self.sup.log("info", "the state file %s is written again" % self.path)
+        self.failed = False
+        self.written = data
+
+    def remove(self):
+        for p in (self.path, self.path + ".tmp"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+# -- adoption ---------------------------------------------------------------
+
+def take_over(sup):
+    """At `run`, under the lock, before any service starts: adopt what the last
+    supervisor left running, restart by its policy what died meanwhile, and start
+    nothing that may still run.  Then keep the state file."""
+    path = state_path(sup.config.path)
+    snap, problem = read_state(path, sup.config.path)
+    prefix = marker_prefix(sup.config.path)
+    if snap is not None and problem is None:
+        for e in snap["services"]:
+            if "pid" in e:
+                e["verdict"] = adoptable(e, "%s/%s" % (prefix, e["name"]))
+        foreign = [e["verdict"][1] for e in snap["services"] if e.get("verdict", ("",))[0] == "foreign"]
+        if foreign:
+            problem = "it names a process that is not ours: %s" % foreign[0]
+    if problem:
+        found = find_marked(prefix)
+        for e in (snap or {}).get("services", ()):
+            # not proven ours, nor proven gone: it may be the service (one that cleared
+            # its environment), so the service is not started beside it
+            if e.get("verdict", ("gone",))[0] != "gone":
+                found.setdefault(e["name"], e["pid"])
+        leave_alone(sup, path, problem, found)
+    elif snap is not None:
+        gone = []
+        for e in snap["services"]:
+            svc = sup.services.get(e["name"])
+            if svc is not None and svc.want != FORGET:
+                # what was asked (by the operator too), and the restarts counted
+                restore_record(svc, restarts=e.get("restarts", 0),
+                               want=(UP if e["wanted"] else DOWN) if "wanted" in e else svc.want)
+            verdict, why = e.get("verdict", (None, None))
+            if verdict == "adopt" and svc is None:
+                sup.log("warn", "pid %d of %s is left running: the config has no such service now"
+                        % (e["pid"], e["name"]))
+            elif verdict == "adopt":
+                if not adopt(sup, svc, e):
+                    gone.append((svc, e, "pid %d exited" % e["pid"]))
+            elif verdict == "gone" and svc is not None:
+                gone.append((svc, e, why))
+        for svc, e, why in gone:
+            died_meanwhile(sup, svc, e, why)
+    keep_state_file(sup, path)
+
+
+def keep_state_file(sup, path):
+    sup.state_file = StateFile(sup, path)
+    sup.on_state_change.append(lambda svc, old, new: sup.state_file.changed())
+    sup.state_file.changed()
+
+
+def restore_record(svc, **fields):
+    """Adoption takes records over as a re-exec's restore does: field by field, from
+    the state file, before any event about them; from then on step alone changes them."""
+    for key, value in fields.items():
+        assert key in Service.CARRIED, key
+        setattr(svc, key, value)
+
+
+def take_over_or_leave_alone(sup):
+    """take_over; a bug in it is logged where it is (internal_error), and what it had
+    not taken over yet is left alone if it runs: never a second copy."""
+    try:
+        take_over(sup)
+    except Exception as exc:
+        sup.internal_error(exc)
+        path = state_path(sup.config.path)
+        found = {n: pid for n, pid in find_marked(marker_prefix(sup.config.path)).items()
+                 if n in sup.services and not sup.services[n].alive()}
+        leave_alone(sup, path, "taking it over failed", found)
+        if sup.state_file is None:
+            keep_state_file(sup, path)
+
+
+def adopt(sup, svc, e):
+    """Take over one service's process: watch it, take its output back, hear its notify
+    socket.  False if it is gone after all (checked again once its pidfd pins it)."""
+    pid = e["pid"]
+    try:
+        pidfd = pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pidfd = None              # no pidfds here: watched by its start time
+    if proc_start_time(pid) != e["starttime"]:
+        if pidfd is not None:
+            os.close(pidfd)
+        return False
+    live = sup.live[svc.name]
+    live.starttime, live.adopted, live.marker = e["starttime"], True, e.get("marker")
+    now = monotonic()
+    prog = svc.program
+    # running and ready, as it was; its checks due afresh
+    restore_record(svc, pid=pid, state=RUNNING, ready=True, reason="adopted", started=e["started"],
+                   started_mono=now - max(0.0, time.time() - e["started"]),
+                   health_at=now + prog.healthcheck_interval if prog.healthcheck else None,
+                   watchdog_at=now + prog.watchdog if prog.watchdog and prog.ready[0] == "notify" else None)
+    problem = None
+    if e["pipes"]:
+        try:
+            if pidfd is None:
+                raise OSError(errno.ENOSYS, "no pidfd")
+            fds = take_fds(pidfd, [held for _, held, _ in e["pipes"]])
+        except OSError as exc:
+            problem = "pidfd_getfd refused: %s" % (exc.strerror or exc)
+            fds = []
+        for (stream, held, ino), fd in zip(e["pipes"], fds):
+            st = os.fstat(fd)
+            if not stat.S_ISFIFO(st.st_mode) or st.st_ino != ino:
+                os.close(fd)
+                problem = "its fd %d is not its %s pipe any more" % (held, stream)
+                continue
+            pipe = Pipe(fd, svc.name, stream, held=(pid, held))
+            pipe.ino = ino
+            sup.add_pipe(pipe)
+    if e.get("notify"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind("\0" + e["notify"][1:])      # the address in its environment
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.setblocking(False)
+            sup.adopt_notify(svc, sock, e["notify"])
+        except OSError as exc:
+            sock.close()
+            sup.log("warn", "cannot listen on its notify socket again: %s" % exc, svc.name)
+    if problem:
+        sup.log("warn", "adopted pid %d without its output (%s): what it writes waits in its pipe "
+                "(it blocks once the pipe is full); a restart reconnects its output" % (pid, problem),
+                svc.name)
+    else:
+        sup.log("info", "adopted pid %d%s" % (pid, " and its output" if e["pipes"] else ""), svc.name)
+    watch_adopted(sup, svc, pidfd)
+    for what, when in svc.deadlines():
+        sup.do_arm(svc, Arm(what, when))
+    return True
+
+
+def watch_adopted(sup, svc, pidfd):
+    def exited(pid, status):
+        sup.live[svc.name].adopted = False
+        if svc.pid == pid:
+            sup.log("info", "adopted pid %d exited (not our child: its exit status is unknown)" % pid,
+                    svc.name)
+        sup.on_child_exit(pid, None, svc)
+    adopted_watch(sup).watch(svc.pid, sup.live[svc.name].starttime, pidfd, exited)
+
+
+def rewatch_adopted(sup, svc):
+    """After a re-exec: an adopted process is watched again, if it is still itself."""
+    try:
+        pidfd = pidfd_open(svc.pid)
+    except ProcessLookupError:
+        pidfd = None
+    except OSError:
+        pidfd = None
+    if proc_start_time(svc.pid) != sup.live[svc.name].starttime:
+        if pidfd is not None:
+            os.close(pidfd)
+        return False
+    watch_adopted(sup, svc, pidfd)
+    return True
+
+
+def died_meanwhile(sup, svc, e, why):
+    """A service that exited while no supervisor ran: its policy decides, as for any
+    exit (its status is unknown: not an expected exit code)."""
+    sup.log("info", "%s while no supervisor ran" % why, svc.name)
+    if svc.want != UP:
+        return
+    # running, as it was (without a pid: nothing of its old group is signalled), then its exit
+    restore_record(svc, state=RUNNING, ready=True, started=e["started"],
+                   started_mono=monotonic() - max(0.0, time.time() - e["started"]))
+    sup.feed(svc, Exited(None, "exited while no supervisor ran (exit status unknown)"))
+
+
+def leave_alone(sup, path, problem, found):
+    """A state file we cannot trust: refused in one line.  Nothing it names is touched;
+    a service still running (found by its marker) is not started again, only watched,
+    and starts once that process is gone."""
+    alive = {n: pid for n, pid in found.items() if n in sup.services}
+    sup.log("error", "state file %s refused: %s; %s" % (
+        path, problem, "starting only services not running (left alone: %s)" % ", ".join(
+            "%s pid %d" % item for item in sorted(alive.items())) if alive
+        else "no service of this config is running: starting as usual"))
+    for name, pid in alive.items():
+        svc = sup.services[name]
+        restore_record(svc, want=DOWN, reason="not started: pid %d may still run it (state file refused)" % pid)
+        try:
+            pidfd = pidfd_open(pid)
+        except OSError:
+            pidfd = None
+        starttime = proc_start_time(pid)
+        if starttime is None and pidfd is not None:
+            os.close(pidfd)
+
+        def gone(p, status, svc=svc):
+            if svc.alive() or svc.state != STOPPED or not svc.reason.startswith("not started: pid"):
+                return            # the operator started or stopped it meanwhile
+            sup.log("info", "pid %d is gone: %s" % (p, "starting" if svc.program.autostart else "free"),
+                    svc.name)
+            if svc.program.autostart:
+                sup.feed(svc, Want(UP, False))
+        if starttime is not None:
+            adopted_watch(sup).watch(pid, starttime, pidfd, gone)
+
+
+def leave_no_trace(sup, sock):
+    """At exit: the socket, the state file (only if nothing runs: after a crash of
+    the loop the next supervisor still adopts what is left) and the lock go."""
+    if sock and os.path.exists(sock) and sup.listener is None:
+        try:
+            if stat.S_ISSOCK(os.lstat(sock).st_mode):
+                os.unlink(sock)
+        except OSError:
+            pass
+    if sup.state_file is not None and not any(s.alive() for s in sup.services.values()):
+        sup.state_file.remove()
+    if sup.lock_fd is not None:
+        try:                      # where it is now, even if the config was moved meanwhile
+            path = os.readlink("/proc/self/fd/%d" % sup.lock_fd)
+        except OSError:
+            path = lock_path(sup.config.path)
+        release_lock(sup.lock_fd, path)
+        sup.lock_fd = None
+
+
+def resume_identity(sup):
+    """The new image after a re-exec keeps the state file, and takes the lock where
+    this release keeps it if the old image (1.0.0) held it beside the socket."""
+    path = lock_path(sup.config.path)
+    try:
+        here, st = os.fstat(sup.lock_fd), os.stat(path)
+        current = (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
+    except (OSError, TypeError):
+        current = False
+    if not current:
+        try:
+            fd = acquire_lock(sup.config.path, socket_path(sup.config), legacy=False)
+        except (AlreadyRunning, OSError) as exc:
+            sup.log("error", "cannot take the lock %s: %s" % (path, exc))
+        else:
+            old, sup.lock_fd = sup.lock_fd, fd
+            if old is not None:
+                try:
+                    legacy = os.readlink("/proc/self/fd/%d" % old)
+                except OSError:
+                    legacy = None
+                release_lock(old, legacy) if legacy else os.close(old)
+    keep_state_file(sup, state_path(sup.config.path))
+
+
+# ---------------------------------------------------------------------------
 # Client: talk to the running supervisor
 # ---------------------------------------------------------------------------
 
@@ -4843,6 +5611,8 @@ def format_status(services):
     for s in services:
         if s["pid"]:
             detail = "pid %d, uptime %s" % (s["pid"], fmt_duration(s["uptime"] or 0))
+            if s.get("adopted"):
+                detail += ", adopted"
         elif s["state"] == BACKOFF:
             detail = "%s; retry in %.1fs" % (s["reason"] or "", s.get("retry_in") or 0)
         elif s["exitstatus"] is not None:
@@ -4865,28 +5635,6 @@ def format_status(services):
 # ---------------------------------------------------------------------------
 # Command line: run, check, and the client commands
 # ---------------------------------------------------------------------------
-
-class AlreadyRunning(Exception):
-    pass
-
-
-def acquire_lock(sock_path):
-    """flock beside the socket: one supervisor per config, released by the kernel
-    when the process dies, so a stale lock can never block a restart."""
-    make_private_dir(os.path.dirname(sock_path))
-    fd = os.open(sock_path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            pid = os.pread(fd, 32, 0).decode().strip() or "?"
-        finally:
-            os.close(fd)
-        raise AlreadyRunning(pid) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, b"%d\n" % os.getpid(), 0)
-    return fd
-
 
 def write_pidfile(path):
     tmp = "%s.%d.tmp" % (path, os.getpid())
@@ -5065,7 +5813,7 @@ def cmd_run(args, config_path, script, source):
             os.write(report, ("cannot open %s: %s" % (logfile, exc.strerror)).encode())
             return EXIT_FAIL
     try:
-        lock_fd = acquire_lock(sock_path)
+        lock_fd = acquire_lock(config.path, sock_path)
     except AlreadyRunning as exc:
         message = "already running (pid %s)" % exc.args[0]
         if report is not None:
@@ -5074,7 +5822,7 @@ def cmd_run(args, config_path, script, source):
             print(message)
         return EXIT_OK
     except OSError as exc:
-        message = "cannot take the lock beside %s: %s" % (sock_path, exc.strerror or exc)
+        message = "cannot take the lock %s: %s" % (lock_path(config.path), exc.strerror or exc)
         if report is not None:
             os.write(report, message.encode())
         sys.stderr.write(message + "\n")
@@ -5105,6 +5853,7 @@ def cmd_run(args, config_path, script, source):
     # a service must not tell systemd it is ready, or stopping, in our name
     sup.notify_parent = os.environ.pop("NOTIFY_SOCKET", None)
     set_process_title(sup)
+    take_over_or_leave_alone(sup)
     sup.start_all()
     notify_systemd("READY=1\nMAINPID=%d" % os.getpid(), sup.notify_parent)
     if report is not None:
@@ -5118,13 +5867,12 @@ def supervise(sup):
     try:
         sup.run_loop()
     finally:
+        try:
+            sock = sup.listener.getsockname() if sup.listener else None
+        except OSError:
+            sock = None
         sup.close_control()
-        sock = socket_path(sup.config)
-        if sup.listener is None and os.path.exists(sock):
-            try:
-                os.unlink(sock)
-            except OSError:
-                pass
+        leave_no_trace(sup, sock or socket_path(sup.config))
         if sup.pidfile:
             try:
                 os.unlink(sup.pidfile)
@@ -5170,6 +5918,7 @@ def resume(args, script, source):
     if args.rollback is not None:
         os.close(args.rollback)
     os.environ.pop("RESPAWN_ROLLED_BACK", None)
+    resume_identity(sup)
     sup.install_signals()
     sup.setup_file_watch()
     took = (monotonic() - state.get("t0", monotonic())) * 1000
@@ -5237,6 +5986,9 @@ def client_socket(config_path):
     A mistake elsewhere in the file does not hide the socket: the operator who is
     editing the config must still reach the supervisor, which runs the last good
     one (and `reload` then answers with the same lines as `check`)."""
+    running = running_socket(config_path)
+    if running:
+        return running                # where it listens, whatever the file says now
     try:
         config = load_config(config_path)
     except ConfigErrors as exc:
