@@ -5069,18 +5069,18 @@ class AdoptedWatch:
     """Exits of adopted processes.  They are not our children: no SIGCHLD, no waitid,
     no exit status.  Their pidfd becomes readable when they exit, whichever child
     watcher runs; without pidfds (kernel < 5.3) their start time is checked every
-    ADOPTED_POLL seconds, which a reused PID cannot pass."""
+    ADOPTED_POLL seconds, which a reused PID cannot pass.  host: the loop's narrow
+    interface (watch_fd, unwatch_fd, call_at, cancel_timer)."""
 
-    def __init__(self, selector, timers):
-        self.selector, self.timers = selector, timers
+    def __init__(self, host):
+        self.host = host
         self.pidfds = {}          # pid -> pidfd
         self.polls = {}           # pid -> timer
 
     def watch(self, pid, starttime, pidfd, callback):
         if pidfd is not None:
             self.pidfds[pid] = pidfd
-            self.selector.register(pidfd, selectors.EVENT_READ,
-                                   lambda mask: self._gone(pid, callback))
+            self.host.watch_fd(pidfd, selectors.EVENT_READ, lambda mask: self._gone(pid, callback))
         else:
             self._poll(pid, starttime, callback)
 
@@ -5088,8 +5088,8 @@ class AdoptedWatch:
         if proc_start_time(pid) != starttime:
             self._gone(pid, callback)
         else:
-            self.polls[pid] = self.timers.at(monotonic() + ADOPTED_POLL, self._poll,
-                                             pid, starttime, callback)
+            self.polls[pid] = self.host.call_at(monotonic() + ADOPTED_POLL, self._poll,
+                                                pid, starttime, callback)
 
     def _gone(self, pid, callback):
         self.forget(pid)
@@ -5098,14 +5098,14 @@ class AdoptedWatch:
     def forget(self, pid):
         fd = self.pidfds.pop(pid, None)
         if fd is not None:
-            self.selector.unregister(fd)
+            self.host.unwatch_fd(fd)
             os.close(fd)
-        self.timers.cancel(self.polls.pop(pid, None))
+        self.host.cancel_timer(self.polls.pop(pid, None))
 
 
 def adopted_watch(sup):
     if sup.adopted_watch is None:
-        sup.adopted_watch = AdoptedWatch(sup.selector, sup.timers)
+        sup.adopted_watch = AdoptedWatch(sup)
     return sup.adopted_watch
 
 

@@ -7920,6 +7920,27 @@ class TestIdentityNobodySigchld(IdentityCases, unittest.TestCase):
     env = {"RESPAWN_NO_PIDFD": "1"}
 
 
+class LoopHost:
+    """The loop's narrow interface (call_at, cancel_timer, watch_fd, unwatch_fd) over
+    a bare selector and Timers, for parts tested without a supervisor."""
+
+    def __init__(self, test):
+        self.selector, self.timers = selectors.DefaultSelector(), respawn.Timers()
+        test.addCleanup(self.selector.close)
+
+    def call_at(self, when, callback, *args):
+        return self.timers.at(when, callback, *args)
+
+    def cancel_timer(self, entry):
+        self.timers.cancel(entry)
+
+    def watch_fd(self, fileobj, events, callback):
+        self.selector.register(fileobj, events, callback)
+
+    def unwatch_fd(self, fileobj):
+        self.selector.unregister(fileobj)
+
+
 class TestIdentityParts(unittest.TestCase):
     """The pieces of issue 11 one at a time: folders, the lock, the state file, watching."""
 
@@ -8111,9 +8132,9 @@ class TestIdentityParts(unittest.TestCase):
     def test_an_adopted_exit_is_seen_without_pidfds_by_its_start_time(self):
         p = subprocess.Popen(["sleep", "1000"])
         self.addCleanup(lambda: (p.kill(), p.wait()))
-        selector, timers = selectors.DefaultSelector(), respawn.Timers()
-        self.addCleanup(selector.close)
-        watch = respawn.AdoptedWatch(selector, timers)
+        host = LoopHost(self)
+        timers = host.timers
+        watch = respawn.AdoptedWatch(host)
         seen = []
         from unittest import mock
         with mock.patch.object(respawn, "ADOPTED_POLL", 0.02):
@@ -8132,9 +8153,9 @@ class TestIdentityParts(unittest.TestCase):
     def test_an_adopted_exit_is_seen_through_its_pidfd(self):
         p = subprocess.Popen(["sleep", "1000"])
         self.addCleanup(lambda: (p.kill(), p.wait()))
-        selector, timers = selectors.DefaultSelector(), respawn.Timers()
-        self.addCleanup(selector.close)
-        watch = respawn.AdoptedWatch(selector, timers)
+        host = LoopHost(self)
+        selector = host.selector
+        watch = respawn.AdoptedWatch(host)
         seen = []
         fd = respawn.pidfd_open(p.pid)
         watch.watch(p.pid, respawn.proc_start_time(p.pid), fd, lambda pid, st: seen.append(pid))
