@@ -8392,6 +8392,22 @@ class TestListenerRuns(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
         self.assertTrue(events_named(self.events(sup)[1], "SUPERVISOR_STATE_CHANGE_STOPPING"))
 
+    def test_a_crash_restarted_at_once_reads_exited_then_starting(self):
+        sup = listener_sup(self, "PROCESS_STATE", extra="""
+            [program:flaky]
+            command = sh -c "sleep 0.8; exit 3"
+            startsecs = 0.3
+            autorestart = true
+            """).start()
+        wait_for(lambda: len(events_named(self.events(sup)[1], "PROCESS_STATE_STARTING",
+                                          processname="flaky")) >= 2, what="a restart")
+        flaky = [(e["headers"]["eventname"], e["fields"]["from_state"], e["fields"].get("expected"))
+                 for e in self.events(sup)[1] if e["fields"].get("processname") == "flaky"]
+        self.assertEqual(flaky[:4], [("PROCESS_STATE_STARTING", "STOPPED", None),
+                                     ("PROCESS_STATE_RUNNING", "STARTING", None),
+                                     ("PROCESS_STATE_EXITED", "RUNNING", "0"),
+                                     ("PROCESS_STATE_STARTING", "EXITED", None)])
+
     def test_failed_starts_then_fatal(self):
         sup = listener_sup(self, "PROCESS_STATE_BACKOFF, PROCESS_STATE_FATAL", extra="""
             [program:bad]
