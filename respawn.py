@@ -1418,11 +1418,6 @@ def is_supervisord_config(config):
     return any(section[1] == "supervisord" for section in config.sections)
 
 
-def group_name(prog):
-    """supervisord's group of a service: its [group:x], else its program or pool."""
-    return getattr(prog, "group_name", None) or prog.pool or prog.name
-
-
 def _id_or_name(text):
     """An all-digit user or group is an id (ASCII digits: '²'.isdigit() is true too)."""
     return int(text) if re.match(r"[0-9]+\Z", text) else None
@@ -3778,7 +3773,7 @@ class Supervisor:
         """Subscribed to every state change: PROCESS_STATE_* for the listeners."""
         if self.events.pools:
             prog = svc.program
-            self.events.state_changed(svc.name, group_name(prog), old, new, svc.pid, svc.failures,
+            self.events.state_changed(svc.name, prog.group_name, old, new, svc.pid, svc.failures,
                                       svc.exitstatus in prog.exitcodes)
 
     def listener_broke(self, name, why):
@@ -3794,7 +3789,7 @@ class Supervisor:
         names our control socket."""
         where = self.listener.getsockname() if self.listener is not None else socket_path(self.config)
         return {"SUPERVISOR_ENABLED": "1", "SUPERVISOR_PROCESS_NAME": svc.name,
-                "SUPERVISOR_GROUP_NAME": group_name(svc.program),
+                "SUPERVISOR_GROUP_NAME": svc.program.group_name,
                 "SUPERVISOR_SERVER_URL": "unix://" + where}
 
     # -- what depends on several services -------------------------------------

@@ -8880,11 +8880,6 @@ class TestSupervisordCorpus(unittest.TestCase):
         self.assertIn("[group:g]\nprograms = w", text)
 
     def test_corpus_starts_the_same_processes(self):
-        if not hasattr(respawn, "SUPERVISORD_DEFAULTS"):
-            # until the config side of issue 13 lands (numprocs instances, [group:x],
-            # supervisord's defaults and syntax): 39 of the 45 start the same set then
-            self.skipTest("this respawn.py reads supervisord files without numprocs, groups "
-                          "or supervisord's defaults (issue 13's config side)")
         names = sorted(corpus_origins())
         result = compare_corpus(self, names)
         differ = {n: r for n, r in result.items() if r[0] != r[1]}
