@@ -8811,7 +8811,7 @@ def readme_exceptions():
     part = text.split("#### Corpus files that differ", 1)
     if len(part) < 2:
         return {}
-    body = re.split(r"\n#", part[1], 1)[0]
+    body = re.split(r"\n#", part[1], maxsplit=1)[0]
     return dict(re.findall(r"^- `([^`]+)`: (.+)$", body, re.M))
 
 
