@@ -20,6 +20,8 @@ Reading order (the banners below, in this order):
     place where a service's life is decided;
   processes: spawn, signal, the child watchers;
   output: pipes, log files;
+  event listeners: supervisord's [eventlistener:x] protocol, its events and
+    buffers (EventHub, fed by the Supervisor's state changes);
   event loop: timers, and the Supervisor that feeds events to step() and
     performs its effects (also sd_notify, reload, the control requests'
     snapshot, re-execution), and probes;
@@ -562,10 +564,51 @@ SUPERVISORD_IGNORED = {
 # sections that only serve supervisorctl and XML-RPC: respawn has its own socket
 SUPERVISORD_INFO_SECTIONS = ("supervisorctl", "unix_http_server", "inet_http_server", "rpcinterface:")
 # the rest of supervisord's sections that respawn does not run (yet)
-SUPERVISORD_SECTIONS = ("eventlistener:",)
+SUPERVISORD_SECTIONS = ()
 # The settings [supervisord] may fill beyond RESPAWN_KEYS: None = leave as it is.
 PROCESS_SETTINGS = {"umask": None, "minfds": None, "minprocs": None, "directory": None,
                     "environment": {}}
+
+# supervisord's event types: name -> the abstract type it belongs to (None: a root).
+# A listener subscribed to a type gets every event of the types below it.
+EVENT_TYPES = {
+    "EVENT": None,
+    "PROCESS_STATE": "EVENT", "PROCESS_STATE_STOPPED": "PROCESS_STATE",
+    "PROCESS_STATE_EXITED": "PROCESS_STATE", "PROCESS_STATE_STARTING": "PROCESS_STATE",
+    "PROCESS_STATE_STOPPING": "PROCESS_STATE", "PROCESS_STATE_BACKOFF": "PROCESS_STATE",
+    "PROCESS_STATE_FATAL": "PROCESS_STATE", "PROCESS_STATE_RUNNING": "PROCESS_STATE",
+    "PROCESS_STATE_UNKNOWN": "PROCESS_STATE",
+    "PROCESS_COMMUNICATION": "EVENT", "PROCESS_COMMUNICATION_STDOUT": "PROCESS_COMMUNICATION",
+    "PROCESS_COMMUNICATION_STDERR": "PROCESS_COMMUNICATION",
+    "PROCESS_LOG": "EVENT", "PROCESS_LOG_STDOUT": "PROCESS_LOG", "PROCESS_LOG_STDERR": "PROCESS_LOG",
+    "REMOTE_COMMUNICATION": "EVENT",
+    "SUPERVISOR_STATE_CHANGE": "EVENT", "SUPERVISOR_STATE_CHANGE_RUNNING": "SUPERVISOR_STATE_CHANGE",
+    "SUPERVISOR_STATE_CHANGE_STOPPING": "SUPERVISOR_STATE_CHANGE",
+    "TICK": "EVENT", "TICK_5": "TICK", "TICK_60": "TICK", "TICK_3600": "TICK",
+    "PROCESS_GROUP": "EVENT", "PROCESS_GROUP_ADDED": "PROCESS_GROUP",
+    "PROCESS_GROUP_REMOVED": "PROCESS_GROUP",
+}
+# what respawn never sends (it has no XML-RPC, no capture mode, no log or group events yet)
+EVENTS_NEVER_SENT = ("PROCESS_COMMUNICATION", "REMOTE_COMMUNICATION", "PROCESS_GROUP",
+                     "PROCESS_STATE_UNKNOWN", "PROCESS_LOG")
+DEFAULT_RESULT_HANDLER = "supervisor.dispatchers:default_handler"
+
+
+def parse_events(text):
+    names = tuple(parse_list(text))
+    if not names:
+        raise ValueError("expected one or more event types, e.g. PROCESS_STATE_FATAL")
+    for name in names:
+        if name not in EVENT_TYPES:
+            raise ValueError("unknown event type %r%s" % (name, did_you_mean(name, EVENT_TYPES)))
+    return names
+
+
+# [eventlistener:NAME]: a program whose stdin and stdout speak supervisord's
+# event listener protocol, plus the keys of its pool
+LISTENER_KEYS = dict(PROGRAM_KEYS, events=(parse_events, None),
+                     buffer_size=(in_range(parse_int, 1, 1000000), 10),
+                     result_handler=(str, DEFAULT_RESULT_HANDLER))
 
 # Keys that shape the running process: a change to one of them restarts the
 # service on reload.  Everything else is policy, applied to the running process.
@@ -575,6 +618,10 @@ PROCESS_KEYS = ("command", "directory", "environment", "user", "group", "umask",
 class Program:
     """One service: a [program:NAME] section, or one of its numprocs instances, typed.
     Plain data; `raw` keeps the text for diffs, `lines` each key's (file, line)."""
+
+    events = None                 # a listener's event types; None for a program
+    pool = None                   # a listener's [eventlistener:NAME]
+    buffer_size = 10
 
     def __init__(self, name, values, raw, file=None, line=None, lines=None):
         self.program_name = self.group_name = name
@@ -995,11 +1042,16 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
         _typed_keys(section, RESPAWN_KEYS, settings, {"here": os.path.dirname(section.file)}, err, warn)
     group_of, groups, group_priority = _groups(kinds.get("group:", ()), kinds, err, warn)
     programs, instances = {}, {}
-    for section in kinds.get("program:", ()):
+    for section in kinds.get("program:", []) + kinds.get("eventlistener:", []):
         if len(programs) >= MAX_SERVICES:
             err("more than %d services (numprocs counted)" % MAX_SERVICES, section.file, section.line)
             break
-        for prog in _programs(section, settings, group_of, group_priority, node, err, warn):
+        listener = section.name.startswith("eventlistener:")
+        found = _programs(section, settings, group_of, group_priority, node, err, warn,
+                          LISTENER_KEYS if listener else PROGRAM_KEYS)
+        if listener and found and not _check_listener(section, found, err, warn):
+            continue
+        for prog in found:
             other = programs.get(prog.name)
             if other is not None:
                 err("service %r of [%s] is also a service of [program:%s] (at %s:%s); names must "
@@ -1013,7 +1065,7 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
     for name, names in instances.items():
         groups.setdefault(name, names)
     for kind, found in kinds.items():
-        if kind not in ("respawn", "supervisord", "program:", "group:"):
+        if kind not in ("respawn", "supervisord", "program:", "group:", "eventlistener:"):
             for section in found:
                 _other_section(section, err, warn)
     for prog in programs.values():
@@ -1277,6 +1329,36 @@ def _expand_requires(prog, programs, groups):
     return tuple(dict.fromkeys(names))
 
 
+def _check_listener(section, instances, err, warn):
+    """What supervisord refuses or ignores in an [eventlistener:x], said once for
+    its instances; False if they cannot run."""
+    where = lambda key: section.lines.get(key) or [section.file, section.line]
+    pool = section.name.split(":", 1)[1].strip()
+    first = instances[0]
+    if "events" not in section.values:
+        err("[%s] has no events (add events = PROCESS_STATE_FATAL, or another event type)"
+            % section.name, section.file, section.line)
+        return False
+    if first.redirect_stderr:
+        # its stdout is the protocol channel: stderr mixed in would break it
+        err("[%s] sets redirect_stderr = true, which a listener cannot (its stdout speaks "
+            "the listener protocol)" % section.name, *where("redirect_stderr"))
+        return False
+    never = [e for e in first.events or () if e.startswith(EVENTS_NEVER_SENT)]
+    if never:
+        warn("[%s] subscribes to %s, which respawn never sends" % (section.name, ", ".join(never)),
+             *where("events"))
+    handler = section.values.get("result_handler", DEFAULT_RESULT_HANDLER).strip()
+    if handler != DEFAULT_RESULT_HANDLER:
+        warn("[%s] result_handler %s is not run (no Python plugins here): a result OK "
+             "acknowledges an event, any other result sends it again" % (section.name, handler),
+             *where("result_handler"))
+    for prog in instances:
+        prog.pool = pool
+        if "priority" not in section.values:
+            prog.priority = -1        # supervisord's: listeners start first and stop last
+    return True
+
 def _check_program(prog, programs, err, warnings):
     at = prog.where
     if prog.backoff <= 0 or prog.backoff_max < prog.backoff:
@@ -1329,6 +1411,11 @@ def _check_requires(programs, err):
     for name in programs:
         if name not in state:
             visit(name, [name])
+
+
+def is_supervisord_config(config):
+    """Is this config a supervisord file (it has a [supervisord] section)?"""
+    return any(section[1] == "supervisord" for section in config.sections)
 
 
 def _id_or_name(text):
@@ -1532,6 +1619,7 @@ ProbeDone = _plain("ProbeDone", "kind ok why", "A readiness ('ready') or livenes
 NotifyMessage = _plain("NotifyMessage", "fields", "An sd_notify message from the service, as {key: value}.")
 ProgramChanged = _plain("ProgramChanged", "program restart", "A reload changed its section; restart: its process must.")
 Shutdown = _plain("Shutdown", "", "The supervisor is stopping everything.")
+ListenerBroke = _plain("ListenerBroke", "why", "An event listener broke supervisord's protocol.")
 
 # Effects: what the supervisor must do for it
 Spawn = _plain("Spawn", "", "Start the process; answer with Spawned or SpawnFailed.")
@@ -1930,10 +2018,17 @@ def _on_shutdown(svc, ev, now, ctx, out):
     svc.then = None
 
 
+def _on_listener_broke(svc, ev, now, ctx, out):
+    # deaf from now on (supervisord leaves it so, UNKNOWN): restarted as a failed healthcheck is
+    if svc.alive() and svc.state in (STARTING, RUNNING):
+        _restart_live(svc, ev.why, now, out)
+
+
 TRANSITIONS = {
     Want: _on_want, Stop: _on_stop, Spawned: _on_spawned, SpawnFailed: _on_spawn_failed,
     Exited: _on_exited, Deadline: _on_deadline, ProbeDone: _on_probe_done,
     NotifyMessage: _on_notify, ProgramChanged: _on_program_changed, Shutdown: _on_shutdown,
+    ListenerBroke: _on_listener_broke,
 }
 
 
@@ -2025,7 +2120,7 @@ def _child_setup(umask, ids):
     return setup
 
 
-def spawn(prog, stdout, stderr, extra_env=None, hold=()):
+def spawn(prog, stdout, stderr, extra_env=None, hold=(), stdin=None):
     """Start a program's process in its own session and process group; its pid.
 
     stdout/stderr are fds (or subprocess.DEVNULL).  The child starts clean:
@@ -2054,7 +2149,8 @@ def spawn(prog, stdout, stderr, extra_env=None, hold=()):
             raise SpawnError("user %r needs the supervisor to run as root" % prog.user)
     if extra_env:
         env.update(extra_env)
-    kwargs = dict(stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=prog.directory,
+    kwargs = dict(stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=stdout, stderr=stderr,
+                  cwd=prog.directory,
                   env=env, start_new_session=True, close_fds=True, restore_signals=True)
     if hold:
         kwargs["pass_fds"] = tuple(hold)
@@ -2713,6 +2809,419 @@ def log_tail(sup, svc, stream, n):
 
 
 # ---------------------------------------------------------------------------
+# Event listeners: supervisord's [eventlistener:x] protocol
+# ---------------------------------------------------------------------------
+# A listener is a service whose stdin gets events and whose stdout answers.
+# It writes READY\n; we send one header line and the payload; it answers
+# RESULT <len>\n<result>, OK acknowledging the event, anything else asking for
+# it again later; then READY again.  Each [eventlistener:x] is a pool (its
+# numprocs instances share one buffer of buffer_size events, the oldest
+# dropped on overflow), as in supervisord 4 (supervisor/process.py,
+# dispatchers.py, events.py).
+
+EVENT_RETRY = 1.0                 # a rejected event waits this long before it is sent again
+MAX_RESULT = 64 * 1024            # a longer RESULT is a protocol error, not a buffer to fill
+TICK_PERIODS = {"TICK_5": 5, "TICK_60": 60, "TICK_3600": 3600}
+
+
+def event_matches(subscribed, eventname):
+    """Is an event of this type wanted by a pool subscribed to these types?"""
+    while eventname is not None:
+        if eventname in subscribed:
+            return True
+        eventname = EVENT_TYPES.get(eventname)
+    return False
+
+
+def format_event(server, serial, pool, poolserial, eventname, payload):
+    """The bytes a listener reads for one event: supervisord's header line, then
+    exactly len bytes of payload (no newline after it)."""
+    body = payload.encode("utf-8", "replace")
+    head = "ver:3.0 server:%s serial:%d pool:%s poolserial:%d eventname:%s len:%d\n" % (
+        server, serial, pool, poolserial, eventname, len(body))
+    return head.encode() + body
+
+
+def state_payload(processname, groupname, from_state, extra=()):
+    """PROCESS_STATE_* payload: `processname:x groupname:y from_state:Z` and extras."""
+    fields = [("processname", processname), ("groupname", groupname),
+              ("from_state", from_state)] + list(extra)
+    return " ".join("%s:%s" % kv for kv in fields)
+
+
+def process_state_events(old, new):
+    """The supervisord transitions a change of ours stands for: [(new, old)].
+
+    Our policy takes a few steps in one (a crashed service restarts straight
+    from RUNNING, the last failed start goes straight to FATAL); a listener
+    sees the states supervisord would have passed through."""
+    if old == new:
+        return []
+    if old == RUNNING and new in (STARTING, BACKOFF):
+        return [(EXITED, RUNNING), (new, EXITED)]
+    if old == STARTING and new == FATAL:
+        return [(BACKOFF, STARTING), (FATAL, BACKOFF)]
+    return [(new, old)]
+
+
+class ListenerProtocol:
+    """What a listener writes on its stdout, read as supervisord reads it.
+
+    feed() returns what happened: ("ready", None), ("result", bytes) or
+    ("error", why).  After an error the listener is UNKNOWN: it gets no more
+    events until a new process replaces it."""
+
+    ACKNOWLEDGED, READY, BUSY, UNKNOWN = "ACKNOWLEDGED", "READY", "BUSY", "UNKNOWN"
+    TOKEN = b"READY\n"
+
+    def __init__(self, state=ACKNOWLEDGED, buf=b"", resultlen=None):
+        self.state, self.buf, self.resultlen = state, buf, resultlen
+
+    def sent(self):
+        self.state = self.BUSY
+
+    def feed(self, data):
+        self.buf += data
+        out = []
+        while self.buf and self.state != self.UNKNOWN:
+            if self.state == self.ACKNOWLEDGED:
+                if not self.buf.startswith(self.TOKEN[:len(self.buf)]):
+                    out.append(self._error("wrote %r where READY was expected" % self.buf[:40]))
+                elif len(self.buf) >= len(self.TOKEN):
+                    self.buf = self.buf[len(self.TOKEN):]
+                    self.state = self.READY
+                    out.append(("ready", None))
+                else:
+                    break
+            elif self.state == self.READY:
+                out.append(self._error("wrote %r while no event was sent to it" % self.buf[:40]))
+            elif self.resultlen is None:
+                line, nl, rest = self.buf.partition(b"\n")
+                if not nl:
+                    if len(self.buf) > 64 or not b"RESULT ".startswith(self.buf[:7]):
+                        out.append(self._error("bad result line %r" % self.buf[:40]))
+                    break
+                size = line[7:]
+                if not line.startswith(b"RESULT ") or not size.isdigit() or int(size) > MAX_RESULT:
+                    out.append(self._error("bad result line %r (expected RESULT 2 then OK)"
+                                           % line[:40]))
+                    break
+                self.buf, self.resultlen = rest, int(size)
+            elif len(self.buf) >= self.resultlen:
+                result, self.buf = self.buf[:self.resultlen], self.buf[self.resultlen:]
+                self.resultlen = None
+                self.state = self.ACKNOWLEDGED
+                out.append(("result", result))
+            else:
+                break
+        if self.state == self.UNKNOWN:
+            self.buf = b""
+        return out
+
+    def _error(self, why):
+        self.state = self.UNKNOWN
+        self.buf, self.resultlen = b"", None
+        return ("error", why)
+
+
+class ListenerChannel:
+    """One listener process: the write end of its stdin, what is still to be
+    written there, its protocol state and the event it holds."""
+
+    def __init__(self, name, fd, protocol=None, event=None, out=b""):
+        self.name, self.fd = name, fd
+        self.protocol = protocol or ListenerProtocol()
+        self.event = event            # [serial, poolserial, eventname, payload] being handled
+        self.out = out                # envelope bytes not yet written (a full pipe)
+        self.writing = False          # registered with the selector for EVENT_WRITE
+
+
+class EventPool:
+    """One [eventlistener:x]: its subscriptions, buffer and serial."""
+
+    def __init__(self, name, events, buffer_size):
+        from collections import deque
+        self.name, self.events, self.buffer_size = name, events, buffer_size
+        self.buffer = deque()         # [serial, poolserial, eventname, payload], oldest first
+        self.serial = -1
+        self.retry_at = 0.0           # after a rejection, nothing is sent before this
+
+
+class EventHub:
+    """Events from the supervisor to its listener pools.
+
+    The supervisor calls notify / state_changed when something happens,
+    attach / detach when a listener process starts and ends, output with what
+    a listener wrote, and configure when the config changes.  The hub talks
+    back only through the callbacks it was given: log(level, message, name),
+    running(name) -> bool, restart(name, why), and the loop's timers and
+    selector.  Nothing here blocks: a full stdin waits for the selector, a
+    full buffer drops its oldest event."""
+
+    def __init__(self, log, timers, selector, running, restart, server="supervisor"):
+        self.log, self.timers, self.selector = log, timers, selector
+        self.running, self.restart, self.server = running, restart, server
+        self.pools = {}               # pool name -> EventPool
+        self.members = {}             # listener service name -> pool name
+        self.channels = {}            # listener service name -> ListenerChannel
+        self.serial = -1              # global, across pools (supervisord's GlobalSerial)
+        self.ticks = {}               # period -> last timeslice sent
+        self.tick_timer = self.retry_timer = None
+        self.wall = time.time         # the clock of TICK_* (a test moves it)
+        self.ended = {}               # service name -> pid of its process that ended last
+
+    # -- configuration ------------------------------------------------------
+
+    def configure(self, programs):
+        """The listener pools of a config; buffers of pools that stay are kept."""
+        pools, members = {}, {}
+        for prog in programs.values():
+            if prog.events is None:
+                continue
+            members[prog.name] = prog.pool
+            pool = pools.get(prog.pool) or self.pools.get(prog.pool)
+            if pool is None:
+                pool = EventPool(prog.pool, prog.events, prog.buffer_size)
+            pool.events, pool.buffer_size = prog.events, prog.buffer_size
+            pools[prog.pool] = pool
+        self.pools, self.members = pools, members
+        self.arm_ticks()
+
+    def wants(self, eventname):
+        return any(event_matches(p.events, eventname) for p in self.pools.values())
+
+    def listens(self, name):
+        return name in self.channels
+
+    # -- events in ------------------------------------------------------------
+
+    def notify(self, eventname, payload):
+        """An event happened: into the buffer of every pool subscribed to it."""
+        serial = None
+        for pool in self.pools.values():
+            if not event_matches(pool.events, eventname):
+                continue
+            if serial is None:
+                self.serial += 1
+                serial = self.serial
+            pool.serial += 1
+            self.accept(pool, [serial, pool.serial, eventname, payload])
+            self.dispatch(pool)
+
+    def accept(self, pool, event, head=False):
+        if len(pool.buffer) >= pool.buffer_size:
+            dropped = pool.buffer.popleft()
+            self.log("error", "pool %s event buffer overflowed (buffer_size %d), discarding "
+                     "event %d (%s)" % (pool.name, pool.buffer_size, dropped[0], dropped[2]))
+        if head:
+            pool.buffer.appendleft(event)
+        else:
+            pool.buffer.append(event)
+
+    def state_changed(self, name, groupname, old, new, pid, tries, expected):
+        """A service changed state: PROCESS_STATE_* events, as supervisord names them.
+        pid: its process now (None once it ended: then the one that ended)."""
+        if not self.pools:
+            return
+        last_pid = self.ended.get(name)
+        for to, frm in process_state_events(old, new):
+            if to in (STARTING, BACKOFF):
+                extra = [("tries", tries)]
+            elif to == EXITED:
+                extra = [("expected", int(expected)), ("pid", last_pid or 0)]
+            elif to in (RUNNING, STOPPING, STOPPED):
+                extra = [("pid", pid or last_pid or 0)]
+            else:
+                extra = []
+            self.notify("PROCESS_STATE_" + to, state_payload(name, groupname, frm, extra))
+        pool = self.pools.get(self.members.get(name))
+        if pool is not None and new == RUNNING:
+            self.dispatch(pool)           # a listener may take events once RUNNING
+
+    # -- ticks: a timer only while some pool wants them --------------------------
+
+    def arm_ticks(self):
+        periods = [p for n, p in TICK_PERIODS.items() if self.wants(n)]
+        self.timers.cancel(self.tick_timer)
+        self.tick_timer = None
+        if not periods:
+            return
+        now = self.wall()
+        for period in periods:
+            self.ticks.setdefault(period, int(now - now % period))
+        wait = min(period - now % period for period in periods)
+        self.tick_timer = self.timers.at(monotonic() + wait + 0.001, self.tick)
+
+    def tick(self):
+        self.tick_timer = None
+        now = self.wall()
+        for name, period in sorted(TICK_PERIODS.items(), key=lambda kv: kv[1]):
+            if not self.wants(name):
+                continue
+            this = int(now - now % period)
+            if this != self.ticks.get(period):
+                self.ticks[period] = this
+                self.notify(name, "when:%d" % this)
+        self.arm_ticks()
+
+    # -- listener processes ------------------------------------------------------
+
+    def process_ended(self, name, pid):
+        """A service's process ended: its pid is the one PROCESS_STATE_EXITED names."""
+        self.ended[name] = pid
+        self.detach(name)
+
+    def attach(self, name, fd):
+        """A new process of listener `name` started, its stdin's write end is fd."""
+        self.detach(name)
+        self.channels[name] = ListenerChannel(name, fd)
+
+    def detach(self, name):
+        """The listener process is gone (or replaced): what it held is sent again."""
+        channel = self.channels.pop(name, None)
+        if channel is None:
+            return
+        self.release(channel, "its process ended")
+        if channel.writing:
+            self.selector.unregister(channel.fd)
+        try:
+            os.close(channel.fd)
+        except OSError:
+            pass
+
+    def release(self, channel, why):
+        """The event a listener held goes back to the head of its pool's buffer."""
+        event, channel.event, channel.out = channel.event, None, b""
+        pool = self.pools.get(self.members.get(channel.name))
+        if event is not None and pool is not None:
+            self.log("info", "event %d (%s) not acknowledged (%s): kept to send again"
+                     % (event[0], event[2], why), channel.name)
+            self.accept(pool, event, head=True)
+
+    def output(self, name, data):
+        """What listener `name` wrote on its stdout."""
+        channel = self.channels.get(name)
+        if channel is None:
+            return
+        for what, arg in channel.protocol.feed(data):
+            pool = self.pools.get(self.members.get(name))
+            if what == "result":
+                event, channel.event = channel.event, None
+                if arg != b"OK" and event is not None and pool is not None:
+                    self.log("warn", "event %d (%s) rejected (result %r): sent again later"
+                             % (event[0], event[2], arg[:40]), name)
+                    self.accept(pool, event, head=True)
+                    self.retry_later(pool)
+            elif what == "error":
+                self.release(channel, "protocol error")
+                self.log("warn", "broke the event listener protocol: %s; restarting it" % arg, name)
+                self.restart(name, "event listener protocol error")
+            elif pool is not None:
+                self.dispatch(pool)
+
+    def retry_later(self, pool):
+        # a listener that rejects every event must not spin with us: the
+        # rejected event waits, as supervisord's "sent again later" promises
+        pool.retry_at = monotonic() + EVENT_RETRY
+        if self.retry_timer is None:
+            self.retry_timer = self.timers.at(pool.retry_at, self.retry_due)
+
+    def retry_due(self):
+        self.retry_timer = None
+        for pool in self.pools.values():
+            self.dispatch(pool)
+
+    # -- events out ---------------------------------------------------------------
+
+    def dispatch(self, pool):
+        """Send buffered events to the pool's listeners that are READY and RUNNING."""
+        if monotonic() < pool.retry_at:
+            if self.retry_timer is None:
+                self.retry_timer = self.timers.at(pool.retry_at, self.retry_due)
+            return
+        while pool.buffer:
+            channel = next((c for n, c in sorted(self.channels.items())
+                            if self.members.get(n) == pool.name and c.event is None
+                            and c.protocol.state == ListenerProtocol.READY and self.running(n)),
+                           None)
+            if channel is None:
+                return
+            event = pool.buffer.popleft()
+            channel.event = event
+            channel.protocol.sent()
+            channel.out = format_event(self.server, event[0], pool.name, event[1], event[2], event[3])
+            self.flush(channel)
+
+    def flush(self, channel, mask=None):
+        try:
+            while channel.out:
+                channel.out = channel.out[os.write(channel.fd, channel.out):]
+        except BlockingIOError:
+            pass
+        except OSError as exc:        # EPIPE: it closed its stdin, or is dying
+            channel.out = b""
+            self.release(channel, "cannot write to its stdin: %s" % exc.strerror)
+            channel.protocol.state = ListenerProtocol.UNKNOWN
+            self.restart(channel.name, "event listener stdin closed")
+            return
+        want = bool(channel.out)
+        if want != channel.writing:
+            if want:
+                self.selector.register(channel.fd, selectors.EVENT_WRITE,
+                                       lambda mask, c=channel: self.flush(c, mask))
+            else:
+                self.selector.unregister(channel.fd)
+            channel.writing = want
+
+    # -- re-execution --------------------------------------------------------------
+
+    def handoff(self):
+        import base64
+        b64 = lambda b: base64.b64encode(b).decode()
+        return {
+            "serial": self.serial, "ticks": [[k, v] for k, v in self.ticks.items()],
+            "pools": {n: {"serial": p.serial, "buffer": list(p.buffer)} for n, p in self.pools.items()},
+            "channels": [{"name": c.name, "fd": c.fd, "state": c.protocol.state,
+                          "buf": b64(c.protocol.buf), "resultlen": c.protocol.resultlen,
+                          "event": c.event, "out": b64(c.out)} for c in self.channels.values()],
+        }
+
+    def take_over(self, state):
+        import base64
+        if not state:
+            return
+        self.serial = state.get("serial", -1)
+        self.ticks.update({k: v for k, v in state.get("ticks", ())})
+        for name, entry in state.get("pools", {}).items():
+            pool = self.pools.get(name)
+            if pool is not None:
+                pool.serial = entry["serial"]
+                for event in entry["buffer"]:
+                    self.accept(pool, event)
+        for entry in state.get("channels", ()):
+            protocol = ListenerProtocol(entry["state"], base64.b64decode(entry["buf"]),
+                                        entry["resultlen"])
+            channel = ListenerChannel(entry["name"], entry["fd"], protocol, entry["event"],
+                                      base64.b64decode(entry["out"]))
+            os.set_blocking(channel.fd, False)
+            self.channels[channel.name] = channel
+            if channel.out:
+                self.flush(channel)
+        self.arm_ticks()
+
+    @staticmethod
+    def handoff_fds(state):
+        return [c["fd"] for c in (state or {}).get("channels", ())]
+
+    def close(self):
+        for name in list(self.channels):
+            channel = self.channels.pop(name)
+            if channel.writing:
+                self.selector.unregister(channel.fd)
+            os.close(channel.fd)
+
+
+# ---------------------------------------------------------------------------
 # Event loop: timers, the supervisor (events in, effects out), probes
 # ---------------------------------------------------------------------------
 
@@ -2855,6 +3364,12 @@ class Supervisor:
         self.state_file = None                # StateFile, for adoption after a crash
         self.adopted_watch = None             # AdoptedWatch, once a process was adopted
         self.marker = marker_prefix(config.path)
+        self.events = EventHub(self.log, self.timers, self.selector,
+                               lambda name: name in self.services and self.services[name].state == RUNNING,
+                               self.listener_broke)
+        self.events.configure(config.programs)
+        self.on_state_change.append(self.listener_events)
+        self.supervisord_env = is_supervisord_config(config)
         self.apply_settings()
 
     @property
@@ -3121,7 +3636,7 @@ class Supervisor:
             streams = {}
             for stream in ("stdout", "stderr"):
                 target = prog.stream_target(stream)
-                if target in ("none", "merged"):
+                if target in ("none", "merged") and not (stream == "stdout" and prog.events):
                     continue
                 r, w = os.pipe()
                 fds += [w, r]
@@ -3134,11 +3649,17 @@ class Supervisor:
             if prog.stream_target("stderr") == "merged":
                 err_w = out_w if out_w != subprocess.DEVNULL else subprocess.STDOUT
             extra = {SERVICE_MARKER: "%s/%s" % (self.marker, svc.name)}
+            stdin = None
+            if prog.events is not None:
+                stdin, stdin_w = os.pipe()
+                fds += [stdin, stdin_w]       # the child's end first: closed with the others below
+            if prog.events is not None or self.supervisord_env:
+                extra.update(self.supervisor_env(svc))
             if prog.ready[0] == "notify":
                 extra["NOTIFY_SOCKET"] = self.notify_socket(svc)
                 if prog.watchdog:
                     extra["WATCHDOG_USEC"] = str(int(prog.watchdog * 1e6))
-            pid = spawn(prog, out_w, err_w, extra, hold=streams.values())
+            pid = spawn(prog, out_w, err_w, extra, hold=streams.values(), stdin=stdin)
         except (SpawnError, OSError) as exc:
             for fd in fds:
                 os.close(fd)
@@ -3147,6 +3668,9 @@ class Supervisor:
             return
         for fd in fds[0::2]:
             os.close(fd)
+        if stdin is not None:
+            os.set_blocking(stdin_w, False)
+            self.events.attach(svc.name, stdin_w)
         for stream, r in streams.items():
             self.add_pipe(Pipe(r, svc.name, stream, held=(pid, r)))
         live = self.live[svc.name]        # what adoption after a crash needs of the process
@@ -3163,6 +3687,7 @@ class Supervisor:
         if svc.pid != pid:
             return
         self.drain_service_pipes(svc)
+        self.events.process_ended(svc.name, pid)
         self.feed(svc, Exited(status))
 
     def do_signal(self, svc, effect):
@@ -3225,6 +3750,31 @@ class Supervisor:
         self.log("error", "exit_on_fatal: stopping everything")
         self.exit_code = EXIT_FAIL
         self.shutdown()
+
+    # -- event listeners ------------------------------------------------------
+
+    def listener_events(self, svc, old, new):
+        """Subscribed to every state change: PROCESS_STATE_* for the listeners."""
+        if self.events.pools:
+            prog = svc.program
+            self.events.state_changed(svc.name, prog.group_name, old, new, svc.pid, svc.failures,
+                                      svc.exitstatus in prog.exitcodes)
+
+    def listener_broke(self, name, why):
+        """A listener wrote garbage or closed its stdin: a new process, by its policy."""
+        svc = self.services.get(name)
+        if svc is not None:
+            self.feed(svc, ListenerBroke(why))
+
+    def supervisor_env(self, svc):
+        """What supervisord puts in every process's environment: given to listeners
+        (those built on supervisor.childutils refuse to run without it) and to every
+        service of a supervisord file.  There is no XML-RPC server here: the URL
+        names our control socket."""
+        where = self.listener.getsockname() if self.listener is not None else socket_path(self.config)
+        return {"SUPERVISOR_ENABLED": "1", "SUPERVISOR_PROCESS_NAME": svc.name,
+                "SUPERVISOR_GROUP_NAME": svc.program.group_name,
+                "SUPERVISOR_SERVER_URL": "unix://" + where}
 
     # -- what depends on several services -------------------------------------
 
@@ -3299,6 +3849,7 @@ class Supervisor:
             if purpose == "trial":
                 kill_group_or_pid(pid, signal.SIGKILL, True)
         self.context.shutting_down = True
+        self.events.notify("SUPERVISOR_STATE_CHANGE_STOPPING", "")
         for svc in list(self.services.values()):
             self.feed(svc, Shutdown())
         self.waves = []
@@ -3313,6 +3864,7 @@ class Supervisor:
         if self.services.get(svc.name) is not svc:
             return
         self.services.pop(svc.name, None)
+        self.events.detach(svc.name)
         self.close_notify(svc)
         self.do_cancel_probes(svc, None)
         for entry in self.live.pop(svc.name).timers.values():
@@ -3413,6 +3965,13 @@ class Supervisor:
 
     def emit(self, pipe, data, final=False):
         name, stream = pipe.service, pipe.stream
+        if stream == "stdout" and self.events.listens(name):
+            # a listener's stdout is the protocol, not output; logged only to a stdout_logfile
+            self.events.output(name, data)
+            sink = self.sink_for(name, stream)
+            if sink is not None:
+                sink.write(data)
+            return
         sink = self.sink_for(name, stream)
         if sink is not None and not self.followers.get(name):
             if pipe.partial:
@@ -3562,6 +4121,8 @@ class Supervisor:
         summary = {"added": [], "removed": [], "restarted": [], "updated": [], "unchanged": []}
         self.config = new
         self.apply_settings()
+        self.events.configure(new.programs)
+        self.supervisord_env = is_supervisord_config(new)
         for name, svc in list(self.services.items()):
             if name not in new.programs:
                 summary["removed"].append(name)
@@ -4018,6 +4579,7 @@ class Supervisor:
         for p in fds["pipes"]:
             self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", "")),
                                tuple(p["held"]) if p.get("held") else None))
+        self.events.take_over(state.get("events"))
         lost = []
         for svc in list(self.services.values()):
             for what, when in svc.deadlines():
@@ -4667,6 +5229,7 @@ def handoff_fds(state):
         out += [p["fd"] for p in fds.get("pipes", ())]
         out += [n[0] for n in (fds.get("notify") or {}).values()]
         out += [c["fd"] for c in fds.get("clients", ())] + [w["fd"] for w in fds.get("waiters", ())]
+        out += EventHub.handoff_fds(state.get("events"))
         return out
     fds = [p["fd"] for p in state.get("pipes", ())]
     fds += [s["notify"][0] for s in state.get("services", ()) if s.get("notify")]
@@ -4731,6 +5294,7 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
         "helpers": sorted(set(sup.helpers) | sup.watcher.abandoned),
         "services": services,
         "fds": fds,
+        "events": sup.events.handoff(),
     }
 
 
@@ -5854,6 +6418,7 @@ def cmd_run(args, config_path, script, source):
     sup.notify_parent = os.environ.pop("NOTIFY_SOCKET", None)
     set_process_title(sup)
     take_over_or_leave_alone(sup)
+    sup.events.notify("SUPERVISOR_STATE_CHANGE_RUNNING", "")
     sup.start_all()
     notify_systemd("READY=1\nMAINPID=%d" % os.getpid(), sup.notify_parent)
     if report is not None:

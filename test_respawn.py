@@ -9152,5 +9152,1012 @@ class TestSupervisordReadsTheSame(unittest.TestCase):
             """}, skip=("priority",))
 
 
+# Issue 13 (run-time side): [eventlistener:x], supervisord's listener protocol,
+# and the same files run under real supervisord 4 and under respawn.py
+# ---------------------------------------------------------------------------
+
+# A listener that writes every event it gets, one JSON line each, to argv[1];
+# answers argv[2] ("OK" by default) to each.  Written here, in the protocol's
+# own terms (supervisor/childutils.py does the same in Python).
+EVENT_RECORDER = r"""
+import json, os, sys
+out, answer = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "OK")
+with open(out, "a") as f:
+    f.write(json.dumps({"hello": os.getpid()}) + "\n")
+while True:
+    sys.stdout.write("READY\n"); sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        break
+    headers = dict(x.split(":", 1) for x in line.split())
+    payload = sys.stdin.read(int(headers["len"]))
+    if "\n" in payload:
+        head, _, data = payload.partition("\n")
+    else:
+        head, data = payload, ""
+    fields = dict(x.split(":", 1) for x in head.split()) if ":" in head else {}
+    with open(out, "a") as f:
+        f.write(json.dumps({"headers": headers, "fields": fields, "data": data,
+                            "pid": os.getpid()}) + "\n")
+    if answer == "DIE":
+        os._exit(7)
+    if answer == "GARBAGE":
+        sys.stdout.write("hello there\n"); sys.stdout.flush()
+        answer = "OK"             # the next process (a new one) would answer OK anyway
+        continue
+    result = answer if not os.path.exists(out + ".ok") else "OK"
+    sys.stdout.write("RESULT %d\n%s" % (len(result), result)); sys.stdout.flush()
+"""
+
+
+def read_events(path):
+    """The JSON lines a recorder wrote: (hellos, events)."""
+    try:
+        with open(path) as f:
+            lines = [json.loads(l) for l in f if l.strip()]
+    except FileNotFoundError:
+        return [], []
+    return [l["hello"] for l in lines if "hello" in l], [l for l in lines if "headers" in l]
+
+
+def events_named(events, name, **fields):
+    return [e for e in events if e["headers"]["eventname"] == name
+            and all(e["fields"].get(k) == v for k, v in fields.items())]
+
+
+class FakeSelector:
+    def __init__(self):
+        self.registered = {}
+
+    def register(self, fd, events, data):
+        self.registered[fd] = data
+
+    def unregister(self, fd):
+        del self.registered[fd]
+
+
+def hub_for_test(test, running=lambda name: True):
+    """An EventHub on real timers and pipes, with its callbacks recorded."""
+    logs, restarts = [], []
+    timers = respawn.Timers()
+    hub = respawn.EventHub(lambda level, message, name=None: logs.append((level, message, name)),
+                           timers, FakeSelector(), running,
+                           lambda name, why: restarts.append((name, why)))
+    test.addCleanup(hub.close)
+    return hub, timers, logs, restarts
+
+
+def listener_program(name="l", events=("PROCESS_STATE",), buffer_size=10):
+    prog = program(name)
+    prog.events, prog.pool, prog.buffer_size = tuple(events), name, buffer_size
+    return prog
+
+
+def attach_pipe(test, hub, name):
+    """A pipe standing for the listener's stdin: what the hub writes, we read."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    test.addCleanup(os.close, r)
+    hub.attach(name, w)
+    return r
+
+
+def read_pipe(fd):
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""
+
+
+class TestEventFormat(unittest.TestCase):
+    """What a listener reads is byte for byte what supervisord 4 sends
+    (supervisor/process.py _eventEnvelope, events.py payload)."""
+
+    def test_envelope(self):
+        data = respawn.format_event("supervisor", 3, "crash", 1, "PROCESS_STATE_EXITED",
+                                    "processname:a groupname:a from_state:RUNNING expected:0 pid:42")
+        head, _, body = data.partition(b"\n")
+        self.assertEqual(head, b"ver:3.0 server:supervisor serial:3 pool:crash poolserial:1 "
+                               b"eventname:PROCESS_STATE_EXITED len:%d" % len(body))
+        self.assertEqual(body, b"processname:a groupname:a from_state:RUNNING expected:0 pid:42")
+
+    def test_len_counts_bytes(self):
+        data = respawn.format_event("s", 0, "p", 0, "TICK_5", "when:\u00e9")
+        self.assertTrue(data.startswith(b"ver:3.0 server:s serial:0 pool:p poolserial:0 "
+                                        b"eventname:TICK_5 len:7\n"))
+
+    def test_state_payload(self):
+        self.assertEqual(respawn.state_payload("w_01", "workers", "STARTING", [("pid", 9)]),
+                         "processname:w_01 groupname:workers from_state:STARTING pid:9")
+
+    def test_subscriptions_follow_the_type_tree(self):
+        m = respawn.event_matches
+        self.assertTrue(m(("PROCESS_STATE",), "PROCESS_STATE_FATAL"))
+        self.assertTrue(m(("EVENT",), "TICK_60"))
+        self.assertTrue(m(("TICK",), "TICK_5"))
+        self.assertFalse(m(("PROCESS_STATE_EXITED",), "PROCESS_STATE_FATAL"))
+        self.assertFalse(m(("TICK_5",), "TICK_60"))
+        self.assertTrue(m(("SUPERVISOR_STATE_CHANGE",), "SUPERVISOR_STATE_CHANGE_STOPPING"))
+
+    def test_transitions_as_supervisord_names_them(self):
+        t = respawn.process_state_events
+        R, S, B, E, F = "RUNNING", "STARTING", "BACKOFF", "EXITED", "FATAL"
+        self.assertEqual(t(R, S), [(E, R), (S, E)])          # a crash, restarted at once
+        self.assertEqual(t(R, B), [(E, R), (B, E)])          # a crash restarted after a wait
+        self.assertEqual(t(S, F), [(B, S), (F, B)])          # the last failed start
+        self.assertEqual(t(S, R), [(R, S)])
+        self.assertEqual(t("STOPPED", "STOPPED"), [])
+
+
+class TestListenerProtocol(unittest.TestCase):
+    """The parser of a listener's stdout, as supervisord's PEventListenerDispatcher."""
+
+    def test_ready_then_result(self):
+        p = respawn.ListenerProtocol()
+        self.assertEqual(p.feed(b"REA"), [])
+        self.assertEqual(p.feed(b"DY\n"), [("ready", None)])
+        p.sent()
+        self.assertEqual(p.feed(b"RESULT 2\nO"), [])
+        self.assertEqual(p.feed(b"KREADY\n"), [("result", b"OK"), ("ready", None)])
+
+    def test_fail_and_long_results(self):
+        p = respawn.ListenerProtocol(respawn.ListenerProtocol.BUSY)
+        self.assertEqual(p.feed(b"RESULT 4\nFAIL"), [("result", b"FAIL")])
+        self.assertEqual(p.state, respawn.ListenerProtocol.ACKNOWLEDGED)
+
+    def test_garbage_is_an_error_each_way(self):
+        for state, data in [("ACKNOWLEDGED", b"hello\n"), ("READY", b"x"),
+                            ("BUSY", b"RESULT two\nOK"), ("BUSY", b"OK\n"),
+                            ("BUSY", b"RESULT 99999999999\n"), ("BUSY", b"R" * 100)]:
+            p = respawn.ListenerProtocol(state)
+            out = p.feed(data)
+            self.assertEqual([w for w, _ in out], ["error"], (state, data))
+            self.assertEqual(p.state, "UNKNOWN")
+            self.assertEqual(p.feed(b"READY\n"), [], "an UNKNOWN listener is not heard again")
+
+
+class TestEventHub(unittest.TestCase):
+    """Buffers, serials, acknowledgements and overflow, with no process at all."""
+
+    def ready(self, hub, name, fd):
+        hub.output(name, b"READY\n")
+        return read_pipe(fd)
+
+    def test_events_wait_for_ready_and_carry_serials(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"l": listener_program()})
+        fd = attach_pipe(self, hub, "l")
+        hub.notify("PROCESS_STATE_RUNNING", "processname:a groupname:a from_state:STARTING pid:1")
+        hub.notify("PROCESS_STATE_RUNNING", "processname:b groupname:b from_state:STARTING pid:2")
+        self.assertEqual(read_pipe(fd), b"", "nothing before READY")
+        first = self.ready(hub, "l", fd)
+        self.assertIn(b"serial:0 pool:l poolserial:0 ", first)
+        self.assertIn(b"processname:a", first)
+        self.assertEqual(self.ready(hub, "l", fd), b"", "READY while busy is not an answer")
+        self.assertTrue(restarts, "READY while an event is out breaks the protocol")
+
+    def test_ok_moves_on_fail_comes_back(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"l": listener_program()})
+        fd = attach_pipe(self, hub, "l")
+        hub.notify("PROCESS_STATE_RUNNING", "processname:a groupname:a from_state:STARTING pid:1")
+        hub.notify("PROCESS_STATE_RUNNING", "processname:b groupname:b from_state:STARTING pid:2")
+        self.assertIn(b"processname:a", self.ready(hub, "l", fd))
+        hub.output("l", b"RESULT 4\nFAIL")
+        self.assertEqual(self.ready(hub, "l", fd), b"", "a rejected event waits before it is sent again")
+        timers.run_due(respawn.monotonic() + respawn.EVENT_RETRY + 0.1)
+        again = read_pipe(fd)
+        self.assertIn(b"serial:0 ", again)
+        self.assertIn(b"processname:a", again)
+        hub.output("l", b"RESULT 2\nOK")
+        self.assertIn(b"processname:b", self.ready(hub, "l", fd))
+        self.assertEqual(restarts, [])
+        self.assertTrue(any("rejected" in m for _, m, _ in logs))
+
+    def test_unacknowledged_event_goes_to_the_next_process(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"l": listener_program()})
+        fd = attach_pipe(self, hub, "l")
+        hub.notify("PROCESS_STATE_FATAL", "processname:a groupname:a from_state:BACKOFF")
+        self.assertIn(b"PROCESS_STATE_FATAL", self.ready(hub, "l", fd))
+        hub.detach("l")                               # it died holding the event
+        fd2 = attach_pipe(self, hub, "l")
+        self.assertIn(b"serial:0 pool:l poolserial:0 eventname:PROCESS_STATE_FATAL",
+                      self.ready(hub, "l", fd2))
+
+    def test_overflow_drops_the_oldest_and_says_so(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"l": listener_program(buffer_size=3)})
+        fd = attach_pipe(self, hub, "l")
+        for n in range(5):
+            hub.notify("PROCESS_STATE_RUNNING", "processname:p%d groupname:p%d from_state:STARTING pid:%d"
+                       % (n, n, n + 1))
+        overflow = [m for level, m, _ in logs if level == "error" and "overflowed" in m]
+        self.assertEqual(len(overflow), 2, logs)
+        self.assertIn("discarding event 0", overflow[0])
+        self.assertIn(b"processname:p2 ", self.ready(hub, "l", fd))
+
+    def test_pools_only_get_what_they_subscribe_to(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"f": listener_program("f", ("PROCESS_STATE_FATAL",)),
+                       "e": listener_program("e", ("EVENT",))})
+        ff, fe = attach_pipe(self, hub, "f"), attach_pipe(self, hub, "e")
+        hub.notify("PROCESS_STATE_RUNNING", "processname:a groupname:a from_state:STARTING pid:1")
+        hub.notify("PROCESS_STATE_FATAL", "processname:b groupname:b from_state:BACKOFF")
+        got_f = self.ready(hub, "f", ff)
+        self.assertIn(b"serial:1 pool:f poolserial:0 eventname:PROCESS_STATE_FATAL", got_f)
+        self.assertIn(b"serial:0 pool:e poolserial:0 eventname:PROCESS_STATE_RUNNING",
+                      self.ready(hub, "e", fe))
+
+    def test_no_tick_timer_unless_subscribed(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"l": listener_program()})
+        self.assertIsNone(hub.tick_timer)
+        self.assertEqual(timers.heap, [])
+        hub.configure({"l": listener_program(events=("TICK_5",))})
+        self.assertIsNotNone(hub.tick_timer)
+        fd = attach_pipe(self, hub, "l")
+        hub.output("l", b"READY\n")
+        start = time.time()
+        hub.wall = lambda: start + 5.1
+        timers.run_due(respawn.monotonic() + 5.1)
+        sent = read_pipe(fd)
+        when = int(re.search(rb"when:(\d+)", sent).group(1))
+        self.assertEqual(when % 5, 0)
+        hub.configure({})
+        self.assertIsNone(hub.tick_timer)
+
+    def test_a_full_stdin_waits_for_the_selector(self):
+        hub, timers, logs, restarts = hub_for_test(self)
+        hub.configure({"l": listener_program()})
+        fd = attach_pipe(self, hub, "l")
+        hub.output("l", b"READY\n")
+        hub.notify("PROCESS_STATE_RUNNING", "processname:a groupname:a from_state:STARTING pid:1 "
+                   + "x" * (1 << 20))
+        channel = hub.channels["l"]
+        self.assertTrue(channel.out, "a megabyte does not fit a pipe")
+        self.assertIn(channel.fd, hub.selector.registered)
+        got = b""
+        while channel.out:
+            got += read_pipe(fd)
+            hub.selector.registered[channel.fd](None)
+        got += read_pipe(fd)
+        self.assertTrue(got.endswith(b"x" * 1000))
+        self.assertNotIn(channel.fd, hub.selector.registered)
+
+
+class TestListenerConfig(unittest.TestCase):
+    """[eventlistener:x]: supervisord's keys, checks and defaults."""
+
+    def test_keys_and_defaults(self):
+        config = load_text(self, """
+            [eventlistener:watch]
+            command = /bin/cat
+            events = PROCESS_STATE_FATAL, PROCESS_STATE_EXITED
+            """)
+        prog = config.programs["watch"]
+        self.assertEqual(prog.events, ("PROCESS_STATE_FATAL", "PROCESS_STATE_EXITED"))
+        self.assertEqual((prog.buffer_size, prog.pool, prog.priority), (10, "watch", -1))
+
+    def test_mistakes(self):
+        cases = [
+            ("events = PROCESS_STATE_FATL", "unknown event type 'PROCESS_STATE_FATL' (did you mean"),
+            ("", "has no events"),
+            ("events = EVENT\nredirect_stderr = true", "redirect_stderr = true"),
+            ("events = EVENT\nbuffer_size = 0", "buffer_size: '0' is out of range (expected 1 to"),
+        ]
+        for extra, message in cases:
+            errors = config_errors(self, "[eventlistener:w]\ncommand = /bin/cat\n" + extra)
+            self.assertTrue(any(message in str(e) for e in errors), (extra, [str(e) for e in errors]))
+
+    def test_result_handler_and_events_never_sent_are_warnings(self):
+        config = load_text(self, """
+            [eventlistener:out]
+            command = /bin/cat
+            events = PROCESS_LOG, REMOTE_COMMUNICATION
+            result_handler = supervisor_stdout:event_handler
+            """)
+        warnings = [str(w) for w in config.warnings]
+        self.assertTrue(any("result_handler supervisor_stdout:event_handler is not run" in w
+                            for w in warnings), warnings)
+        self.assertTrue(any("REMOTE_COMMUNICATION, which respawn never sends" in w
+                            for w in warnings), warnings)
+
+
+def listener_sup(test, events="PROCESS_STATE", answer="OK", extra="", listener_extra=""):
+    sup = Sup(test, """
+        [respawn]
+        watch_self = false
+        %s
+        [eventlistener:rec]
+        command = {py} {dir}/recorder.py {dir}/events.jsonl %s
+        events = %s
+        startsecs = 0.3
+        %s
+        """ % (extra, answer, events, listener_extra))
+    write_file(sup.path("recorder.py"), EVENT_RECORDER)
+    return sup
+
+
+class TestListenerRuns(unittest.TestCase):
+    """A listener under a real supervisor: the events it reads, what a rejection,
+    garbage or a crash of the listener does, and a re-exec in the middle."""
+
+    def events(self, sup):
+        return read_events(sup.path("events.jsonl"))
+
+    def test_process_state_events_with_supervisord_fields(self):
+        sup = listener_sup(self, "PROCESS_STATE, SUPERVISOR_STATE_CHANGE", extra="""
+            [program:crash]
+            command = sh -c "sleep 0.6; exit 3"
+            startsecs = 0.3
+            autorestart = false
+            [program:slow]
+            ; ignores TERM: its stop lasts stopwaitsecs, and the listener (stopped
+            ; after it) has the time to read SUPERVISOR_STATE_CHANGE_STOPPING
+            command = sh -c "trap '' TERM; exec sleep 1000"
+            stopwaitsecs = 1
+            """).start()
+        wait_for(lambda: events_named(self.events(sup)[1], "PROCESS_STATE_EXITED"),
+                 what="the EXITED event")
+        events = self.events(sup)[1]
+        names = [e["headers"]["eventname"] for e in events]
+        self.assertEqual(names[0], "SUPERVISOR_STATE_CHANGE_RUNNING")
+        crash = [(e["headers"]["eventname"], e["fields"]["from_state"]) for e in events
+                 if e["fields"].get("processname") == "crash"]
+        self.assertEqual(crash, [("PROCESS_STATE_STARTING", "STOPPED"),
+                                 ("PROCESS_STATE_RUNNING", "STARTING"),
+                                 ("PROCESS_STATE_EXITED", "RUNNING")])
+        exited = events_named(events, "PROCESS_STATE_EXITED")[0]
+        self.assertEqual(exited["fields"]["expected"], "0")
+        running = events_named(events, "PROCESS_STATE_RUNNING", processname="crash")[0]
+        self.assertEqual(exited["fields"]["pid"], running["fields"]["pid"])
+        self.assertEqual(events_named(events, "PROCESS_STATE_STARTING", processname="crash")[0]
+                         ["fields"]["tries"], "0")
+        serials = [int(e["headers"]["serial"]) for e in events]
+        self.assertEqual(serials, sorted(serials))
+        self.assertEqual([int(e["headers"]["poolserial"]) for e in events], list(range(len(events))))
+        self.assertEqual({e["headers"]["pool"] for e in events}, {"rec"})
+        self.assertEqual({e["headers"]["ver"] for e in events}, {"3.0"})
+        self.assertEqual(sup.terminate(), 0)
+        self.assertTrue(events_named(self.events(sup)[1], "SUPERVISOR_STATE_CHANGE_STOPPING"))
+
+    def test_a_crash_restarted_at_once_reads_exited_then_starting(self):
+        sup = listener_sup(self, "PROCESS_STATE", extra="""
+            [program:flaky]
+            command = sh -c "sleep 0.8; exit 3"
+            startsecs = 0.3
+            autorestart = true
+            """).start()
+        wait_for(lambda: len(events_named(self.events(sup)[1], "PROCESS_STATE_STARTING",
+                                          processname="flaky")) >= 2, what="a restart")
+        flaky = [(e["headers"]["eventname"], e["fields"]["from_state"], e["fields"].get("expected"))
+                 for e in self.events(sup)[1] if e["fields"].get("processname") == "flaky"]
+        self.assertEqual(flaky[:4], [("PROCESS_STATE_STARTING", "STOPPED", None),
+                                     ("PROCESS_STATE_RUNNING", "STARTING", None),
+                                     ("PROCESS_STATE_EXITED", "RUNNING", "0"),
+                                     ("PROCESS_STATE_STARTING", "EXITED", None)])
+
+    def test_failed_starts_then_fatal(self):
+        sup = listener_sup(self, "PROCESS_STATE_BACKOFF, PROCESS_STATE_FATAL", extra="""
+            [program:bad]
+            command = sh -c "exit 1"
+            startsecs = 1
+            startretries = 1
+            backoff = 0.1
+            """).start()
+        wait_for(lambda: events_named(self.events(sup)[1], "PROCESS_STATE_FATAL"), what="FATAL")
+        events = self.events(sup)[1]
+        self.assertEqual([(e["headers"]["eventname"], e["fields"].get("tries"), e["fields"]["from_state"])
+                          for e in events],
+                         [("PROCESS_STATE_BACKOFF", "1", "STARTING"),
+                          ("PROCESS_STATE_BACKOFF", "2", "STARTING"),
+                          ("PROCESS_STATE_FATAL", None, "BACKOFF")])
+
+    def test_rejected_event_is_sent_again(self):
+        sup = listener_sup(self, "PROCESS_STATE_RUNNING", answer="FAIL", extra="""
+            [program:a]
+            command = sleep 1000
+            startsecs = 0.2
+            """).start()
+        wait_for(lambda: len(self.events(sup)[1]) >= 2, what="the event twice")
+        write_file(sup.path("events.jsonl.ok"), "")
+        events = wait_for(lambda: (lambda ev: ev if any(e["fields"].get("processname") == "a" for e in ev)
+                                   and len(ev) >= 3 else None)(self.events(sup)[1]), what="more events")
+        first = events[0]["headers"]["serial"]
+        self.assertEqual(events[1]["headers"]["serial"], first, "the same event, sent again")
+        self.assertIn("rejected", sup.stderr())
+
+    def test_a_listener_that_dies_gets_its_event_back_in_the_next_process(self):
+        sup = listener_sup(self, "PROCESS_STATE_RUNNING", answer="DIE", extra="""
+            [program:a]
+            command = sleep 1000
+            startsecs = 0.2
+            """).start()
+        hellos = wait_for(lambda: (lambda h: h if len(h) >= 2 else None)(self.events(sup)[0]),
+                          what="a second listener process")
+        events = wait_for(lambda: (lambda ev: ev if len({e["pid"] for e in ev}) >= 2 else None)
+                          (self.events(sup)[1]), what="the event in the second process")
+        by_pid = {}
+        for e in events:
+            by_pid.setdefault(e["pid"], []).append(e["headers"]["serial"])
+        first, second = by_pid[hellos[0]], by_pid[hellos[1]]
+        self.assertEqual(second[0], first[0], "the event it died with comes first in the next")
+        self.assertIn("not acknowledged", sup.stderr())
+
+    def test_garbage_restarts_the_listener_and_keeps_the_event(self):
+        sup = listener_sup(self, "PROCESS_STATE_RUNNING", answer="GARBAGE", extra="""
+            [program:a]
+            command = sleep 1000
+            startsecs = 0.2
+            """).start()
+        wait_for(lambda: len(self.events(sup)[0]) >= 2, what="a new listener process")
+        events = wait_for(lambda: (lambda ev: ev if len({e["pid"] for e in ev}) >= 2 else None)
+                          (self.events(sup)[1]), what="the event in the new process")
+        self.assertEqual(events[0]["headers"]["serial"], [e for e in events if e["pid"] != events[0]["pid"]]
+                         [0]["headers"]["serial"])
+        self.assertIn("broke the event listener protocol", sup.stderr())
+        self.assertEqual(sup.svc("a")["state"], "RUNNING")
+
+    def test_overflow_never_blocks_the_supervisor(self):
+        # a listener that never says READY: everything overflows, control still answers
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [eventlistener:deaf]
+            command = sleep 1000
+            events = PROCESS_STATE
+            buffer_size = 2
+            startsecs = 0
+            [program:flap]
+            command = sh -c "sleep 0.1; exit 0"
+            startsecs = 0
+            """).start()
+        sup.wait_log("event buffer overflowed (buffer_size 2), discarding event")
+        self.assertTrue(sup.status())
+        self.assertEqual(sup.svc("deaf")["state"], "RUNNING")
+
+    def test_tick_5(self):
+        sup = listener_sup(self, "TICK_5").start()
+        events = wait_for(lambda: self.events(sup)[1], timeout=DEADLINE, what="a TICK_5")
+        self.assertEqual(events[0]["headers"]["eventname"], "TICK_5")
+        self.assertEqual(int(events[0]["headers"]["len"]), len(events[0]["headers"]) and
+                         len("when:" + events[0]["fields"]["when"]))
+        self.assertEqual(int(events[0]["fields"]["when"]) % 5, 0)
+
+    def test_supervisor_environment(self):
+        sup = listener_sup(self, "PROCESS_STATE_RUNNING",
+                           listener_extra="environment = RECORD_ENV=1").start()
+        pid = wait_for(lambda: (lambda s: s["pid"] if s["state"] == "RUNNING" else None)(sup.svc("rec")),
+                       what="the listener running")
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        self.assertEqual(env[b"SUPERVISOR_ENABLED"], b"1")
+        self.assertEqual(env[b"SUPERVISOR_PROCESS_NAME"], b"rec")
+        self.assertEqual(env[b"SUPERVISOR_GROUP_NAME"], b"rec")
+        self.assertEqual(env[b"SUPERVISOR_SERVER_URL"], b"unix://" + sup.sock.encode())
+
+    def test_reexec_keeps_the_listener_and_its_conversation(self):
+        sup = listener_sup(self, "PROCESS_STATE", extra="""
+            [program:a]
+            command = sleep 1000
+            startsecs = 0.2
+            """).start()
+        a = sup.wait_state("a", "RUNNING")
+        wait_for(lambda: events_named(self.events(sup)[1], "PROCESS_STATE_RUNNING", processname="a"),
+                 what="a RUNNING")
+        listener = sup.svc("rec")["pid"]
+        self.assertEqual(sup.ctl("reexec").returncode, 0)
+        wait_for(lambda: "re-executed" in sup.stderr(), what="the re-exec")
+        os.kill(a["pid"], signal.SIGKILL)
+        exited = wait_for(lambda: events_named(self.events(sup)[1], "PROCESS_STATE_EXITED"),
+                          what="EXITED after the re-exec")
+        self.assertEqual(exited[0]["pid"], listener, "the same listener process")
+        self.assertEqual(exited[0]["fields"]["pid"], str(a["pid"]))
+        serials = [int(e["headers"]["serial"]) for e in self.events(sup)[1]]
+        self.assertEqual(serials, sorted(set(serials)), "serials go on across the re-exec")
+
+    def test_a_pool_of_listeners_shares_its_buffer(self):
+        # numprocs = 2: two processes, one pool; each event goes to one of them
+        sup = listener_sup(self, "PROCESS_STATE_RUNNING", extra="""
+            [program:a]
+            command = sleep 1000
+            startsecs = 0.5
+            numprocs = 3
+            process_name = a_%(process_num)d
+            """, listener_extra="numprocs = 2\n        process_name = rec_%(process_num)d").start()
+        events = wait_for(lambda: (lambda ev: ev if len(events_named(ev, "PROCESS_STATE_RUNNING")) >= 5
+                                   else None)(self.events(sup)[1]), what="5 RUNNING events")
+        self.assertEqual({e["headers"]["pool"] for e in events}, {"rec"})
+        serials = [e["headers"]["serial"] for e in events]
+        self.assertEqual(len(serials), len(set(serials)), "each event to one listener of the pool")
+        names = {e["fields"]["processname"] for e in events}
+        self.assertEqual(names, {"a_0", "a_1", "a_2", "rec_0", "rec_1"})
+        self.assertEqual({e["fields"]["groupname"] for e in events
+                          if e["fields"]["processname"].startswith("rec")}, {"rec"})
+
+    def test_a_stop_the_container_listener(self):
+        # The pattern of the listeners in the corpus (mailcow, tiangolo, AWX): say
+        # READY, and on the first event signal the supervisor through its pidfile.
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            pidfile = {dir}/sup.pid
+            [program:app]
+            command = sh -c "sleep 2; exit 1"
+            startsecs = 0.5
+            autorestart = false
+            [program:other]
+            command = sleep 1000
+            startsecs = 0.2
+            [eventlistener:processes]
+            command = sh {dir}/stop-supervisor.sh
+            events = PROCESS_STATE_STOPPED, PROCESS_STATE_EXITED, PROCESS_STATE_FATAL
+            """)
+        write_file(sup.path("stop-supervisor.sh"), textwrap.dedent("""\
+            printf "READY\\n"
+            while read line; do
+              echo "Processing Event: $line" >&2
+              kill -3 $(cat "%s")
+            done < /dev/stdin
+            """ % sup.path("sup.pid")))
+        sup.start()
+        other = sup.wait_state("other", "RUNNING")["pid"]
+        self.assertEqual(sup.proc.wait(DEADLINE), 0, "SIGQUIT from the listener: a clean stop")
+        self.assertIn("Processing Event: ver:3.0", sup.stderr())
+        self.assertIn("eventname:PROCESS_STATE_EXITED", sup.stderr())
+        wait_for(lambda: not pid_alive(other), what="the other service stopped")
+
+
+
+# -- the same files under supervisord 4 -------------------------------------------
+
+CORPUS = os.path.join(HERE, ".ci", "data", "supervisord")
+_supervisor_bin = []
+
+
+def supervisor_bin():
+    """The bin folder of a venv with supervisor (and superlance) from PyPI:
+    $RESPAWN_TEST_SUPERVISORD (set by .ci/run), else one made here once per run.
+    Raises SkipTest, with the reason, only where it truly cannot be installed."""
+    if _supervisor_bin:
+        return _supervisor_bin[0]
+    given = os.environ.get("RESPAWN_TEST_SUPERVISORD")
+    if given and os.access(given, os.X_OK):
+        _supervisor_bin.append(os.path.dirname(os.path.abspath(given)))
+        return _supervisor_bin[0]
+    venv = tempfile.mkdtemp(prefix="respawn-test-supervisor-")
+    import atexit
+    atexit.register(shutil.rmtree, venv, True)
+    try:
+        subprocess.run([PY, "-m", "venv", venv], check=True, capture_output=True, timeout=300)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "supervisor", "superlance"],
+                       check=True, capture_output=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise unittest.SkipTest("cannot install supervisor from PyPI into a venv (%s): %s"
+                                % (exc, detail.decode(errors="replace").strip()[-300:]))
+    _supervisor_bin.append(os.path.join(venv, "bin"))
+    return _supervisor_bin[0]
+
+
+def corpus_origins():
+    """name -> (repository, path, commit), from .ci/data/supervisord/ORIGINS."""
+    origins = {}
+    with open(os.path.join(CORPUS, "ORIGINS")) as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                name, repo, path, commit = line.rstrip("\n").split("\t")
+                origins[name] = (repo, path, commit)
+    return origins
+
+
+# Stand-ins: a program records "group:process pid" (supervisord's own names,
+# from the environment both supervisors give it) and sleeps; a listener also
+# speaks the protocol and acknowledges everything.
+STANDIN_PROGRAM = 'printf "%s:%s %s\\n" "$SUPERVISOR_GROUP_NAME" "$SUPERVISOR_PROCESS_NAME" "$$" >> "$1"\nexec sleep 1000007\n'
+STANDIN_LISTENER = r"""
+import os, sys
+with open(sys.argv[1], "a") as f:
+    f.write("%s:%s %d\n" % (os.environ.get("SUPERVISOR_GROUP_NAME"),
+                            os.environ.get("SUPERVISOR_PROCESS_NAME"), os.getpid()))
+while True:
+    sys.stdout.write("READY\n"); sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        break
+    sys.stdin.read(int(dict(x.split(":", 1) for x in line.split())["len"]))
+    sys.stdout.write("RESULT 2\nOK"); sys.stdout.flush()
+"""
+_KEY = re.compile(r"([^=:\s;#][^=:]*?)\s*[=:]\s*(.*)$")
+_ENV = re.compile(r"%\(ENV_([A-Za-z0-9_]+)\)")
+
+
+def standin_config(text, tmp, record):
+    """A corpus file with the machine taken out and the structure kept.
+
+    Commands become stand-ins; user, directory, chown, socket_owner go (no
+    such users or folders here), and so does a listener's result_handler (a
+    Python plugin installed beside supervisord, e.g. supervisor_stdout, which
+    is Python 2 only); log files, an fcgi socket and the supervisor's own
+    files move under tmp (a /dev/ path stays); [include] and
+    [inet_http_server] go (they would reach outside the test).  Program names, numprocs,
+    process_name, autostart, autorestart, priorities, groups and listeners'
+    events stay as they were."""
+    out, section, dropping = [], None, False
+    program = "sh %s %s" % (os.path.join(tmp, "standin.sh"), record)
+    listener = "%s %s %s" % (PY, os.path.join(tmp, "standin-listener.py"), record)
+    moved = {"logfile": "supervisord.log", "pidfile": "supervisord.pid", "childlogdir": "childlogs",
+             "file": "supervisor.sock"}
+    seen_supervisord = False
+    for line in text.splitlines():
+        m = re.match(r"\[(.+)\]\s*([;#].*)?$", line.strip()) if not line[:1].isspace() else None
+        if m:
+            section = m.group(1).strip()
+            dropping = section in ("include", "inet_http_server")
+            if section == "supervisord":
+                seen_supervisord = True
+                out.extend([line, "nodaemon = true"])
+                continue
+            if not dropping:
+                out.append(line)
+            continue
+        if dropping:
+            continue
+        k = _KEY.match(line) if not line[:1].isspace() else None
+        if k is None:
+            out.append(line)
+            continue
+        key = k.group(1).strip().lower()
+        kind = (section or "").split(":", 1)[0]
+        if kind in ("program", "eventlistener", "fcgi-program"):
+            if key == "command":
+                line = "command = " + (listener if kind == "eventlistener" else program)
+            elif key in ("user", "directory", "socket_owner", "result_handler"):
+                continue
+            elif key == "socket":
+                line = "socket = unix://%s" % os.path.join(tmp, "fcgi-%s.sock" % section.split(":")[1])
+            elif key in ("stdout_logfile", "stderr_logfile"):
+                value = re.split(r"\s[;#]", k.group(2))[0].strip()
+                if value.startswith("/") and not value.startswith("/dev/"):
+                    path = os.path.join(tmp, "logs", value.lstrip("/"))
+                    if "%" not in os.path.dirname(path):
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                    line = "%s = %s" % (key, path)
+        elif section in ("supervisord", "unix_http_server"):
+            if key in ("user", "directory", "chown", "nodaemon"):
+                continue
+            if key in moved and not (section == "supervisord" and key == "file"):
+                line = "%s = %s" % (key, os.path.join(tmp, moved[key]))
+        out.append(line)
+    if seen_supervisord:
+        # files the supervisor itself writes stay in tmp even when the file names none
+        where = out.index("nodaemon = true")
+        out[where + 1:where + 1] = ["%s = %s" % (k, os.path.join(tmp, moved[k]))
+                                    for k in ("logfile", "pidfile", "childlogdir")
+                                    if not any(re.match(r"%s\s*[=:]" % k, l) for l in out)]
+        os.makedirs(os.path.join(tmp, "childlogs"), exist_ok=True)
+    return "\n".join(out) + "\n", seen_supervisord
+
+
+class CorpusRun:
+    """One corpus file under one supervisor (supervisord or respawn), in its own folder."""
+
+    def __init__(self, test, name, kind, sd_bin):
+        self.name, self.kind = name, kind
+        self.tmp = tempfile.mkdtemp(prefix="respawn-corpus-")
+        test.addCleanup(shutil.rmtree, self.tmp, True)
+        self.record = os.path.join(self.tmp, "started")
+        write_file(os.path.join(self.tmp, "standin.sh"), STANDIN_PROGRAM)
+        write_file(os.path.join(self.tmp, "standin-listener.py"), STANDIN_LISTENER)
+        with open(os.path.join(CORPUS, name)) as f:
+            original = f.read()
+        text, whole = standin_config(original, self.tmp, self.record)
+        conf = os.path.join(self.tmp, name)
+        write_file(conf, text)
+        if not whole:
+            # a conf.d fragment: included by a main file, as it is where it runs
+            main, _ = standin_config("[supervisord]\n[unix_http_server]\nfile = x\n",
+                                     self.tmp, self.record)
+            conf = os.path.join(self.tmp, "supervisord.conf")
+            write_file(conf, main + "[include]\nfiles = %s\n" % name)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
+        env.update({v: "1" for v in _ENV.findall(original) if v not in env})
+        env["XDG_RUNTIME_DIR"] = self.tmp
+        if kind == "supervisord":
+            argv = [os.path.join(sd_bin, "supervisord"), "-n", "-c", conf]
+        else:
+            argv = [PY, SCRIPT, "-c", conf, "run"]
+        self.log = open(os.path.join(self.tmp, "log"), "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=self.tmp, start_new_session=True)
+        test.addCleanup(self.cleanup)
+
+    def lines(self):
+        try:
+            with open(self.record) as f:
+                return [l.split() for l in f if l.strip()]
+        except FileNotFoundError:
+            return []
+
+    def started(self):
+        return {l[0] for l in self.lines()}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(DEADLINE * 2)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def cleanup(self):
+        self.stop()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for line in self.lines():
+            pid = int(line[1])
+            try:
+                with open("/proc/%d/cmdline" % pid, "rb") as f:
+                    cmdline = f.read()
+                ours = b"1000007" in cmdline or self.tmp.encode() in cmdline
+            except OSError:
+                continue
+            if ours:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self.log.close()
+
+    def output(self):
+        with open(os.path.join(self.tmp, "log"), "rb") as f:
+            return f.read().decode(errors="replace")
+
+
+def settle(runs, quiet=2.5, timeout=90):
+    """Wait until no run has started anything for `quiet` seconds.  Neither
+    supervisor says "all started" (a program may start late, by priority, or
+    never), so the condition is that the records stop changing."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while True:
+        now = time.monotonic()
+        state = tuple(len(r.lines()) for r in runs)
+        if state != last:
+            last, since = state, now
+        elif now - since >= quiet:
+            return
+        if now > deadline:
+            raise AssertionError("the corpus runs never settled: %s" % (state,))
+        time.sleep(0.1)
+
+
+def readme_exceptions():
+    """The corpus files the README lists as starting a different set, with why."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    part = text.split("#### Corpus files that differ", 1)
+    if len(part) < 2:
+        return {}
+    body = re.split(r"\n#", part[1], maxsplit=1)[0]
+    return dict(re.findall(r"^- `([^`]+)`: (.+)$", body, re.M))
+
+
+def compare_corpus(test, names, batch=6):
+    """{name: (supervisord's set, respawn's set)} for these corpus files."""
+    sd_bin = supervisor_bin()
+    result = {}
+    for i in range(0, len(names), batch):
+        runs = []
+        for name in names[i:i + batch]:
+            runs.append((name, CorpusRun(test, name, "supervisord", sd_bin),
+                         CorpusRun(test, name, "respawn", sd_bin)))
+        settle([r for _, a, b in runs for r in (a, b)])
+        for name, a, b in runs:
+            # a file refused is a difference too, even where the other starts nothing
+            result[name] = ((a.proc.poll() is None, a.started()), (b.proc.poll() is None, b.started()), a, b)
+            a.stop()
+            b.stop()
+    return result
+
+
+class TestSupervisordCorpus(unittest.TestCase):
+    """Real supervisord files from public projects (.ci/data/supervisord/ORIGINS)
+    start the same set of processes, by group and process name, under
+    supervisord 4 and under respawn.py."""
+
+    def test_corpus_has_its_origins(self):
+        origins = corpus_origins()
+        files = sorted(f for f in os.listdir(CORPUS) if f.endswith(".conf"))
+        self.assertGreaterEqual(len(files), 40)
+        self.assertEqual(sorted(origins), files, "every file has its origin, and only they")
+        for name, (repo, path, commit) in origins.items():
+            self.assertRegex(repo, r"^[\w.-]+/[\w.-]+$", name)
+            self.assertRegex(commit, r"^[0-9a-f]{40}$", name)
+            self.assertTrue(path, name)
+
+    def test_standin_keeps_the_structure(self):
+        tmp = temp_dir(self)
+        text, whole = standin_config(textwrap.dedent("""\
+            [supervisord]
+            user = root
+            logfile = /var/log/x.log ; the log
+            [program:w]
+            command = php artisan queue:work ; the worker
+            process_name = %(program_name)s_%(process_num)02d
+            numprocs = 3
+            user = www-data
+            directory = /srv
+            stdout_logfile = /var/log/w-%(process_num)d.log
+            stderr_logfile = /dev/stderr
+            [include]
+            files = /etc/supervisor/conf.d/*.conf
+            [group:g]
+            programs = w
+            """), tmp, "REC")
+        self.assertTrue(whole)
+        self.assertIn("numprocs = 3", text)
+        self.assertIn("process_name = %(program_name)s_%(process_num)02d", text)
+        self.assertIn("command = sh %s REC" % os.path.join(tmp, "standin.sh"), text)
+        self.assertNotIn("www-data", text)
+        self.assertNotIn("/etc/supervisor", text)
+        self.assertNotIn("/srv", text)
+        self.assertIn("stdout_logfile = %s/logs/var/log/w-%%(process_num)d.log" % tmp, text)
+        self.assertIn("stderr_logfile = /dev/stderr", text)
+        self.assertIn("logfile = %s/supervisord.log" % tmp, text)
+        self.assertIn("[group:g]\nprograms = w", text)
+
+    def test_corpus_starts_the_same_processes(self):
+        names = sorted(corpus_origins())
+        result = compare_corpus(self, names)
+        differ = {n: r for n, r in result.items() if r[0] != r[1]}
+        empty = [n for n, r in result.items() if not r[0][1] and not r[1][1]]
+        report = "\n".join("%s: supervisord %s %s, respawn %s %s\n%s" % (
+            n, "ran" if r[0][0] else "refused it", sorted(r[0][1]),
+            "ran" if r[1][0] else "refused it", sorted(r[1][1]), r[3].output()[-600:])
+            for n, r in sorted(differ.items()))
+        listed = readme_exceptions()
+        self.assertLessEqual(set(differ), set(listed),
+                             "files that differ and are not in the README:\n" + report)
+        same = len(result) - len(differ)
+        self.assertGreaterEqual(same / len(result), 0.95, "%d of %d start the same set:\n%s"
+                                % (same, len(result), report))
+        self.assertLess(len(empty), len(result) / 4, "most files start something: %s" % empty)
+
+
+
+class TestListenersLikeSupervisord(unittest.TestCase):
+    """One config with a listener under supervisord 4 and under respawn.py: the
+    same events, with the same fields; and a listener from a public project
+    (superlance's crashmail, from PyPI) run unchanged."""
+
+    CONFIG = """\
+        [supervisord]
+        nodaemon = true
+        logfile = {dir}/supervisord.log
+        pidfile = {dir}/supervisord.pid
+
+        [program:steady]
+        command = sleep 1000
+        startsecs = 1
+        autorestart = true
+
+        [program:crash]
+        command = sh -c "sleep 2.5; exit 3"
+        startsecs = 1
+        autorestart = false
+
+        [program:bad]
+        ; well inside startsecs: supervisord's loop wakes once a second, and one
+        ; that sleeps past startsecs calls a dead process RUNNING
+        command = sh -c "sleep 0.2; exit 1"
+        startsecs = 3
+        startretries = 1
+        autorestart = true
+
+        [eventlistener:rec]
+        command = {py} {dir}/recorder.py {dir}/events.jsonl
+        events = PROCESS_STATE, SUPERVISOR_STATE_CHANGE_RUNNING
+        ; room for every event of the scenario: an overflow would drop different
+        ; events under each (their backoff delays differ)
+        buffer_size = 50
+        """
+
+    def run_one(self, kind, sd_bin):
+        tmp = temp_dir(self)
+        write_file(os.path.join(tmp, "recorder.py"), EVENT_RECORDER)
+        conf = os.path.join(tmp, "supervisord.conf")
+        write_file(conf, textwrap.dedent(self.CONFIG).replace("{dir}", tmp).replace("{py}", PY))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERVISOR_")}
+        env["XDG_RUNTIME_DIR"] = tmp
+        argv = ([os.path.join(sd_bin, "supervisord"), "-n", "-c", conf] if kind == "supervisord"
+                else [PY, SCRIPT, "-c", conf, "run"])
+        log = open(os.path.join(tmp, "out"), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
+                                start_new_session=True)
+
+        def stop():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(DEADLINE)
+        self.addCleanup(stop)
+        path = os.path.join(tmp, "events.jsonl")
+
+        def done():
+            events = read_events(path)[1]
+            return events if (events_named(events, "PROCESS_STATE_FATAL", processname="bad")
+                              and events_named(events, "PROCESS_STATE_EXITED", processname="crash")
+                              and events_named(events, "PROCESS_STATE_RUNNING", processname="steady")) else None
+        events = wait_for(done, what="the scenario's events under %s" % kind)
+        stop()
+        return events
+
+    @staticmethod
+    def by_process(events):
+        seen = {}
+        for e in events:
+            f = e["fields"]
+            if "processname" in f:
+                seen.setdefault(f["processname"], []).append(
+                    (e["headers"]["eventname"], f["groupname"], f["from_state"], f.get("expected"),
+                     f.get("tries"), sorted(f)))
+        return seen
+
+    def test_same_events_as_supervisord(self):
+        sd_bin = supervisor_bin()
+        theirs = self.run_one("supervisord", sd_bin)
+        ours = self.run_one("respawn", sd_bin)
+        self.assertEqual(theirs[0]["headers"]["eventname"], "SUPERVISOR_STATE_CHANGE_RUNNING")
+        self.assertEqual(ours[0]["headers"]["eventname"], "SUPERVISOR_STATE_CHANGE_RUNNING")
+        expected, got = self.by_process(theirs), self.by_process(ours)
+        self.assertEqual(sorted(got), sorted(expected))
+        for name in expected:
+            self.assertEqual(got[name], expected[name], "events of %s" % name)
+        for events in (theirs, ours):
+            self.assertEqual(sorted(set(e["headers"]) for e in events)[0],
+                             {"ver", "server", "serial", "pool", "poolserial", "eventname", "len"})
+            for e in events_named(events, "PROCESS_STATE_EXITED"):
+                self.assertGreater(int(e["fields"]["pid"]), 0)
+
+    def test_crashmail_from_superlance_runs_unchanged(self):
+        sd_bin = supervisor_bin()
+        crashmail = os.path.join(sd_bin, "crashmail")
+        if not os.access(crashmail, os.X_OK):
+            subprocess.run([os.path.join(sd_bin, "pip"), "install", "-q", "superlance"],
+                           check=True, capture_output=True, timeout=600)
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:crash]
+            command = sh -c "sleep 1.5; exit 2"
+            startsecs = 0.5
+            autorestart = false
+            [program:fine]
+            command = sh -c "sleep 1.5; exit 0"
+            startsecs = 0.5
+            autorestart = false
+            [eventlistener:crashmail]
+            command = %s -a -o respawn-test -m ops@example.com -s "sh {dir}/sendmail.sh"
+            events = PROCESS_STATE_EXITED
+            """ % crashmail)
+        write_file(sup.path("sendmail.sh"), 'cat >> "%s"\n' % sup.path("mail.txt"))
+        sup.start()
+        crash = sup.wait_state("crash", "RUNNING")["pid"]
+        mail = wait_for(lambda: os.path.exists(sup.path("mail.txt")) and read_text(sup.path("mail.txt")),
+                        what="crashmail's mail")
+        sup.wait_state("fine", "EXITED")
+        self.assertIn("To: ops@example.com", mail)
+        self.assertIn("Subject: respawn-test: crash crashed at", mail)
+        self.assertIn("Process crash in group crash exited unexpectedly (pid %d) from state RUNNING"
+                      % crash, mail)
+        self.assertEqual(sup.svc("crashmail")["state"], "RUNNING", sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+        self.assertNotIn("fine", read_text(sup.path("mail.txt")), "an expected exit is not mailed")
+
+
 if __name__ == "__main__":
     unittest.main()
