@@ -2012,9 +2012,13 @@ class SpawnError(Exception):
     """A service could not be started: missing command, directory, user..."""
 
 
-def _child_setup(umask, ids):
-    """preexec_fn for Python 3.8, where Popen lacks user=, group= and umask=."""
+def _child_setup(umask, ids, nofile):
+    """preexec_fn for what Popen cannot do itself: user, group and umask on 3.8,
+    the services' own soft RLIMIT_NOFILE everywhere."""
     def setup():
+        if nofile is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
         if umask is not None:
             os.umask(umask)
         if ids:
@@ -2025,12 +2029,45 @@ def _child_setup(umask, ids):
     return setup
 
 
+# The soft RLIMIT_NOFILE our services get: the one we were started with, when
+# raise_nofile() raised ours (None: ours is theirs).  A re-exec carries it over.
+SERVICE_NOFILE = None
+# fds held open below that limit, so that Popen finds free low numbers for the
+# /dev/null and the error pipe it opens before the fork while our soft limit is
+# lowered to the services' (a new fd takes the lowest free number)
+_SPARE_FDS = []
+SPARE_FDS = 4
+
+
+def set_service_nofile(soft):
+    global SERVICE_NOFILE
+    SERVICE_NOFILE = soft
+    while _SPARE_FDS:
+        os.close(_SPARE_FDS.pop())
+    if soft is not None:
+        _reserve_spare_fds()
+
+
+def _reserve_spare_fds():
+    try:
+        while len(_SPARE_FDS) < SPARE_FDS:
+            _SPARE_FDS.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        pass          # fewer spares: spawn() sets the limit in the child instead
+
+
 def spawn(prog, stdout, stderr, extra_env=None, hold=()):
     """Start a program's process in its own session and process group; its pid.
 
-    stdout/stderr are fds (or subprocess.DEVNULL).  The child starts clean:
-    the supervisor keeps its own mask empty and no signal ignored but the two
-    Python ignores itself, which restore_signals puts back (research F25).
+    stdout/stderr are fds (or subprocess.DEVNULL, subprocess.STDOUT).  The child
+    starts clean: the supervisor keeps its own mask empty and no signal ignored
+    but the two Python ignores itself, which restore_signals puts back (research
+    F25).  No preexec_fn where it can be helped: without one Popen uses vfork
+    (3.10+), about twice as fast as a fork running Python in the child.  So the
+    services' soft RLIMIT_NOFILE is set in our own process around the call (we
+    are single-threaded) and inherited.  os.posix_spawn was measured too: no
+    faster than Popen's vfork, and glibc's leaves its two internal signals (32,
+    33) ignored in the child, which SPEC's clean child rules out.
     hold: fds the child keeps at the same numbers (its pipes' read ends)."""
     import subprocess
     env = None        # our own environment, as the kernel has it: nothing to copy or encode
@@ -2058,15 +2095,34 @@ def spawn(prog, stdout, stderr, extra_env=None, hold=()):
                   env=env, start_new_session=True, close_fds=True, restore_signals=True)
     if hold:
         kwargs["pass_fds"] = tuple(hold)
+    umask = prog.umask
     if sys.version_info >= (3, 9):
         if ids:
             kwargs.update(user=ids[0], group=ids[1], extra_groups=ids[2])
+        ids = umask = None
         if prog.umask is not None:
             kwargs["umask"] = prog.umask
-    elif ids or prog.umask is not None:
-        kwargs["preexec_fn"] = _child_setup(prog.umask, ids)
+    ours = lowered = nofile = None
+    if SERVICE_NOFILE is not None:
+        import resource
+        ours = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if len(_SPARE_FDS) == SPARE_FDS and max(_SPARE_FDS) < SERVICE_NOFILE:
+            lowered = (SERVICE_NOFILE, ours[1])
+        else:
+            nofile = (SERVICE_NOFILE, ours[1])
+    if ids or umask is not None or nofile:
+        kwargs["preexec_fn"] = _child_setup(umask, ids, nofile)
     try:
-        proc = subprocess.Popen(list(prog.command), **kwargs)
+        if lowered:
+            while _SPARE_FDS:
+                os.close(_SPARE_FDS.pop())
+            resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
+        try:
+            proc = subprocess.Popen(list(prog.command), **kwargs)
+        finally:
+            if lowered:
+                resource.setrlimit(resource.RLIMIT_NOFILE, ours)
+                _reserve_spare_fds()
     except FileNotFoundError as exc:
         if prog.directory and not os.path.isdir(prog.directory):
             raise SpawnError("directory %r does not exist" % prog.directory) from None
@@ -2080,6 +2136,42 @@ def spawn(prog, stdout, stderr, extra_env=None, hold=()):
     # Popen, stealing the exit status (research F21), so mark it as done.
     proc.returncode = 0
     return proc.pid
+
+
+def descriptors_needed(config):
+    """About how many fds supervising a config takes: per service its pidfd,
+    the read end of each piped stream, a log file per stream, the notify
+    socket; and a margin for our own (socket, clients, probes, the handoff)."""
+    need = 64
+    for prog in config.programs.values():
+        need += 1 + (prog.ready[0] == "notify")
+        for stream in ("stdout", "stderr"):
+            target = prog.stream_target(stream)
+            if target not in ("none", "merged"):
+                need += 1 if target == "prefix" else 2
+    return need
+
+
+def raise_nofile(config):
+    """Raise our soft RLIMIT_NOFILE to the hard limit (systemd's rule for its
+    own), keeping the soft limit we were given for the services; a warning
+    when even the hard limit is too small for the config, or None."""
+    import resource
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # no soft limit can pass the kernel's fs.nr_open (1 MiB by default)
+        top = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < top:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+            set_service_nofile(soft)
+    except (OSError, ValueError) as exc:
+        return "cannot raise RLIMIT_NOFILE: %s" % exc
+    need = descriptors_needed(config)
+    if hard != resource.RLIM_INFINITY and need > hard:
+        return ("%d services need about %d file descriptors, more than the hard "
+                "RLIMIT_NOFILE of %d: some will fail to start (raise it: ulimit -Hn, "
+                "LimitNOFILE= in a systemd unit)" % (len(config.programs), need, hard))
+    return None
 
 
 def kill_group_or_pid(pid, sig, group):
@@ -5846,6 +5938,10 @@ def cmd_run(args, config_path, script, source):
             sup.log("warn", "subreaper = true, but prctl(PR_SET_CHILD_SUBREAPER) failed")
     sup.setup_file_watch()
     apply_process_settings(config.settings, sup.log)
+    # after minfds: a supervisord config's services get the limit it raised (as there)
+    problem = raise_nofile(config)
+    if problem:
+        sup.log("warn", problem)
     sup.log("info", "respawn %s (pid %d) supervising %s from %s; control socket %s; %s"
             % (__version__, os.getpid(), plural(len(sup.services), "service"), config.path, sock_path,
                sup.watcher.description))

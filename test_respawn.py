@@ -9152,5 +9152,172 @@ class TestSupervisordReadsTheSame(unittest.TestCase):
             """}, skip=("priority",))
 
 
+# ---------------------------------------------------------------------------
+# Issue 15: RLIMIT_NOFILE (ours raised, the services' kept), the output path
+# ---------------------------------------------------------------------------
+
+def nofile_limits(pid):
+    """(soft, hard) RLIMIT_NOFILE of a process, from /proc."""
+    with open("/proc/%d/limits" % pid) as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no Max open files in /proc/%d/limits" % pid)
+
+
+def nofile_launcher(soft, hard=None):
+    """A prefix that starts the supervisor with this soft (and hard) limit."""
+    return (PY, "-c", "import os, resource, sys\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %s))\n"
+            "os.execv(sys.argv[1], sys.argv[1:])\n" % (soft, hard if hard is not None else "hard"))
+
+
+class TestNofileLimit(unittest.TestCase):
+    """The supervisor raises its own soft RLIMIT_NOFILE to the hard limit; its
+    services get the soft limit it was started with, on every spawn path."""
+
+    def setUp(self):
+        soft, hard = nofile_limits(os.getpid())
+        if hard < 4096:
+            self.skipTest("the hard RLIMIT_NOFILE (%d) leaves no room to test" % hard)
+        self.hard = hard
+
+    def test_raised_for_us_kept_for_services(self):
+        extra = ""
+        if os.geteuid() == 0:
+            extra = "[program:asuser]\ncommand = sleep 1000\nuser = nobody\nstartsecs = 0\n"
+        sup = core_sup(self, """\
+            [program:plain]
+            command = sleep 1000
+            startsecs = 0
+            [program:umasked]
+            command = sleep 1000
+            umask = 077
+            directory = /
+            startsecs = 0
+            """ + extra)
+        sup.start(prefix=nofile_launcher(256))
+        self.assertEqual(nofile_limits(sup.proc.pid), (self.hard, self.hard))
+        for name in ["plain", "umasked"] + (["asuser"] if extra else []):
+            pid = wait_pid(sup, name)
+            self.assertEqual(nofile_limits(pid), (256, self.hard), name)
+        # the service's clean slate is unchanged by the limit dance
+        st = proc_status(wait_pid(sup, "plain"))
+        self.assertEqual(int(st["SigBlk"], 16), 0)
+        self.assertEqual(int(st["SigIgn"], 16), 0)
+        self.assertNotIn("RLIMIT_NOFILE", sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_more_fds_than_the_services_limit(self):
+        # 60 services hold ~180 fds: past the services' 128, every spawn still
+        # works (Popen's own fds go into the spare low numbers) and each service
+        # still gets 128
+        sup = core_sup(self, "".join(
+            "[program:s%02d]\ncommand = sleep 1000\nstartsecs = 0\n" % i for i in range(60)))
+        sup.start(prefix=nofile_launcher(128))
+        wait_for(lambda: all(s["state"] == "RUNNING" for s in sup.status()["services"]),
+                 what="all 60 running")
+        self.assertGreater(fd_count(sup.proc.pid), 128)
+        for s in sup.status()["services"]:
+            self.assertEqual(nofile_limits(s["pid"])[0], 128, s["name"])
+        # a restart once we hold more fds than 128 takes the same path
+        victim = sup.svc("s30")
+        os.kill(victim["pid"], signal.SIGKILL)
+        again = sup.wait_pid_change("s30", victim["pid"])
+        self.assertEqual(nofile_limits(again["pid"])[0], 128)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_one_line_when_even_the_hard_limit_is_too_small(self):
+        sup = core_sup(self, "".join(
+            "[program:s%02d]\ncommand = sleep 1000\nstartsecs = 0\n" % i for i in range(40)))
+        sup.start(prefix=nofile_launcher(64, 100), wait=False)
+        sup.wait_log("hard RLIMIT_NOFILE of 100")
+        lines = [l for l in sup.stderr().splitlines() if "RLIMIT_NOFILE" in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("40 services need about 184 file descriptors", lines[0])
+        self.assertIn("WARN", lines[0].upper())
+        wait_for(lambda: sup.answers(), what="the supervisor's socket")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_no_change_when_soft_is_hard(self):
+        sup = core_sup(self, "[program:plain]\ncommand = sleep 1000\nstartsecs = 0\n")
+        sup.start(prefix=nofile_launcher(512, 512))
+        self.assertEqual(nofile_limits(sup.proc.pid), (512, 512))
+        self.assertEqual(nofile_limits(wait_pid(sup, "plain")), (512, 512))
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_kept_across_a_reexec(self):
+        sup = Sup(self, HEADER + "[program:plain]\ncommand = sleep 1000\nstartsecs = 0\n",
+                  copy_script=True)
+        sup.start(prefix=nofile_launcher(300))
+        first = sup.wait_state("plain", "RUNNING")
+        out = sup.ctl("reexec")
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        wait_for(lambda: (sup.answers() or {}).get("supervisor", {}).get("reexecs") == 1,
+                 what="the re-exec")
+        self.assertEqual(nofile_limits(sup.proc.pid), (self.hard, self.hard))
+        os.kill(first["pid"], signal.SIGKILL)
+        again = sup.wait_pid_change("plain", first["pid"])
+        self.assertEqual(nofile_limits(again["pid"]), (300, self.hard))
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestNofileInProcess(unittest.TestCase):
+    """spawn() itself, with our soft limit raised and the lowest free fd above
+    the services' limit: the spare-fd path and its preexec fallback."""
+
+    def setUp(self):
+        import resource
+        self.resource = resource
+        self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if self.saved[1] < 1024:
+            self.skipTest("the hard RLIMIT_NOFILE is too small")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.saved[1], self.saved[1]))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, self.saved)
+        self.addCleanup(respawn.set_service_nofile, None)
+        self.fds = []
+        self.addCleanup(lambda: [os.close(fd) for fd in self.fds])
+
+    def spawn_and_check(self, soft):
+        prog = respawn.Program("t", {"command": ["sleep", "1000"]}, {})
+        pid = respawn.spawn(prog, subprocess.DEVNULL, subprocess.DEVNULL)
+        self.addCleanup(os.waitpid, pid, 0)
+        self.addCleanup(os.kill, pid, signal.SIGKILL)
+        self.assertEqual(nofile_limits(pid)[0], soft)
+        self.assertEqual(nofile_limits(os.getpid()), (self.saved[1], self.saved[1]))
+        st = proc_status(pid)
+        self.assertEqual(int(st["SigBlk"], 16), 0)
+        self.assertEqual(int(st["SigIgn"], 16), 0)
+
+    def fill_fds_past(self, soft):
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self.fds.append(fd)
+            if fd > soft + 10:
+                return
+
+    def test_spare_fds_below_the_limit(self):
+        soft = max(64, max(self.fds_now()) + 20)
+        respawn.set_service_nofile(soft)
+        self.fill_fds_past(soft)
+        self.assertEqual(len(respawn._SPARE_FDS), respawn.SPARE_FDS)
+        self.spawn_and_check(soft)
+        self.assertEqual(len(respawn._SPARE_FDS), respawn.SPARE_FDS)
+        self.assertTrue(all(fd < soft for fd in respawn._SPARE_FDS))
+
+    def test_no_spares_falls_back_to_the_child(self):
+        soft = max(64, max(self.fds_now()) + 20)
+        self.fill_fds_past(soft)
+        respawn.set_service_nofile(soft)         # spares now land above the limit
+        self.assertFalse(all(fd < soft for fd in respawn._SPARE_FDS))
+        self.spawn_and_check(soft)
+
+    @staticmethod
+    def fds_now():
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -360,6 +360,8 @@ def write_script(path, name, fifo, kind, data=None):
 
 
 class Services:
+    prefixed = False          # respawn.py: its default output (pipes, prefixed) instead of none
+
     def __init__(self, work, fifo, kind, n, data=None):
         self.kind = kind
         self.names = ["%s%03d" % (kind[0], i) for i in range(n)] if kind != "output" else ["out"]
@@ -426,7 +428,7 @@ class RespawnPeer(Peer):
             if services.kind == "output":
                 lines += ["stdout_logfile = %s" % output_log, "stdout_logfile_maxbytes = 0",
                           "stderr_logfile = none"]
-            else:
+            elif not services.prefixed:
                 lines += ["stdout_logfile = none", "stderr_logfile = none"]
             lines.append("")
         path = os.path.join(work, "respawn.ini")
@@ -669,6 +671,7 @@ class Run:
         self.services = Services(self.work, bench.fifo.path, kind, n, bench.data_path)
         self.output_log = peer.output_log(self.work)
         self.proc = None
+        self.preexec = None
 
     def start(self):
         cmd = self.peer.command(self.work, self.services, self.output_log)
@@ -676,7 +679,8 @@ class Run:
         out = open(os.path.join(self.work, "supervisor.out"), "wb")
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     cwd=self.work, start_new_session=True)
+                                     cwd=self.work, start_new_session=True,
+                                     preexec_fn=self.preexec)
         out.close()
         REAPER.note(self.proc.pid)
         return self
@@ -706,6 +710,13 @@ class Run:
 
     def own(self):
         return self.peer.own_pids(self.proc.pid)
+
+    def tail_out(self, n=5):
+        try:
+            with open(os.path.join(self.work, "supervisor.out"), "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def stop(self):
         if self.proc is None:
@@ -883,6 +894,133 @@ class Bench:
                 "reexec_wall_ms": statistics.median(walls), "reexec_pids_unchanged": same,
                 "reexec_services_restarted": restarted, "reexec_count": len(handoffs)}
 
+    # (8) scaling: respawn.py alone at 10, 100, 1000, 5000 services
+    def scale(self, peer):
+        if peer.name != "respawn":
+            return {}
+        res = {"scale": []}
+        for n in self.args.scale:
+            log("respawn: scale %d services" % n)
+            try:
+                point = self.scale_point(peer, n)
+            except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                point = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            point["n"] = n
+            log("respawn: scale %d: %s" % (n, json.dumps(point, default=str)))
+            res["scale"].append(point)
+        return res
+
+    def scale_point(self, peer, n):
+        """One size: every figure of the scaling table with n services running.
+        The services keep respawn.py's default output (each stream a pipe to the
+        supervisor's stdout, prefixed), so n services need 3n descriptors; the
+        supervisor is started with the usual soft RLIMIT_NOFILE of 1024 (the hard
+        limit left as the bench has it) and must raise its own."""
+        run = Run(self, peer, "long", n, "scale%d" % n)
+        run.services.prefixed = True
+        run.preexec = soft_nofile(1024)
+        run.start()
+        try:
+            t = run.all_running(max(60, n * 0.05))
+            if t is None:
+                return {"error": "the %d services did not all start" % n,
+                        "supervisor_out": run.tail_out()}
+            out = {"start_s": t}
+            time.sleep(2.0)
+            pid = run.proc.pid
+            before = usage([pid])
+            time.sleep(self.args.idle)
+            after = usage([pid])
+            out["idle_wakeups_per_30s"] = (after["vol"] - before["vol"]) * 30.0 / self.args.idle
+            out["idle_cpu_s_per_30s"] = (after["cpu"] - before["cpu"]) * 30.0 / self.args.idle
+            out["pss_mib"] = (pss_kib(pid) or 0) / 1024.0
+            out["rss_mib"] = (status_field(pid, "VmRSS") or 0) / 1024.0
+            out["fds"] = count_fds(pid)
+            out["nofile_soft"] = nofile_soft(pid)
+            # status --json: the supervisor's side (one request on the socket, read to
+            # its end) and the command as a user runs it (an interpreter starting too)
+            sock = os.path.join(run.work, "r.sock")
+            raw = [raw_request(sock, "status") for _ in range(5)]
+            out["status_json_socket_ms"] = statistics.median(x[0] for x in raw) * 1000
+            out["status_json_bytes"] = raw[0][1]
+            walls = []
+            for _ in range(3):
+                r, wall = peer.client(run.work, "status", "--json")
+                if r.returncode != 0:
+                    return dict(out, error="status --json failed: %s" % r.stderr.strip()[-200:])
+                walls.append(wall * 1000)
+            out["status_json_ms"] = statistics.median(walls)
+            out.update(self.scale_latency(run, n))
+            out.update(self.scale_reexec(run, peer, sock))
+            return out
+        finally:
+            run.stop()
+
+    def scale_latency(self, run, n):
+        """kill -> exec / kill -> announce of one service while n run, one kill at
+        a time (each waits for its respawn), the victim drawn at random."""
+        kills = self.args.scale_kills
+        lat, lat_exec = [], []
+        if self.execs:
+            self.execs.forget()
+        rng = random.Random(n)
+        deadline = time.monotonic() + 30 + kills
+        while len(lat) < kills and time.monotonic() < deadline:
+            latest = run.latest()
+            name = rng.choice(run.services.names)
+            t_up, pid = latest[name]
+            mark = self.fifo.mark()
+            t0 = time.monotonic()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            ev = self.fifo.wait(lambda e: next((x for x in e[mark:] if x[1] == name), None), 5)
+            if not ev:
+                continue
+            t, _, newpid = ev
+            lat.append((t - t0) * 1000)
+            if self.execs:
+                te = self.execs.first_exec_after(newpid, t0)
+                if te is not None and te <= t:
+                    lat_exec.append((te - t0) * 1000)
+            time.sleep(rng.uniform(0.01, 0.04))
+        out = {"kills": len(lat), "announce_p50_ms": pct(lat, 50), "announce_p99_ms": pct(lat, 99)}
+        if lat_exec and len(lat_exec) >= 0.9 * len(lat):
+            out.update({"exec_p50_ms": pct(lat_exec, 50), "exec_p99_ms": pct(lat_exec, 99)})
+        return out
+
+    def scale_reexec(self, run, peer, sock):
+        """The handoff as the supervisor reports it, and as a client sees it: from
+        starting `reexec` until `status` (a second command) shows the new image."""
+        handoffs, seen = [], []
+        first = json.loads(peer.client(run.work, "status", "--json")[0].stdout)
+        pids = {s["name"]: s["pid"] for s in first["services"]}
+        count = first["supervisor"]["reexecs"]
+        mark = self.fifo.mark()
+        for _ in range(self.args.reexecs):
+            t0 = time.monotonic()
+            r, _ = peer.client(run.work, "reexec", timeout=120)
+            m = re.search(r"handoff ([\d.]+) ms", r.stdout)
+            if r.returncode != 0 or not m:
+                return {"reexec_error": (r.stdout + r.stderr).strip()[-300:]}
+            handoffs.append(float(m.group(1)))
+            while True:
+                s, _ = peer.client(run.work, "status", "--json", timeout=120)
+                try:
+                    now = json.loads(s.stdout)
+                except ValueError:
+                    now = None
+                if now and now["supervisor"]["reexecs"] > count:
+                    count = now["supervisor"]["reexecs"]
+                    break
+                if time.monotonic() - t0 > 60:
+                    return {"reexec_error": "status never showed the new image"}
+            seen.append((time.monotonic() - t0) * 1000)
+        after = {s["name"]: s["pid"] for s in now["services"]}
+        return {"handoff_ms": statistics.median(handoffs), "reexec_seen_ms": statistics.median(seen),
+                "reexec_pids_unchanged": after == pids and len(self.fifo.since(mark)) == 0}
+
     # (5) churn
     def churn(self, peer):
         run = Run(self, peer, "churn", 10, "churn").start()
@@ -956,6 +1094,53 @@ class Bench:
             run.stop()
 
 
+def soft_nofile(limit):
+    """preexec_fn: start a process with the usual soft RLIMIT_NOFILE (the bench
+    raised its own), the hard limit as it is."""
+    def setup():
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+    return setup
+
+
+def nofile_soft(pid):
+    try:
+        with open("/proc/%d/limits" % pid) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def count_fds(pid):
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return None
+
+
+def raw_request(path, cmd):
+    """(seconds, bytes) of one request on the control socket, read to its end:
+    the supervisor's own time, without a client interpreter starting."""
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        t0 = time.monotonic()
+        sock.connect(path)
+        sock.sendall(json.dumps({"v": 1, "cmd": cmd, "args": {}}).encode() + b"\n")
+        size = 0
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            size += len(data)
+        return time.monotonic() - t0, size
+    finally:
+        sock.close()
+
+
 def files_equal(a, b):
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
@@ -1007,6 +1192,43 @@ def fmt(value, spec):
         return str(value)
 
 
+SCALE_ROWS = [
+    ("start_s", "all running (s)", "%.3f"),
+    ("exec_p50_ms", "restart kill->exec p50 (ms)", "%.2f"),
+    ("exec_p99_ms", "restart kill->exec p99 (ms)", "%.2f"),
+    ("announce_p50_ms", "restart kill->service up p50 (ms)", "%.2f"),
+    ("announce_p99_ms", "restart kill->service up p99 (ms)", "%.2f"),
+    ("handoff_ms", "re-exec handoff, supervisor (ms)", "%.1f"),
+    ("reexec_seen_ms", "re-exec until status shows it (ms)", "%.0f"),
+    ("reexec_pids_unchanged", "re-exec: no PID changed", "%s"),
+    ("status_json_ms", "status --json command (ms)", "%.1f"),
+    ("status_json_socket_ms", "status on the socket (ms)", "%.1f"),
+    ("pss_mib", "memory PSS (MiB)", "%.1f"),
+    ("rss_mib", "memory RSS (MiB)", "%.1f"),
+    ("idle_wakeups_per_30s", "idle wakeups /30 s", "%.0f"),
+    ("idle_cpu_s_per_30s", "idle CPU s /30 s", "%.3f"),
+    ("fds", "open descriptors", "%d"),
+    ("nofile_soft", "its soft RLIMIT_NOFILE", "%d"),
+]
+
+
+def render_scale(points):
+    w0 = max(len(r[1]) for r in SCALE_ROWS) + 2
+    out = ["", "scaling, respawn.py alone (started with a soft RLIMIT_NOFILE of 1024)"]
+    head = "%-*s" % (w0, "services") + "".join("%10d" % p["n"] for p in points)
+    out += [head, "-" * len(head)]
+    for key, label, spec in SCALE_ROWS:
+        vals = [p.get(key) for p in points]
+        if all(v is None for v in vals):
+            continue
+        out.append("%-*s" % (w0, label) + "".join("%10s" % fmt(v, spec) for v in vals))
+    for p in points:
+        for k, v in p.items():
+            if k.endswith("error"):
+                out.append("ERROR scale %d %s: %s" % (p["n"], k, v))
+    return out
+
+
 def render(report):
     peers = report["peers"]
     names = [p for p in PEERS if p in peers]
@@ -1051,6 +1273,11 @@ def render(report):
                     cells.append("%.3g" % (mine[key] / theirs))
             out.append("%-*s" % (w0, label) + "".join("%*s" % (cols[p], c)
                                                       for p, c in zip(others, cells)))
+    scale = (peers.get("respawn") or {}).get("results", {}).get("scale")
+    if scale:
+        out += render_scale(scale)
+        if report.get("plot"):
+            out.append("plot: %s" % report["plot"])
     b = report.get("baseline") or {}
     if b.get("spawn_to_announce_ms_p50") is not None:
         out += ["", "service start alone (the bench spawns the script itself): p50 %.2f ms, "
@@ -1094,7 +1321,7 @@ def parse_args(argv):
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--peers", default=",".join(PEERS),
                    help="comma-separated subset of %s" % ",".join(PEERS))
-    p.add_argument("--only", default="latency,hundred,five_hundred,churn,output",
+    p.add_argument("--only", default="latency,hundred,five_hundred,churn,output,scale",
                    help="comma-separated subset of measurements")
     p.add_argument("--venv", metavar="DIR", help="reuse a virtualenv that has supervisor and "
                    "circus instead of installing them into the scratch folder")
@@ -1103,16 +1330,22 @@ def parse_args(argv):
     p.add_argument("--churn", type=float, help="churn window in seconds (10; quick 3)")
     p.add_argument("--output-mb", type=int, help="MB the output service writes (200; quick 50)")
     p.add_argument("--reexecs", type=int, help="re-execs per size (3; quick 1)")
+    p.add_argument("--scale", default="10,100,1000,5000",
+                   help="service counts of the scaling run (respawn.py alone)")
+    p.add_argument("--scale-kills", type=int, help="kills per size in the scaling run (50; quick 20)")
+    p.add_argument("--plot", metavar="PNG", default=os.path.join(HERE, "scaling.png"),
+                   help="where the scaling run's plot goes (matplotlib in the scratch virtualenv)")
     p.add_argument("--respawn", metavar="FILE", default=RESPAWN,
                    help="the respawn.py to measure (default: the one beside bench/)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (for debugging)")
     a = p.parse_args(argv)
     defaults = dict(kills=(20, 50), idle=(5.0, 30.0), churn=(3.0, 10.0), output_mb=(50, 200),
-                    reexecs=(1, 3))
+                    reexecs=(1, 3), scale_kills=(20, 50))
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
+    a.scale = [int(x) for x in a.scale.split(",") if x.strip()]
     bad = [x for x in a.peers if x not in PEERS]
     if bad:
         p.error("unknown peer(s): %s" % ", ".join(bad))
@@ -1124,6 +1357,43 @@ def raise_nofile():
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def make_plot(report, png, venv):
+    """The scaling curves as a PNG, drawn by bench/plot.py under an interpreter
+    that has matplotlib: the virtualenv's, or a scratch one made for it."""
+    pythons = [os.path.join(venv, "bin", "python")] if venv else []
+    pythons.append(report["machine"].get("python_exe") or sys.executable)
+    python = next((p for p in pythons if os.path.exists(p) and subprocess.run(
+        [p, "-c", "import matplotlib"], capture_output=True).returncode == 0), None)
+    scratch = None
+    try:
+        if python is None:
+            scratch = tempfile.mkdtemp(prefix="respawn-bench-plot-")
+            log("installing matplotlib from PyPI into %s" % scratch)
+            subprocess.run([sys.executable, "-m", "venv", scratch], check=True, capture_output=True)
+            r = subprocess.run([os.path.join(scratch, "bin", "pip"), "install", "-q", "matplotlib"],
+                               capture_output=True, text=True, timeout=900)
+            if r.returncode != 0:
+                log("MISSING plot: pip install matplotlib failed: %s"
+                    % (r.stderr.strip().splitlines() or ["?"])[-1])
+                return None
+            python = os.path.join(scratch, "bin", "python")
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(report, f, default=str)
+        r = subprocess.run([python, os.path.join(HERE, "plot.py"), f.name, png],
+                           capture_output=True, text=True, timeout=300)
+        os.unlink(f.name)
+        if r.returncode != 0:
+            log("plot failed: %s" % r.stderr.strip()[-500:])
+            return None
+        return png
+    except (OSError, subprocess.SubprocessError) as exc:
+        log("plot failed: %s" % exc)
+        return None
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def on_signal(signum, frame):
@@ -1161,7 +1431,7 @@ def main(argv=None):
             if peer.missing:
                 log("%s: MISSING (%s)" % (peer.name, peer.missing))
                 continue
-            for step in ("latency", "hundred", "five_hundred", "churn", "output"):
+            for step in ("latency", "hundred", "five_hundred", "churn", "output", "scale"):
                 if step not in only:
                     continue
                 log("%s: %s" % (peer.name, step))
@@ -1192,6 +1462,9 @@ def main(argv=None):
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     report["elapsed_s"] = time.monotonic() - started
+    scale = report["peers"].get("respawn", {}).get("results", {}).get("scale")
+    if scale and args.plot:
+        report["plot"] = make_plot(report, args.plot, args.venv)
     if report["peers"]:
         print(render(report))
         print("elapsed: %.0f s" % report["elapsed_s"])
