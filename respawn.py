@@ -62,6 +62,9 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROTOCOL = 1                      # control-socket protocol version
 HANDOFF_FORMAT = 2                # re-exec state format version (1, of respawn 1.0.0, is still read)
 READ_SIZE = 1 << 20               # one read from a service pipe
+# os.splice moves a pipe's pages into a log file without a copy through us (3.10+)
+SPLICE = hasattr(os, "splice")
+SPLICE_FLAGS = 1 | 2 if SPLICE else 0   # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 MAX_PARTIAL = 64 * 1024           # a longer line without newline is cut here
 TAIL_LINES = 500                  # lines kept in memory per service for `log`
 MAX_REQUEST = 64 * 1024           # control-socket request size limit
@@ -2700,6 +2703,8 @@ class LogFile:
                 return dropped + self._write(data)
             cut = data.rfind(b"\n", 0, max(0, self.maxbytes - self.size)) + 1
             if not cut:
+                if self.at_line_start is None:
+                    self.at_line_start = self.ends_a_line()
                 if self.size and self.at_line_start:
                     if not self.rotate():
                         return dropped + self.out.drop(data)
@@ -2715,6 +2720,43 @@ class LogFile:
         self.size += self.out.written - before
         self.at_line_start = not self.out.open_line
         return dropped
+
+    def room(self):
+        """Bytes that may go in before a rotation is due (READ_SIZE when unbounded)."""
+        return READ_SIZE if not self.maxbytes else self.maxbytes - self.size
+
+    def splice_from(self, fd, count):
+        """Move up to count bytes from a pipe into the file inside the kernel
+        (os.splice, 3.10+), never through our memory; the number moved, 0 at the
+        pipe's end.  BlockingIOError when the pipe is empty, another OSError
+        when splice cannot serve this file (the caller reads instead)."""
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        # splice refuses an O_APPEND file: append by hand, from the end as it is
+        # now (a logrotate copytruncate, another writer of the same file)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            n = os.splice(fd, self.fd, count, flags=SPLICE_FLAGS)
+        finally:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+        if n:
+            self.size += n
+            self.at_line_start = None         # not seen: looked up if a rotation needs it
+        return n
+
+    def ends_a_line(self):
+        """Whether the file ends with a newline (after a splice): its last byte,
+        read through /proc (our fd is write-only), which follows a rename."""
+        try:
+            fd = os.open("/proc/self/fd/%d" % self.fd, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            return self.size == 0 or os.pread(fd, 1, self.size - 1) in (b"\n", b"")
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
 
     def rotate(self):
         self.close()
@@ -2737,13 +2779,14 @@ class LogFile:
 class Pipe:
     """The read end of one service stream, and the partial line read so far."""
 
-    __slots__ = ("fd", "service", "stream", "partial", "carried", "held", "ino")
+    __slots__ = ("fd", "service", "stream", "partial", "carried", "held", "ino", "splice")
 
     def __init__(self, fd, service, stream, partial=b"", held=None):
         self.fd, self.service, self.stream, self.partial = fd, service, stream, partial
         self.carried = 0              # bytes read; -2 once grown, -1 if it could not be
         self.held = held              # (pid, fd): the process holding a copy of it, at that fd
         self.ino = None
+        self.splice = SPLICE          # may go by splice to a log file (see splice_pipe)
 
 
 GROWN_PIPES_MAX = 32                  # 32 MiB of pipe: half the kernel's per-user soft limit
@@ -2908,6 +2951,7 @@ class Supervisor:
         self.settle_due = False
         self.readiness_due = False
         self.pipes = {}                       # fd -> Pipe
+        self.pipes_of = {}                    # service name -> its Pipes (no scan per exit)
         self.grown_pipes = 0                  # pipes enlarged by grow_pipe
         self.sinks = {}                       # (service name, stream) -> LogFile
         self.unopened = {}                    # (service name, stream) -> when its open failed
@@ -3419,9 +3463,14 @@ class Supervisor:
     def add_pipe(self, pipe):
         os.set_blocking(pipe.fd, False)
         self.pipes[pipe.fd] = pipe
+        self.pipes_of.setdefault(pipe.service, []).append(pipe)
         self.selector.register(pipe.fd, selectors.EVENT_READ, lambda mask, p=pipe: self.on_pipe(p))
 
     def on_pipe(self, pipe):
+        if pipe.splice:
+            moved = self.splice_pipe(pipe)
+            if moved is not None:
+                return
         try:
             data = os.read(pipe.fd, READ_SIZE)
         except BlockingIOError:
@@ -3429,22 +3478,51 @@ class Supervisor:
         except OSError:
             data = b""
         if data:
-            if pipe.carried >= 0:
-                # grown once the stream has carried 1 MiB: deterministic, unlike
-                # waiting for a read that happens to find the pipe full
-                pipe.carried += len(data)
-                if pipe.carried > 1 << 20:
-                    pipe.carried = -1
-                    if self.grown_pipes < GROWN_PIPES_MAX and grow_pipe(pipe.fd):
-                        self.grown_pipes += 1
-                        pipe.carried = -2
+            self.carried(pipe, len(data))
             self.emit(pipe, data)
         else:
             self.close_pipe(pipe)
 
+    def carried(self, pipe, n):
+        if pipe.carried >= 0:
+            # grown once the stream has carried 1 MiB: deterministic, unlike
+            # waiting for a read that happens to find the pipe full
+            pipe.carried += n
+            if pipe.carried > 1 << 20:
+                pipe.carried = -1
+                if self.grown_pipes < GROWN_PIPES_MAX and grow_pipe(pipe.fd):
+                    self.grown_pipes += 1
+                    pipe.carried = -2
+
+    def splice_pipe(self, pipe):
+        """A stream going to its log file only (no `log -f` follower, no partial
+        line held) moves by splice; bytes moved, or None: read it instead (near a
+        rotation, where the cut needs the bytes; or splice refused)."""
+        if pipe.partial or self.followers.get(pipe.service):
+            return None
+        sink = self.sink_for(pipe.service, pipe.stream)
+        if sink is None:
+            pipe.splice = False               # prefixed: every line is ours to read
+            return None
+        room = sink.room()
+        if room < READ_SIZE:
+            return None
+        try:
+            moved = sink.splice_from(pipe.fd, READ_SIZE)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            pipe.splice = False
+            return None
+        if moved:
+            self.carried(pipe, moved)
+        else:
+            self.close_pipe(pipe)
+        return moved
+
     def drain_service_pipes(self, svc):
         """Read what a service wrote before it exited, so its last lines come first."""
-        self.drain_pipes([p for p in self.pipes.values() if p.service == svc.name])
+        self.drain_pipes(list(self.pipes_of.get(svc.name, ())))
 
     def drain_pipes(self, pipes):
         """Read what is waiting in these pipes now.  Bounded: what a flooding writer
@@ -3467,6 +3545,11 @@ class Supervisor:
         self.selector.unregister(pipe.fd)
         os.close(pipe.fd)
         self.pipes.pop(pipe.fd, None)
+        mine = self.pipes_of.get(pipe.service)
+        if mine is not None and pipe in mine:
+            mine.remove(pipe)
+            if not mine:
+                del self.pipes_of[pipe.service]
         if pipe.carried == -2:
             self.grown_pipes -= 1
 

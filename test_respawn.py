@@ -9319,5 +9319,146 @@ class TestNofileInProcess(unittest.TestCase):
         return [int(n) for n in os.listdir("/proc/self/fd")]
 
 
+
+def numbered_lines(path, size, seed=7):
+    """Numbered lines of 1 to ~300 bytes up to size bytes; the bytes written."""
+    import random as _random
+    rng = _random.Random(seed)
+    filler = b"abcdefghijklmnopqrstuvwxyz0123456789" * 9
+    out, total, i = [], 0, 0
+    while total < size:
+        line = b"%08d %s\n" % (i, filler[:rng.randrange(0, 290)])
+        out.append(line)
+        total += len(line)
+        i += 1
+    data = b"".join(out)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def rotated_files(path):
+    """The log and its backups, oldest first."""
+    backups = sorted((int(n.rsplit(".", 1)[1]), n) for n in os.listdir(os.path.dirname(path))
+                     if n.startswith(os.path.basename(path) + ".") and n.rsplit(".", 1)[1].isdigit())
+    return [os.path.join(os.path.dirname(path), n) for _, n in reversed(backups)] + [path]
+
+
+class TestSpliceOutput(unittest.TestCase):
+    """A stream going to its log file moves by os.splice (3.10+) or by read and
+    write; both keep every line intact and in order and rotate between lines."""
+
+    MAXBYTES = 3 * 1024 * 1024
+
+    def feed(self, splice, size=12 * 1000 * 1000, maxbytes=MAXBYTES, truncate_at=None):
+        """Run one stream through a real (loop-less) supervisor's output path."""
+        import select
+        d = tempfile.mkdtemp(prefix="respawn-splice-")
+        self.addCleanup(shutil.rmtree, d, True)
+        log = os.path.join(d, "w.log")
+        cfg = os.path.join(d, "c.ini")
+        with open(cfg, "w") as f:
+            f.write("[respawn]\nwatch_self = false\nsocket = %s/s.sock\n[program:w]\ncommand = true\n"
+                    "stdout_logfile = %s\nstdout_logfile_maxbytes = %d\nstdout_logfile_backups = 50\n"
+                    % (d, log, maxbytes))
+        data = numbered_lines(os.path.join(d, "data"), size)
+        sup = respawn.RespawnSupervisor(respawn.load_config(cfg), SCRIPT, ["-c", cfg, "run"])
+        self.addCleanup(sup.selector.close)
+        self.addCleanup(lambda: [sink.close() for sink in sup.sinks.values()])
+        calls = []
+        real = respawn.LogFile.splice_from
+
+        def counted(sink, fd, count):
+            n = real(sink, fd, count)
+            calls.append(n)
+            return n
+        respawn.LogFile.splice_from = counted
+        self.addCleanup(setattr, respawn.LogFile, "splice_from", real)
+        r, w = os.pipe()
+        cat = subprocess.Popen(["cat", os.path.join(d, "data")], stdout=w)
+        self.addCleanup(cat.wait)
+        os.close(w)
+        pipe = respawn.Pipe(r, "w", "stdout")
+        pipe.splice = splice
+        sup.add_pipe(pipe)
+        deadline = time.monotonic() + 60
+        while r in sup.pipes and time.monotonic() < deadline:
+            select.select([r], [], [], 1)
+            sup.on_pipe(pipe)
+            if truncate_at is not None and sup.sinks and sup.sinks[("w", "stdout")].size > truncate_at:
+                os.truncate(log, 0)          # logrotate's copytruncate
+                truncate_at = None
+        self.assertNotIn(r, sup.pipes, "the stream did not end")
+        return data, log, calls
+
+    def check(self, data, log, maxbytes=MAXBYTES):
+        files = rotated_files(log)
+        got = b"".join(read_bytes(f) for f in files)
+        self.assertEqual(len(got), len(data))
+        self.assertTrue(got == data, "the log differs from what the service wrote")
+        self.assertGreater(len(files), 3, "no rotation happened")
+        for f in files[:-1]:
+            body = read_bytes(f)
+            self.assertTrue(body.endswith(b"\n"), "%s ends inside a line" % f)
+            # a line begun in a file is ended in it: at most one line over
+            self.assertLessEqual(len(body), maxbytes + 300, f)
+            # within a read (1 MiB) and a line of the limit: not cut early
+            self.assertGreater(len(body), maxbytes - respawn.READ_SIZE - 400, f)
+
+    def test_splice_path(self):
+        if not respawn.SPLICE:
+            self.skipTest("os.splice needs Python 3.10 (this is %s): the read path "
+                          "is tested on its own" % platform_version())
+        data, log, calls = self.feed(splice=True)
+        self.assertGreater(sum(n for n in calls if n), len(data) // 2, "most bytes by splice")
+        self.check(data, log)
+
+    def test_read_path(self):
+        data, log, calls = self.feed(splice=False)
+        self.assertEqual(calls, [])
+        self.check(data, log)
+
+    def test_unbounded_log_by_splice_is_the_stream(self):
+        data, log, calls = self.feed(splice=respawn.SPLICE, maxbytes=0)
+        self.assertEqual(read_bytes(log), data)
+        self.assertEqual(rotated_files(log), [log])
+
+    def test_splice_appends_after_a_copytruncate(self):
+        if not respawn.SPLICE:
+            self.skipTest("os.splice needs Python 3.10 (this is %s)" % platform_version())
+        data, log, calls = self.feed(splice=True, maxbytes=0, truncate_at=4 * 1000 * 1000)
+        got = read_bytes(log)
+        # no hole of zeros where the old content was: what follows the truncation
+        # starts the file, and it is a tail of the stream
+        self.assertNotIn(b"\0", got)
+        self.assertTrue(data.endswith(got) and 0 < len(got) < len(data))
+
+    def test_service_writes_through_a_supervisor(self):
+        # end to end, under this Python's own path (splice on 3.10+)
+        sup = core_sup(self, """\
+            [program:w]
+            command = cat {dir}/data
+            startsecs = 0
+            autorestart = false
+            stdout_logfile = {dir}/w.log
+            stdout_logfile_maxbytes = 3MB
+            stdout_logfile_backups = 50
+            """)
+        data = numbered_lines(sup.path("data"), 12 * 1000 * 1000)
+        sup.start()
+        sup.wait_state("w", "EXITED")
+        self.check(data, sup.path("w.log"), maxbytes=3 * 1024 * 1024)
+        self.assertEqual(sup.terminate(), 0)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def platform_version():
+    return "%d.%d" % sys.version_info[:2]
+
+
 if __name__ == "__main__":
     unittest.main()
