@@ -85,6 +85,17 @@ def did_you_mean(word, choices):
     return " (did you mean %r?)" % close[0] if close else ""
 
 
+def utf8_clean(data):
+    """Whether bytes are valid UTF-8 (so decoding with "replace" would change nothing)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def write_all(fd, data):
     """Write every byte to a blocking or non-blocking fd; True unless the reader is gone."""
     view = memoryview(data)
@@ -3609,38 +3620,54 @@ class Supervisor:
                 data = data[:cut]
         if sink is not None:
             self.count_dropped(name, sink.write(data))
-        lines = data.decode("utf-8", "replace").split("\n")[:-1]
+        # data ends a line here.  Lines are split one by one only for a follower
+        # or JSON logs (1 MiB of short lines is 10^4 of them); otherwise text that
+        # is valid UTF-8 (as a rule, ASCII) is prefixed as bytes, in one replace,
+        # and only the tail's last TAIL_LINES are decoded
+        followers = self.followers.get(name)
+        text = lines = None
+        if followers or (sink is None and self.json_logs) or not utf8_clean(data):
+            text = data.decode("utf-8", "replace")
+            lines = text.split("\n")[:-1]
         live = self.live.get(name)
         if live is not None and sink is None:
             if live.tail is None:
                 from collections import deque
                 live.tail = deque(maxlen=TAIL_LINES)
-            live.tail.extend(lines)
+            recent = lines if lines is not None else [
+                part.decode("utf-8", "replace")
+                for part in data.rsplit(b"\n", TAIL_LINES + 1)[:-1][-TAIL_LINES:]]
+            live.tail.extend(recent)
             if stream == "stderr":
                 if live.err_tail is None:
                     from collections import deque
                     live.err_tail = deque(maxlen=TAIL_LINES)
-                live.err_tail.extend(lines)
-        for client in self.followers.get(name, ()):
+                live.err_tail.extend(recent)
+        for client in followers or ():
             if client.log_stream in (None, stream):
                 client.send_lines(lines)
         if sink is None:
-            self.count_dropped(name, self.write_prefixed(name, stream, lines))
+            self.count_dropped(name, self.write_prefixed(name, stream, data, lines))
 
     def count_dropped(self, name, n):
         if n and name in self.services:
             self.services[name].dropped_bytes += n
 
-    def write_prefixed(self, name, stream, lines):
+    def write_prefixed(self, name, stream, data, lines):
+        """data: whole lines, each ended by a newline; lines: the same decoded and
+        split, or None where data is clean UTF-8 and goes out as it is."""
         fd = 2 if stream == "stderr" else 1
         if self.json_logs:
             now = round(time.time(), 3)
             out = "".join(json.dumps({"time": now, "service": name, "stream": stream,
-                                      "message": line}) + "\n" for line in lines)
+                                      "message": line}) + "\n" for line in lines).encode()
+        elif lines is None:
+            prefix = (name + " | ").encode()
+            out = prefix + data[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
         else:
             prefix = name + " | "
-            out = "".join(prefix + line + "\n" for line in lines)
-        return self.stream(fd).write(out.encode("utf-8", "replace"))
+            out = "".join(prefix + line + "\n" for line in lines).encode("utf-8", "replace")
+        return self.stream(fd).write(out)
 
     # -- sd_notify --------------------------------------------------------------
 

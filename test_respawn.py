@@ -9451,6 +9451,45 @@ class TestSpliceOutput(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+class TestPrefixedOutput(unittest.TestCase):
+    """The prefixed path: clean UTF-8 goes out as bytes in one replace, anything
+    else is decoded with replacement as before; the tail keeps the last lines."""
+
+    def test_prefixed_lines_tail_and_bad_utf8(self):
+        sup = core_sup(self, """\
+            [program:w]
+            command = {py} -c "import sys, os; os.write(1, b''.join(b'line %d\\\\n' % i for i in range(3000)) + 'caf\\\\u00e9 \\\\u2603\\\\n'.encode() + b'bad \\\\xff\\\\xfe end\\\\n'); os.execv('/bin/sleep', ['sleep', '1000'])"
+            startsecs = 0
+            """)
+        sup.start()
+        sup.wait_log("w | bad", stream="stdout")
+        out = sup.stdout().splitlines()
+        mine = [l for l in out if l.startswith("w | ")]
+        self.assertEqual(mine[:3000], ["w | line %d" % i for i in range(3000)])
+        self.assertEqual(mine[3000], "w | caf\u00e9 \u2603")
+        self.assertEqual(mine[3001], "w | bad \ufffd\ufffd end")
+        log = sup.ctl("log", "w", "-n", "3")
+        self.assertEqual(log.returncode, 0, log.stderr)
+        self.assertEqual(log.stdout.splitlines()[-3:],
+                         ["line 2999", "caf\u00e9 \u2603", "bad \ufffd\ufffd end"])
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_tail_of_one_large_chunk(self):
+        # one read of many lines: the tail keeps exactly the last TAIL_LINES
+        sup = core_sup(self, """\
+            [program:w]
+            command = {py} -c "import os; os.write(1, b''.join(b'n%d\\\\n' % i for i in range(5000))); os.execv('/bin/sleep', ['sleep', '1000'])"
+            startsecs = 0
+            """)
+        sup.start()
+        sup.wait_log("w | n4999", stream="stdout")
+        log = sup.ctl("log", "w", "-n", str(respawn.TAIL_LINES))
+        lines = log.stdout.splitlines()
+        self.assertEqual(lines[-respawn.TAIL_LINES:],
+                         ["n%d" % i for i in range(5000 - respawn.TAIL_LINES, 5000)])
+        self.assertEqual(sup.terminate(), 0)
+
+
 def read_bytes(path):
     with open(path, "rb") as f:
         return f.read()

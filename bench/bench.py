@@ -362,9 +362,10 @@ def write_script(path, name, fifo, kind, data=None):
 class Services:
     prefixed = False          # respawn.py: its default output (pipes, prefixed) instead of none
 
-    def __init__(self, work, fifo, kind, n, data=None):
+    def __init__(self, work, fifo, kind, n, data=None, prefix=None):
         self.kind = kind
-        self.names = ["%s%03d" % (kind[0], i) for i in range(n)] if kind != "output" else ["out"]
+        self.names = ["%s%03d" % (prefix or kind[0], i) for i in range(n)] if kind != "output" \
+            else ["out"]
         self.scripts = {}
         folder = os.path.join(work, "scripts")
         os.makedirs(folder, exist_ok=True)
@@ -425,7 +426,9 @@ class RespawnPeer(Peer):
         for name in services.names:
             lines += ["[program:%s]" % name, "command = %s" % services.scripts[name],
                       "startsecs = 0", "stopwaitsecs = 2"]
-            if services.kind == "output":
+            if services.kind == "output" and services.prefixed:
+                lines += ["stderr_logfile = none"]
+            elif services.kind == "output":
                 lines += ["stdout_logfile = %s" % output_log, "stdout_logfile_maxbytes = 0",
                           "stderr_logfile = none"]
             elif not services.prefixed:
@@ -672,16 +675,19 @@ class Run:
         self.output_log = peer.output_log(self.work)
         self.proc = None
         self.preexec = None
+        self.stdout_path = None       # the supervisor's stdout apart from its stderr
 
     def start(self):
         cmd = self.peer.command(self.work, self.services, self.output_log)
         self.mark = self.bench.fifo.mark()
         out = open(os.path.join(self.work, "supervisor.out"), "wb")
+        stdout = open(self.stdout_path, "wb") if self.stdout_path else out
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=out,
                                      cwd=self.work, start_new_session=True,
                                      preexec_fn=self.preexec)
         out.close()
+        stdout.close()
         REAPER.note(self.proc.pid)
         return self
 
@@ -773,7 +779,10 @@ class Bench:
             os.waitpid(pid, 0)
             if ev:
                 lat.append((ev - t0) * 1000)
-        return {"spawn_to_announce_ms_p50": pct(lat, 50), "spawn_to_announce_ms_p99": pct(lat, 99)}
+        res = {"spawn_to_announce_ms_p50": pct(lat, 50), "spawn_to_announce_ms_p99": pct(lat, 99)}
+        for n in (100, 500):
+            res["floor%d_s" % n] = self.floor(n)
+        return res
 
     # (1) respawn latency
     def latency(self, peer):
@@ -927,6 +936,8 @@ class Bench:
                         "supervisor_out": run.tail_out()}
             out = {"start_s": t}
             time.sleep(2.0)
+            # what starting n such services costs this machine at all, while n run
+            out["floor_start_s"] = self.floor(n)
             pid = run.proc.pid
             before = usage([pid])
             time.sleep(self.args.idle)
@@ -1060,8 +1071,40 @@ class Bench:
         self.data_lines = i
 
     def output(self, peer):
+        """Median of several runs (the VM's first touch of fresh page-cache pages
+        makes single runs swing 2-3x), with the range; respawn.py also through its
+        prefixed path (`out | line` on its own stdout)."""
         self.make_data()
-        run = Run(self, peer, "output", 1, "output").start()
+        res = {}
+        paths = [("output", False)] + ([("prefixed", True)] if peer.name == "respawn" else [])
+        for key, prefixed in paths:
+            runs = []
+            for _ in range(self.args.output_runs):
+                r = self.output_once(peer, prefixed)
+                if "error" in r:
+                    return dict(res, error=r["error"])
+                runs.append(r)
+            rates = sorted(r["mb_per_s"] for r in runs)
+            cpus = sorted(r["cpu_s_per_100mb"] for r in runs)
+            res.update({key + "_mb_per_s": statistics.median(rates),
+                        key + "_mb_per_s_range": [rates[0], rates[-1]],
+                        key + "_cpu_s_per_100mb": statistics.median(cpus),
+                        key + "_cpu_s_per_100mb_range": [cpus[0], cpus[-1]],
+                        key + "_intact": all(r["intact"] for r in runs),
+                        key + "_runs": len(runs)})
+            notes = [r["note"] for r in runs if r.get("note")]
+            if notes:
+                res[key + "_note"] = notes[0]
+        res["output_mb"] = self.data_size / 1e6
+        return res
+
+    def output_once(self, peer, prefixed):
+        run = Run(self, peer, "output", 1, "prefixed" if prefixed else "output")
+        if prefixed:
+            run.services.prefixed = True
+            run.stdout_path = run.output_log = os.path.join(run.work, "prefixed.out")
+        want = self.data_size + (len("out | ") * self.data_lines if prefixed else 0)
+        run.start()
         try:
             mark = run.mark
             t0 = self.fifo.wait(lambda e: next((t for t, n, _ in e[mark:] if n == "out"), None), 60)
@@ -1076,22 +1119,64 @@ class Bench:
                     size = os.path.getsize(run.output_log)
                 except OSError:
                     size = 0
-                if size >= self.data_size:
+                if size >= want:
                     break
                 time.sleep(0.002)
             t1 = time.monotonic()
             cpu = usage(pids)["cpu"] - before["cpu"]
-            intact = size == self.data_size and files_equal(run.output_log, self.data_path)
-            res = {"output_mb": self.data_size / 1e6, "output_mb_per_s": size / 1e6 / (t1 - t0),
-                   "output_intact": intact,
-                   "output_cpu_s_per_100mb": cpu * 1e8 / max(size, 1)}
-            if size < self.data_size:
-                res["output_note"] = "only %d of %d bytes arrived within 300 s" % (size, self.data_size)
-            elif size > self.data_size or not intact:
-                res["output_note"] = "the log differs from what the service wrote"
+            if prefixed:
+                intact = size == want and prefixed_equal(run.output_log, self.data_path, b"out | ")
+            else:
+                intact = size == want and files_equal(run.output_log, self.data_path)
+            res = {"mb_per_s": self.data_size * (size / want) / 1e6 / (t1 - t0),
+                   "intact": intact, "cpu_s_per_100mb": cpu * 1e8 / max(size, 1)}
+            if size < want:
+                res["note"] = "only %d of %d bytes arrived within 300 s" % (size, want)
+            elif size > want or not intact:
+                res["note"] = "the log differs from what the service wrote"
             return res
         finally:
             run.stop()
+
+    # (9) the machine's own floor for starting n services: the bench spawns the
+    # same scripts itself, one after another (posix_spawn, a process with few fds)
+    def floor(self, n):
+        folder = tempfile.mkdtemp(prefix="floor-%d-" % n, dir=self.scratch)
+        services = Services(folder, self.fifo.path, "long", n, prefix="floor")
+        want = set(services.names)
+        mark = self.fifo.mark()
+        pids = []
+        t0 = time.monotonic()
+        try:
+            for name in services.names:
+                path = services.scripts[name]
+                pids.append(os.posix_spawn(path, [path], os.environ, setsid=True))
+                REAPER.note(pids[-1])
+
+            def done(events):
+                seen = {}
+                for t, name, _ in events[mark:]:
+                    if name in want:
+                        seen.setdefault(name, t)
+                return max(seen.values()) if len(seen) == len(want) else None
+            last = self.fifo.wait(done, max(60, n * 0.05))
+            return None if last is None else last - t0
+        finally:
+            REAPER.kill_known(pids)
+            for pid in pids:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+
+
+def prefixed_equal(path, data_path, prefix):
+    """Every line of path is prefix + the same line of data_path, in order."""
+    with open(path, "rb") as fa, open(data_path, "rb") as fb:
+        for a, b in zip(fa, fb):
+            if a != prefix + b:
+                return False
+        return fa.read(1) == b"" and fb.read(1) == b""
 
 
 def soft_nofile(limit):
@@ -1171,8 +1256,13 @@ ROWS = [
     ("churn_restarts_per_s", "churn restarts/s (10 svc)", "%.0f", False),
     ("churn_cpu_ms_per_restart", "churn CPU per restart (ms)", "%.3f", True),
     ("output_mb_per_s", "output to log file (MB/s)", "%.0f", False),
+    ("output_mb_per_s_range", "  range over the runs", "%s", None),
     ("output_cpu_s_per_100mb", "output CPU s per 100 MB", "%.3f", True),
+    ("output_cpu_s_per_100mb_range", "  range over the runs", "%s", None),
     ("output_intact", "output lines intact", "%s", None),
+    ("prefixed_mb_per_s", "output prefixed to stdout (MB/s)", "%.0f", False),
+    ("prefixed_cpu_s_per_100mb", "prefixed CPU s per 100 MB", "%.3f", True),
+    ("prefixed_intact", "prefixed lines intact", "%s", None),
     ("reexec_handoff_ms_100", "re-exec handoff, 100 svc (ms)", "%.1f", True),
     ("reexec_wall_ms_100", "re-exec command wall, 100 svc (ms)", "%.0f", True),
     ("reexec_handoff_ms_500", "re-exec handoff, 500 svc (ms)", "%.1f", True),
@@ -1184,6 +1274,8 @@ ROWS = [
 def fmt(value, spec):
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return "-".join(("%.3g" % v) for v in value)
     if spec == "%s":
         return "yes" if value is True else "NO" if value is False else str(value)
     try:
@@ -1194,6 +1286,7 @@ def fmt(value, spec):
 
 SCALE_ROWS = [
     ("start_s", "all running (s)", "%.3f"),
+    ("floor_start_s", "  the bench's own spawn loop (s)", "%.3f"),
     ("exec_p50_ms", "restart kill->exec p50 (ms)", "%.2f"),
     ("exec_p99_ms", "restart kill->exec p99 (ms)", "%.2f"),
     ("announce_p50_ms", "restart kill->service up p50 (ms)", "%.2f"),
@@ -1283,6 +1376,10 @@ def render(report):
         out += ["", "service start alone (the bench spawns the script itself): p50 %.2f ms, "
                 "p99 %.2f ms; included in every respawn latency above"
                 % (b["spawn_to_announce_ms_p50"], b["spawn_to_announce_ms_p99"])]
+    if b.get("floor100_s") is not None:
+        out.append("the machine's floor for 'all running' (the bench spawns the same scripts "
+                   "itself, one after another): 100 svc %.3f s, 500 svc %s s"
+                   % (b["floor100_s"], fmt(b.get("floor500_s"), "%.3f")))
     m = report["machine"]
     out.append("machine: %s; %s CPUs; %s; %s; Python %s (%s); load before: %s; mode: %s"
                % (m["cpu"], m["cpus"], m["kernel"], m["mem"], m["python"], m["python_exe"],
@@ -1329,6 +1426,7 @@ def parse_args(argv):
     p.add_argument("--idle", type=float, help="idle window in seconds (30; quick 5)")
     p.add_argument("--churn", type=float, help="churn window in seconds (10; quick 3)")
     p.add_argument("--output-mb", type=int, help="MB the output service writes (200; quick 50)")
+    p.add_argument("--output-runs", type=int, help="output runs per peer, the median shown (3; quick 2)")
     p.add_argument("--reexecs", type=int, help="re-execs per size (3; quick 1)")
     p.add_argument("--scale", default="10,100,1000,5000",
                    help="service counts of the scaling run (respawn.py alone)")
@@ -1340,6 +1438,7 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (for debugging)")
     a = p.parse_args(argv)
     defaults = dict(kills=(20, 50), idle=(5.0, 30.0), churn=(3.0, 10.0), output_mb=(50, 200),
+                    output_runs=(2, 3),
                     reexecs=(1, 3), scale_kills=(20, 50))
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:

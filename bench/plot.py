@@ -46,6 +46,8 @@ def main(argv):
         ax.set_xscale("log")
         if unit != "count" or any(p.get("fds") for p in points):
             ax.set_yscale("symlog" if unit == "count" else "log")
+            if unit == "count":
+                ax.set_ylim(bottom=0)
         ax.set_xticks(ns)
         ax.set_xticklabels([str(n) for n in ns])
         ax.set_xlabel("services")
