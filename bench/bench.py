@@ -14,6 +14,7 @@ also on Ctrl-C.  bench/README.md explains each number and how it is taken.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -106,6 +107,16 @@ def pss_kib(pid):
     return None
 
 
+def schedstat_ns(path):
+    """CPU time in ns of a task (/proc/.../schedstat: the scheduler's own
+    count, finer than the 10 ms ticks of /proc/PID/stat), or None."""
+    try:
+        with open("/proc/%s/schedstat" % path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def usage(pids):
     """Summed CPU seconds (all threads) and context switches (summed over every
     thread: Circus runs ZeroMQ I/O threads) of some processes now."""
@@ -114,16 +125,20 @@ def usage(pids):
         st = proc_stat(pid)
         if st is None:
             continue
-        cpu += st[3]
         try:
             tids = os.listdir("/proc/%d/task" % pid)
         except OSError:
             tids = []
+        ns = [schedstat_ns("%d/task/%s" % (pid, tid)) for tid in tids]
+        if tids and None not in ns:
+            cpu += sum(ns) / 1e9
+        else:
+            cpu += st[3] / CLK_TCK
         for tid in tids:
             path = "%d/task/%s" % (pid, tid)
             vol += status_field(path, "voluntary_ctxt_switches") or 0
             invol += status_field(path, "nonvoluntary_ctxt_switches") or 0
-    return {"cpu": cpu / CLK_TCK, "vol": vol, "invol": invol}
+    return {"cpu": cpu, "vol": vol, "invol": invol}
 
 
 def memory(pids):
@@ -782,7 +797,37 @@ class Bench:
         res = {"spawn_to_announce_ms_p50": pct(lat, 50), "spawn_to_announce_ms_p99": pct(lat, 99)}
         for n in (100, 500):
             res["floor%d_s" % n] = self.floor(n)
+        res.update(self.spawn_vs_fds())
+        if "output" in self.args.only:
+            res.update(self.output_floor())
         return res
+
+    def spawn_vs_fds(self, spawns=100):
+        """What one spawn costs the parent (vfork until the child's exec) with few
+        fds open and with 15 000 (5000 services' pidfds and pipes): the kernel
+        copies the whole fd table into the child and closes it again at exec."""
+        folder = tempfile.mkdtemp(prefix="fdcost-", dir=self.scratch)
+        path = os.path.join(folder, "t")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        os.chmod(path, 0o755)
+        out, held = {}, []
+        try:
+            for label, nfds in (("few", 0), ("15000", 15000)):
+                while len(held) < nfds:
+                    held.extend(os.pipe())
+                pids, t0 = [], time.monotonic()
+                for _ in range(spawns):
+                    pids.append(os.posix_spawn(path, [path], os.environ))
+                out["spawn_ms_fds_%s" % label] = (time.monotonic() - t0) * 1000 / spawns
+                for pid in pids:
+                    os.waitpid(pid, 0)
+        except OSError as exc:
+            out["spawn_vs_fds_error"] = str(exc)
+        finally:
+            for fd in held:
+                os.close(fd)
+        return out
 
     # (1) respawn latency
     def latency(self, peer):
@@ -1138,6 +1183,45 @@ class Bench:
         finally:
             run.stop()
 
+    # (6b) the floor for output: the bench itself moves the same bytes from the
+    # same `cat` into a file, by splice where Python has it (one copy, in the kernel)
+    def output_floor(self):
+        self.make_data()
+        runs = []
+        for i in range(self.args.output_runs):
+            path = os.path.join(self.scratch, "floor-out.log")
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(r, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+            except OSError:
+                pass
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            t0, c0 = time.monotonic(), time.thread_time()
+            cat = subprocess.Popen([CAT, self.data_path], stdout=w)
+            REAPER.note(cat.pid)
+            os.close(w)
+            size = 0
+            while True:
+                if hasattr(os, "splice"):
+                    n = os.splice(r, out, 1 << 20)
+                else:
+                    data = os.read(r, 1 << 20)
+                    n = len(data)
+                    os.write(out, data)
+                if not n:
+                    break
+                size += n
+            t1, c1 = time.monotonic(), time.thread_time()
+            cat.wait()
+            os.close(r)
+            os.close(out)
+            os.unlink(path)
+            runs.append((size / 1e6 / (t1 - t0), (c1 - c0) * 1e8 / max(size, 1)))
+        rates, cpus = sorted(x[0] for x in runs), sorted(x[1] for x in runs)
+        return {"output_floor_mb_per_s": statistics.median(rates),
+                "output_floor_mb_per_s_range": [rates[0], rates[-1]],
+                "output_floor_cpu_s_per_100mb": statistics.median(cpus)}
+
     # (9) the machine's own floor for starting n services: the bench spawns the
     # same scripts itself, one after another (posix_spawn, a process with few fds)
     def floor(self, n):
@@ -1256,9 +1340,9 @@ ROWS = [
     ("churn_restarts_per_s", "churn restarts/s (10 svc)", "%.0f", False),
     ("churn_cpu_ms_per_restart", "churn CPU per restart (ms)", "%.3f", True),
     ("output_mb_per_s", "output to log file (MB/s)", "%.0f", False),
-    ("output_mb_per_s_range", "  range over the runs", "%s", None),
+    ("output_mb_per_s_range", "  range over the runs", "%.0f", None),
     ("output_cpu_s_per_100mb", "output CPU s per 100 MB", "%.3f", True),
-    ("output_cpu_s_per_100mb_range", "  range over the runs", "%s", None),
+    ("output_cpu_s_per_100mb_range", "  range over the runs", "%.3f", None),
     ("output_intact", "output lines intact", "%s", None),
     ("prefixed_mb_per_s", "output prefixed to stdout (MB/s)", "%.0f", False),
     ("prefixed_cpu_s_per_100mb", "prefixed CPU s per 100 MB", "%.3f", True),
@@ -1275,7 +1359,7 @@ def fmt(value, spec):
     if value is None:
         return "-"
     if isinstance(value, list):
-        return "-".join(("%.3g" % v) for v in value)
+        return "..".join(spec % v for v in value)
     if spec == "%s":
         return "yes" if value is True else "NO" if value is False else str(value)
     try:
@@ -1376,6 +1460,15 @@ def render(report):
         out += ["", "service start alone (the bench spawns the script itself): p50 %.2f ms, "
                 "p99 %.2f ms; included in every respawn latency above"
                 % (b["spawn_to_announce_ms_p50"], b["spawn_to_announce_ms_p99"])]
+    if b.get("spawn_ms_fds_few") is not None and b.get("spawn_ms_fds_15000") is not None:
+        out.append("one spawn (vfork until the child's exec, /bin/sh script) costs the parent "
+                   "%.2f ms with few fds open, %.2f ms with 15 000 open"
+                   % (b["spawn_ms_fds_few"], b["spawn_ms_fds_15000"]))
+    if b.get("output_floor_mb_per_s") is not None:
+        out.append("the floor for output (the bench splices the same cat's pipe into a file "
+                   "itself): %.0f MB/s (range %s), %.3f CPU s per 100 MB"
+                   % (b["output_floor_mb_per_s"], fmt(b["output_floor_mb_per_s_range"], "%.0f"),
+                      b["output_floor_cpu_s_per_100mb"]))
     if b.get("floor100_s") is not None:
         out.append("the machine's floor for 'all running' (the bench spawns the same scripts "
                    "itself, one after another): 100 svc %.3f s, 500 svc %s s"
