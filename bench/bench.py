@@ -798,9 +798,50 @@ class Bench:
         for n in (100, 500):
             res["floor%d_s" % n] = self.floor(n)
         res.update(self.spawn_vs_fds())
+        res.update(self.latency_floor())
         if "output" in self.args.only:
             res.update(self.output_floor())
         return res
+
+    def latency_floor(self, kills=30):
+        """The least a supervisor can take from a kill to the new instance's exec
+        on this machine: a small process of its own (no threads, few fds) kills
+        the script's instance, waits on its pidfd, reaps it and posix_spawns the
+        script again; the exec is timed by the kernel's events as for the peers."""
+        if not self.execs or not hasattr(os, "pidfd_open"):
+            return {}
+        folder = tempfile.mkdtemp(prefix="latfloor-", dir=self.scratch)
+        path = os.path.join(folder, "f")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\nexec %s 100000000\n" % SLEEP)
+        os.chmod(path, 0o755)
+        code = ("import os, select, sys, time\n"
+                "path = sys.argv[1]\n"
+                "pid = os.posix_spawn(path, [path], os.environ, setsid=True)\n"
+                "for _ in range(int(sys.argv[2])):\n"
+                "    time.sleep(0.03)\n"
+                "    fd = os.pidfd_open(pid)\n"
+                "    t0 = time.monotonic()\n"
+                "    os.kill(pid, 9)\n"
+                "    select.select([fd], [], [])\n"
+                "    os.waitpid(pid, 0)\n"
+                "    os.close(fd)\n"
+                "    pid = os.posix_spawn(path, [path], os.environ, setsid=True)\n"
+                "    print(t0, pid, flush=True)\n"
+                "time.sleep(0.2)\n"
+                "os.kill(pid, 9)\n")
+        out = subprocess.run([sys.executable, "-I", "-c", code, path, str(kills)],
+                             capture_output=True, text=True, timeout=120)
+        lat = []
+        for line in out.stdout.split("\n"):
+            if line.strip():
+                t0, pid = line.split()
+                te = self.execs.first_exec_after(int(pid), float(t0))
+                if te is not None:
+                    lat.append((te - float(t0)) * 1000)
+        if len(lat) < kills * 0.9:
+            return {}
+        return {"exec_floor_p50_ms": pct(lat, 50), "exec_floor_p99_ms": pct(lat, 99)}
 
     def spawn_vs_fds(self, spawns=100):
         """What one spawn costs the parent (vfork until the child's exec) with few
@@ -1460,6 +1501,10 @@ def render(report):
         out += ["", "service start alone (the bench spawns the script itself): p50 %.2f ms, "
                 "p99 %.2f ms; included in every respawn latency above"
                 % (b["spawn_to_announce_ms_p50"], b["spawn_to_announce_ms_p99"])]
+    if b.get("exec_floor_p50_ms") is not None:
+        out.append("the floor for kill->exec (a small process waits on a pidfd, reaps and posix_spawns "
+                   "the script itself): p50 %.2f ms, p99 %.2f ms"
+                   % (b["exec_floor_p50_ms"], b["exec_floor_p99_ms"]))
     if b.get("spawn_ms_fds_few") is not None and b.get("spawn_ms_fds_15000") is not None:
         out.append("one spawn (vfork until the child's exec, /bin/sh script) costs the parent "
                    "%.2f ms with few fds open, %.2f ms with 15 000 open"
