@@ -4170,6 +4170,7 @@ class Supervisor:
         self.reexeced = time.time()
         self.rejected_hash = state.get("rejected_hash")
         self.pidfile = state.get("pidfile")
+        set_service_nofile(state.get("service_nofile"))
         if self.hash != state.get("new_hash"):
             # we are the previous code, rolled back to: the new file is bad
             self.rejected_hash = state.get("new_hash")
@@ -4930,6 +4931,8 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
                    "sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections}},
         "pending": list(pending), "script": sup.script, "argv": sup.argv,
         "pidfile": sup.pidfile,
+        # the soft RLIMIT_NOFILE our services get (raise_nofile)
+        "service_nofile": SERVICE_NOFILE,
         "helpers": sorted(set(sup.helpers) | sup.watcher.abandoned),
         "services": services,
         "fds": fds,
