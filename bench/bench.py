@@ -435,12 +435,18 @@ class RespawnPeer(Peer):
             return
         out = subprocess.run([self.python, RESPAWN, "--version"], capture_output=True, text=True)
         self.version = out.stdout.strip().split()[-1] if out.returncode == 0 else "?"
+        # since issue 10 an unplanned restart within backoff_reset of the previous
+        # one backs off; 0 restores the immediate restart (1.0.0 has no such key)
+        with open(RESPAWN, "rb") as f:
+            self.backoff_reset = b'"backoff_reset"' in f.read()
 
     def config(self, work, services, output_log):
         lines = ["[respawn]", "socket = %s/r.sock" % work, "loglevel = info", ""]
         for name in services.names:
             lines += ["[program:%s]" % name, "command = %s" % services.scripts[name],
                       "startsecs = 0", "stopwaitsecs = 2"]
+            if self.backoff_reset:
+                lines.append("backoff_reset = 0")
             if services.kind == "output" and services.prefixed:
                 lines += ["stderr_logfile = none"]
             elif services.kind == "output":
