@@ -590,10 +590,12 @@ class Program:
     """One service: a [program:NAME] section, or one of its numprocs instances, typed.
     Plain data; `raw` keeps the text for diffs, `lines` each key's (file, line)."""
 
+    # the defaults are class attributes (set below the class): an instance holds
+    # only the keys its section sets, ~600 bytes less per program (3 MiB at 5000)
+
     def __init__(self, name, values, raw, file=None, line=None, lines=None):
         self.program_name = self.group_name = name
         self.process_num = 0
-        self.__dict__.update(PROGRAM_DEFAULTS)
         self.__dict__.update(values)
         self.name, self.raw, self.file, self.line = name, raw, file, line
         self.lines = lines or {}
@@ -616,6 +618,11 @@ class Program:
             return "merged"
         target = getattr(self, stream + "_logfile")
         return "prefix" if target is None else target
+
+
+for _key, _default in PROGRAM_DEFAULTS.items():
+    setattr(Program, _key, _default)
+del _key, _default
 
 
 class Config:
@@ -3471,8 +3478,9 @@ class Supervisor:
 
     # -- output -----------------------------------------------------------
 
-    def add_pipe(self, pipe):
-        os.set_blocking(pipe.fd, False)
+    def add_pipe(self, pipe, nonblocking=False):
+        if not nonblocking:
+            os.set_blocking(pipe.fd, False)
         self.pipes[pipe.fd] = pipe
         self.pipes_of.setdefault(pipe.service, []).append(pipe)
         self.selector.register(pipe.fd, selectors.EVENT_READ, lambda mask, p=pipe: self.on_pipe(p))
@@ -4131,7 +4139,8 @@ class Supervisor:
         state = encode_handoff(self, pending, new_hash, client, t0)
         opened, kept = [], handoff_fds(state)
         try:
-            state_fd = memfd("respawn-state", json.dumps(state).encode())
+            state_fd = memfd("respawn-state", json.dumps(state, check_circular=False,
+                                                         separators=(",", ":")).encode())
             opened.append(state_fd)
             rollback_fd = memfd("respawn-rollback", self.source or b"")
             opened.append(rollback_fd)
@@ -4219,8 +4228,11 @@ class Supervisor:
             else:
                 os.close(fd)
         for p in fds["pipes"]:
-            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", "")),
-                               tuple(p["held"]) if p.get("held") else None))
+            partial = p.get("partial")
+            # already non-blocking: the flag belongs to the pipe, not to our image
+            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"],
+                               base64.b64decode(partial) if partial else b"",
+                               tuple(p["held"]) if p.get("held") else None), nonblocking=True)
         lost = []
         for svc in list(self.services.values()):
             for what, when in svc.deadlines():
@@ -4885,8 +4897,13 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
     fds the new image takes over.  t0: when supervision paused for the handoff."""
     import base64
     services = []
+    # a new record differs by program only in `want` (autostart): one of each, not
+    # one per service (5000 services: ~30 ms)
+    fresh_of = {}
     for svc in sup.services.values():
-        fresh = Service(svc.program)
+        fresh = fresh_of.get(svc.program.autostart)
+        if fresh is None:
+            fresh = fresh_of[svc.program.autostart] = Service(svc.program)
         entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != getattr(fresh, k)}
         entry["name"] = svc.name
         live = sup.live[svc.name]
