@@ -1389,7 +1389,7 @@ ROWS = [
     ("output_mb_per_s", "output to log file (MB/s)", "%.0f", False),
     ("output_mb_per_s_range", "  range over the runs", "%.0f", None),
     ("output_cpu_s_per_100mb", "output CPU s per 100 MB", "%.3f", True),
-    ("output_cpu_s_per_100mb_range", "  range over the runs", "%.3f", None),
+    ("output_cpu_s_per_100mb_range", "  range over the runs", "%.3g", None),
     ("output_intact", "output lines intact", "%s", None),
     ("prefixed_mb_per_s", "output prefixed to stdout (MB/s)", "%.0f", False),
     ("prefixed_cpu_s_per_100mb", "prefixed CPU s per 100 MB", "%.3f", True),
