@@ -2713,6 +2713,10 @@ class LogFile:
                     or not self.try_open():
                 return self.out.drop(data)
         dropped = 0
+        if self.at_line_start is None:
+            # after a splice, whose bytes we never saw: the file's last byte says
+            self.at_line_start = self.ends_a_line()
+            self.out.open_line = not self.at_line_start
         # One read can hold megabytes: cut it into whole lines that fit, and
         # rotate only between lines, so that no line is split across two files
         # and only a single line longer than maxbytes makes a file bigger.
@@ -2721,8 +2725,6 @@ class LogFile:
                 return dropped + self._write(data)
             cut = data.rfind(b"\n", 0, max(0, self.maxbytes - self.size)) + 1
             if not cut:
-                if self.at_line_start is None:
-                    self.at_line_start = self.ends_a_line()
                 if self.size and self.at_line_start:
                     if not self.rotate():
                         return dropped + self.out.drop(data)
@@ -2738,6 +2740,14 @@ class LogFile:
         self.size += self.out.written - before
         self.at_line_start = not self.out.open_line
         return dropped
+
+    def can_splice(self):
+        """Open, a regular file, and its Writer with nothing held back (a line's
+        tail to finish, a line being dropped, a failing disk): bytes moved by
+        splice cannot be dropped in whole lines or counted, the Writer's can."""
+        out = self.out
+        return (self.fd is not None and out.regular and not out.pending and not out.skip
+                and out.failing is None)
 
     def room(self):
         """Bytes that may go in before a rotation is due (READ_SIZE when unbounded)."""
@@ -3521,18 +3531,20 @@ class Supervisor:
             return None
         sink = self.sink_for(pipe.service, pipe.stream)
         if sink is None:
-            pipe.splice = False               # prefixed: every line is ours to read
+            if self.services.get(pipe.service) is not None and \
+                    self.services[pipe.service].program.stream_target(pipe.stream) == "prefix":
+                pipe.splice = False           # prefixed: every line is ours to read
             return None
-        room = sink.room()
-        if room < READ_SIZE:
+        if not sink.can_splice() or sink.room() < READ_SIZE:
             return None
         try:
             moved = sink.splice_from(pipe.fd, READ_SIZE)
         except BlockingIOError:
             return 0
-        except OSError:
-            pipe.splice = False
-            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+                pipe.splice = False           # splice cannot serve this file at all
+            return None                       # read: the Writer drops and counts
         if moved:
             self.carried(pipe, moved)
         else:
