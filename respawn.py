@@ -2749,6 +2749,16 @@ class LogFile:
         return (self.fd is not None and out.regular and not out.pending and not out.skip
                 and out.failing is None)
 
+    def disk_has_room(self):
+        """Whether the file system has a few MiB free: near a full disk the
+        Writer's path (write, and take a torn line back) goes on instead, since
+        a splice cut short by ENOSPC would leave half a line in the file."""
+        try:
+            st = os.fstatvfs(self.fd)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= 4 * READ_SIZE
+
     def room(self):
         """Bytes that may go in before a rotation is due (READ_SIZE when unbounded)."""
         return READ_SIZE if not self.maxbytes else self.maxbytes - self.size
@@ -3535,7 +3545,7 @@ class Supervisor:
                     self.services[pipe.service].program.stream_target(pipe.stream) == "prefix":
                 pipe.splice = False           # prefixed: every line is ours to read
             return None
-        if not sink.can_splice() or sink.room() < READ_SIZE:
+        if not sink.can_splice() or sink.room() < READ_SIZE or not sink.disk_has_room():
             return None
         try:
             moved = sink.splice_from(pipe.fd, READ_SIZE)
