@@ -64,6 +64,9 @@ EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_NOT_RUNNING = 0, 1, 2, 3
 PROTOCOL = 1                      # control-socket protocol version
 HANDOFF_FORMAT = 2                # re-exec state format version (1, of respawn 1.0.0, is still read)
 READ_SIZE = 1 << 20               # one read from a service pipe
+# os.splice moves a pipe's pages into a log file without a copy through us (3.10+)
+SPLICE = hasattr(os, "splice")
+SPLICE_FLAGS = 1 | 2 if SPLICE else 0   # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
 MAX_PARTIAL = 64 * 1024           # a longer line without newline is cut here
 TAIL_LINES = 500                  # lines kept in memory per service for `log`
 MAX_REQUEST = 64 * 1024           # control-socket request size limit
@@ -82,6 +85,17 @@ def did_you_mean(word, choices):
     import difflib  # only on the error path
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return " (did you mean %r?)" % close[0] if close else ""
+
+
+def utf8_clean(data):
+    """Whether bytes are valid UTF-8 (so decoding with "replace" would change nothing)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def write_all(fd, data):
@@ -619,6 +633,8 @@ class Program:
     """One service: a [program:NAME] section, or one of its numprocs instances, typed.
     Plain data; `raw` keeps the text for diffs, `lines` each key's (file, line)."""
 
+    # the defaults are class attributes (set below the class): an instance holds
+    # only the keys its section sets, ~600 bytes less per program (3 MiB at 5000)
     events = None                 # a listener's event types; None for a program
     pool = None                   # a listener's [eventlistener:NAME]
     buffer_size = 10
@@ -626,7 +642,6 @@ class Program:
     def __init__(self, name, values, raw, file=None, line=None, lines=None):
         self.program_name = self.group_name = name
         self.process_num = 0
-        self.__dict__.update(PROGRAM_DEFAULTS)
         self.__dict__.update(values)
         self.name, self.raw, self.file, self.line = name, raw, file, line
         self.lines = lines or {}
@@ -649,6 +664,11 @@ class Program:
             return "merged"
         target = getattr(self, stream + "_logfile")
         return "prefix" if target is None else target
+
+
+for _key, _default in PROGRAM_DEFAULTS.items():
+    setattr(Program, _key, _default)
+del _key, _default
 
 
 class Config:
@@ -2107,9 +2127,13 @@ class SpawnError(Exception):
     """A service could not be started: missing command, directory, user..."""
 
 
-def _child_setup(umask, ids):
-    """preexec_fn for Python 3.8, where Popen lacks user=, group= and umask=."""
+def _child_setup(umask, ids, nofile):
+    """preexec_fn for what Popen cannot do itself: user, group and umask on 3.8,
+    the services' own soft RLIMIT_NOFILE everywhere."""
     def setup():
+        if nofile is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
         if umask is not None:
             os.umask(umask)
         if ids:
@@ -2120,12 +2144,45 @@ def _child_setup(umask, ids):
     return setup
 
 
+# The soft RLIMIT_NOFILE our services get: the one we were started with, when
+# raise_nofile() raised ours (None: ours is theirs).  A re-exec carries it over.
+SERVICE_NOFILE = None
+# fds held open below that limit, so that Popen finds free low numbers for the
+# /dev/null and the error pipe it opens before the fork while our soft limit is
+# lowered to the services' (a new fd takes the lowest free number)
+_SPARE_FDS = []
+SPARE_FDS = 4
+
+
+def set_service_nofile(soft):
+    global SERVICE_NOFILE
+    SERVICE_NOFILE = soft
+    while _SPARE_FDS:
+        os.close(_SPARE_FDS.pop())
+    if soft is not None:
+        _reserve_spare_fds()
+
+
+def _reserve_spare_fds():
+    try:
+        while len(_SPARE_FDS) < SPARE_FDS:
+            _SPARE_FDS.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        pass          # fewer spares: spawn() sets the limit in the child instead
+
+
 def spawn(prog, stdout, stderr, extra_env=None, hold=(), stdin=None):
     """Start a program's process in its own session and process group; its pid.
 
-    stdout/stderr are fds (or subprocess.DEVNULL).  The child starts clean:
-    the supervisor keeps its own mask empty and no signal ignored but the two
-    Python ignores itself, which restore_signals puts back (research F25).
+    stdout/stderr are fds (or subprocess.DEVNULL, subprocess.STDOUT).  The child
+    starts clean: the supervisor keeps its own mask empty and no signal ignored
+    but the two Python ignores itself, which restore_signals puts back (research
+    F25).  No preexec_fn where it can be helped: without one Popen uses vfork
+    (3.10+), about twice as fast as a fork running Python in the child.  So the
+    services' soft RLIMIT_NOFILE is set in our own process around the call (we
+    are single-threaded) and inherited.  os.posix_spawn was measured too: no
+    faster than Popen's vfork, and glibc's leaves its two internal signals (32,
+    33) ignored in the child, which SPEC's clean child rules out.
     hold: fds the child keeps at the same numbers (its pipes' read ends)."""
     import subprocess
     env = None        # our own environment, as the kernel has it: nothing to copy or encode
@@ -2154,15 +2211,34 @@ def spawn(prog, stdout, stderr, extra_env=None, hold=(), stdin=None):
                   env=env, start_new_session=True, close_fds=True, restore_signals=True)
     if hold:
         kwargs["pass_fds"] = tuple(hold)
+    umask = prog.umask
     if sys.version_info >= (3, 9):
         if ids:
             kwargs.update(user=ids[0], group=ids[1], extra_groups=ids[2])
+        ids = umask = None
         if prog.umask is not None:
             kwargs["umask"] = prog.umask
-    elif ids or prog.umask is not None:
-        kwargs["preexec_fn"] = _child_setup(prog.umask, ids)
+    ours = lowered = nofile = None
+    if SERVICE_NOFILE is not None:
+        import resource
+        ours = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if len(_SPARE_FDS) == SPARE_FDS and max(_SPARE_FDS) < SERVICE_NOFILE:
+            lowered = (SERVICE_NOFILE, ours[1])
+        else:
+            nofile = (SERVICE_NOFILE, ours[1])
+    if ids or umask is not None or nofile:
+        kwargs["preexec_fn"] = _child_setup(umask, ids, nofile)
     try:
-        proc = subprocess.Popen(list(prog.command), **kwargs)
+        if lowered:
+            while _SPARE_FDS:
+                os.close(_SPARE_FDS.pop())
+            resource.setrlimit(resource.RLIMIT_NOFILE, lowered)
+        try:
+            proc = subprocess.Popen(list(prog.command), **kwargs)
+        finally:
+            if lowered:
+                resource.setrlimit(resource.RLIMIT_NOFILE, ours)
+                _reserve_spare_fds()
     except FileNotFoundError as exc:
         if prog.directory and not os.path.isdir(prog.directory):
             raise SpawnError("directory %r does not exist" % prog.directory) from None
@@ -2176,6 +2252,42 @@ def spawn(prog, stdout, stderr, extra_env=None, hold=(), stdin=None):
     # Popen, stealing the exit status (research F21), so mark it as done.
     proc.returncode = 0
     return proc.pid
+
+
+def descriptors_needed(config):
+    """About how many fds supervising a config takes: per service its pidfd,
+    the read end of each piped stream, a log file per stream, the notify
+    socket; and a margin for our own (socket, clients, probes, the handoff)."""
+    need = 64
+    for prog in config.programs.values():
+        need += 1 + (prog.ready[0] == "notify")
+        for stream in ("stdout", "stderr"):
+            target = prog.stream_target(stream)
+            if target not in ("none", "merged"):
+                need += 1 if target == "prefix" else 2
+    return need
+
+
+def raise_nofile(config):
+    """Raise our soft RLIMIT_NOFILE to the hard limit (systemd's rule for its
+    own), keeping the soft limit we were given for the services; a warning
+    when even the hard limit is too small for the config, or None."""
+    import resource
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # no soft limit can pass the kernel's fs.nr_open (1 MiB by default)
+        top = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < top:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+            set_service_nofile(soft)
+    except (OSError, ValueError) as exc:
+        return "cannot raise RLIMIT_NOFILE: %s" % exc
+    need = descriptors_needed(config)
+    if hard != resource.RLIM_INFINITY and need > hard:
+        return ("%d services need about %d file descriptors, more than the hard "
+                "RLIMIT_NOFILE of %d: some will fail to start (raise it: ulimit -Hn, "
+                "LimitNOFILE= in a systemd unit)" % (len(config.programs), need, hard))
+    return None
 
 
 def kill_group_or_pid(pid, sig, group):
@@ -2696,6 +2808,10 @@ class LogFile:
                     or not self.try_open():
                 return self.out.drop(data)
         dropped = 0
+        if self.at_line_start is None:
+            # after a splice, whose bytes we never saw: the file's last byte says
+            self.at_line_start = self.ends_a_line()
+            self.out.open_line = not self.at_line_start
         # One read can hold megabytes: cut it into whole lines that fit, and
         # rotate only between lines, so that no line is split across two files
         # and only a single line longer than maxbytes makes a file bigger.
@@ -2720,6 +2836,61 @@ class LogFile:
         self.at_line_start = not self.out.open_line
         return dropped
 
+    def can_splice(self):
+        """Open, a regular file, and its Writer with nothing held back (a line's
+        tail to finish, a line being dropped, a failing disk): bytes moved by
+        splice cannot be dropped in whole lines or counted, the Writer's can."""
+        out = self.out
+        return (self.fd is not None and out.regular and not out.pending and not out.skip
+                and out.failing is None)
+
+    def disk_has_room(self):
+        """Whether the file system has a few MiB free: near a full disk the
+        Writer's path (write, and take a torn line back) goes on instead, since
+        a splice cut short by ENOSPC would leave half a line in the file."""
+        try:
+            st = os.fstatvfs(self.fd)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= 4 * READ_SIZE
+
+    def room(self):
+        """Bytes that may go in before a rotation is due (READ_SIZE when unbounded)."""
+        return READ_SIZE if not self.maxbytes else self.maxbytes - self.size
+
+    def splice_from(self, fd, count):
+        """Move up to count bytes from a pipe into the file inside the kernel
+        (os.splice, 3.10+), never through our memory; the number moved, 0 at the
+        pipe's end.  BlockingIOError when the pipe is empty, another OSError
+        when splice cannot serve this file (the caller reads instead)."""
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        # splice refuses an O_APPEND file: append by hand, from the end as it is
+        # now (a logrotate copytruncate, another writer of the same file)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            n = os.splice(fd, self.fd, count, flags=SPLICE_FLAGS)
+        finally:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+        if n:
+            self.size += n
+            self.at_line_start = None         # not seen: looked up if a rotation needs it
+        return n
+
+    def ends_a_line(self):
+        """Whether the file ends with a newline (after a splice): its last byte,
+        read through /proc (our fd is write-only), which follows a rename."""
+        try:
+            fd = os.open("/proc/self/fd/%d" % self.fd, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            return self.size == 0 or os.pread(fd, 1, self.size - 1) in (b"\n", b"")
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     def rotate(self):
         self.close()
         try:
@@ -2741,13 +2912,14 @@ class LogFile:
 class Pipe:
     """The read end of one service stream, and the partial line read so far."""
 
-    __slots__ = ("fd", "service", "stream", "partial", "carried", "held", "ino")
+    __slots__ = ("fd", "service", "stream", "partial", "carried", "held", "ino", "splice")
 
     def __init__(self, fd, service, stream, partial=b"", held=None):
         self.fd, self.service, self.stream, self.partial = fd, service, stream, partial
         self.carried = 0              # bytes read; -2 once grown, -1 if it could not be
         self.held = held              # (pid, fd): the process holding a copy of it, at that fd
         self.ino = None
+        self.splice = SPLICE          # may go by splice to a log file (see splice_pipe)
 
 
 GROWN_PIPES_MAX = 32                  # 32 MiB of pipe: half the kernel's per-user soft limit
@@ -3325,6 +3497,7 @@ class Supervisor:
         self.settle_due = False
         self.readiness_due = False
         self.pipes = {}                       # fd -> Pipe
+        self.pipes_of = {}                    # service name -> its Pipes (no scan per exit)
         self.grown_pipes = 0                  # pipes enlarged by grow_pipe
         self.sinks = {}                       # (service name, stream) -> LogFile
         self.unopened = {}                    # (service name, stream) -> when its open failed
@@ -3876,12 +4049,18 @@ class Supervisor:
 
     # -- output -----------------------------------------------------------
 
-    def add_pipe(self, pipe):
-        os.set_blocking(pipe.fd, False)
+    def add_pipe(self, pipe, nonblocking=False):
+        if not nonblocking:
+            os.set_blocking(pipe.fd, False)
         self.pipes[pipe.fd] = pipe
+        self.pipes_of.setdefault(pipe.service, []).append(pipe)
         self.selector.register(pipe.fd, selectors.EVENT_READ, lambda mask, p=pipe: self.on_pipe(p))
 
     def on_pipe(self, pipe):
+        if pipe.splice:
+            moved = self.splice_pipe(pipe)
+            if moved is not None:
+                return
         try:
             data = os.read(pipe.fd, READ_SIZE)
         except BlockingIOError:
@@ -3889,22 +4068,53 @@ class Supervisor:
         except OSError:
             data = b""
         if data:
-            if pipe.carried >= 0:
-                # grown once the stream has carried 1 MiB: deterministic, unlike
-                # waiting for a read that happens to find the pipe full
-                pipe.carried += len(data)
-                if pipe.carried > 1 << 20:
-                    pipe.carried = -1
-                    if self.grown_pipes < GROWN_PIPES_MAX and grow_pipe(pipe.fd):
-                        self.grown_pipes += 1
-                        pipe.carried = -2
+            self.carried(pipe, len(data))
             self.emit(pipe, data)
         else:
             self.close_pipe(pipe)
 
+    def carried(self, pipe, n):
+        if pipe.carried >= 0:
+            # grown once the stream has carried 1 MiB: deterministic, unlike
+            # waiting for a read that happens to find the pipe full
+            pipe.carried += n
+            if pipe.carried > 1 << 20:
+                pipe.carried = -1
+                if self.grown_pipes < GROWN_PIPES_MAX and grow_pipe(pipe.fd):
+                    self.grown_pipes += 1
+                    pipe.carried = -2
+
+    def splice_pipe(self, pipe):
+        """A stream going to its log file only (no `log -f` follower, no partial
+        line held) moves by splice; bytes moved, or None: read it instead (near a
+        rotation, where the cut needs the bytes; or splice refused)."""
+        if pipe.partial or self.followers.get(pipe.service):
+            return None
+        sink = self.sink_for(pipe.service, pipe.stream)
+        if sink is None:
+            if self.services.get(pipe.service) is not None and \
+                    self.services[pipe.service].program.stream_target(pipe.stream) == "prefix":
+                pipe.splice = False           # prefixed: every line is ours to read
+            return None
+        if not sink.can_splice() or sink.room() < READ_SIZE or not sink.disk_has_room():
+            return None
+        try:
+            moved = sink.splice_from(pipe.fd, READ_SIZE)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+                pipe.splice = False           # splice cannot serve this file at all
+            return None                       # read: the Writer drops and counts
+        if moved:
+            self.carried(pipe, moved)
+        else:
+            self.close_pipe(pipe)
+        return moved
+
     def drain_service_pipes(self, svc):
         """Read what a service wrote before it exited, so its last lines come first."""
-        self.drain_pipes([p for p in self.pipes.values() if p.service == svc.name])
+        self.drain_pipes(list(self.pipes_of.get(svc.name, ())))
 
     def drain_pipes(self, pipes):
         """Read what is waiting in these pipes now.  Bounded: what a flooding writer
@@ -3927,6 +4137,11 @@ class Supervisor:
         self.selector.unregister(pipe.fd)
         os.close(pipe.fd)
         self.pipes.pop(pipe.fd, None)
+        mine = self.pipes_of.get(pipe.service)
+        if mine is not None and pipe in mine:
+            mine.remove(pipe)
+            if not mine:
+                del self.pipes_of[pipe.service]
         if pipe.carried == -2:
             self.grown_pipes -= 1
 
@@ -3993,38 +4208,54 @@ class Supervisor:
                 data = data[:cut]
         if sink is not None:
             self.count_dropped(name, sink.write(data))
-        lines = data.decode("utf-8", "replace").split("\n")[:-1]
+        # data ends a line here.  Lines are split one by one only for a follower
+        # or JSON logs (1 MiB of short lines is 10^4 of them); otherwise text that
+        # is valid UTF-8 (as a rule, ASCII) is prefixed as bytes, in one replace,
+        # and only the tail's last TAIL_LINES are decoded
+        followers = self.followers.get(name)
+        text = lines = None
+        if followers or (sink is None and self.json_logs) or not utf8_clean(data):
+            text = data.decode("utf-8", "replace")
+            lines = text.split("\n")[:-1]
         live = self.live.get(name)
         if live is not None and sink is None:
             if live.tail is None:
                 from collections import deque
                 live.tail = deque(maxlen=TAIL_LINES)
-            live.tail.extend(lines)
+            recent = lines if lines is not None else [
+                part.decode("utf-8", "replace")
+                for part in data.rsplit(b"\n", TAIL_LINES + 1)[:-1][-TAIL_LINES:]]
+            live.tail.extend(recent)
             if stream == "stderr":
                 if live.err_tail is None:
                     from collections import deque
                     live.err_tail = deque(maxlen=TAIL_LINES)
-                live.err_tail.extend(lines)
-        for client in self.followers.get(name, ()):
+                live.err_tail.extend(recent)
+        for client in followers or ():
             if client.log_stream in (None, stream):
                 client.send_lines(lines)
         if sink is None:
-            self.count_dropped(name, self.write_prefixed(name, stream, lines))
+            self.count_dropped(name, self.write_prefixed(name, stream, data, lines))
 
     def count_dropped(self, name, n):
         if n and name in self.services:
             self.services[name].dropped_bytes += n
 
-    def write_prefixed(self, name, stream, lines):
+    def write_prefixed(self, name, stream, data, lines):
+        """data: whole lines, each ended by a newline; lines: the same decoded and
+        split, or None where data is clean UTF-8 and goes out as it is."""
         fd = 2 if stream == "stderr" else 1
         if self.json_logs:
             now = round(time.time(), 3)
             out = "".join(json.dumps({"time": now, "service": name, "stream": stream,
-                                      "message": line}) + "\n" for line in lines)
+                                      "message": line}) + "\n" for line in lines).encode()
+        elif lines is None:
+            prefix = (name + " | ").encode()
+            out = prefix + data[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
         else:
             prefix = name + " | "
-            out = "".join(prefix + line + "\n" for line in lines)
-        return self.stream(fd).write(out.encode("utf-8", "replace"))
+            out = "".join(prefix + line + "\n" for line in lines).encode("utf-8", "replace")
+        return self.stream(fd).write(out)
 
     # -- sd_notify --------------------------------------------------------------
 
@@ -4490,7 +4721,8 @@ class Supervisor:
         state = encode_handoff(self, pending, new_hash, client, t0)
         opened, kept = [], handoff_fds(state)
         try:
-            state_fd = memfd("respawn-state", json.dumps(state).encode())
+            state_fd = memfd("respawn-state", json.dumps(state, check_circular=False,
+                                                         separators=(",", ":")).encode())
             opened.append(state_fd)
             rollback_fd = memfd("respawn-rollback", self.source or b"")
             opened.append(rollback_fd)
@@ -4529,6 +4761,7 @@ class Supervisor:
         self.reexeced = time.time()
         self.rejected_hash = state.get("rejected_hash")
         self.pidfile = state.get("pidfile")
+        set_service_nofile(state.get("service_nofile"))
         if self.hash != state.get("new_hash"):
             # we are the previous code, rolled back to: the new file is bad
             self.rejected_hash = state.get("new_hash")
@@ -4577,8 +4810,11 @@ class Supervisor:
             else:
                 os.close(fd)
         for p in fds["pipes"]:
-            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"], base64.b64decode(p.get("partial", "")),
-                               tuple(p["held"]) if p.get("held") else None))
+            partial = p.get("partial")
+            # already non-blocking: the flag belongs to the pipe, not to our image
+            self.add_pipe(Pipe(p["fd"], p["service"], p["stream"],
+                               base64.b64decode(partial) if partial else b"",
+                               tuple(p["held"]) if p.get("held") else None), nonblocking=True)
         self.events.take_over(state.get("events"))
         lost = []
         for svc in list(self.services.values()):
@@ -5245,8 +5481,13 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
     fds the new image takes over.  t0: when supervision paused for the handoff."""
     import base64
     services = []
+    # a new record differs by program only in `want` (autostart): one of each, not
+    # one per service (5000 services: ~30 ms)
+    fresh_of = {}
     for svc in sup.services.values():
-        fresh = Service(svc.program)
+        fresh = fresh_of.get(svc.program.autostart)
+        if fresh is None:
+            fresh = fresh_of[svc.program.autostart] = Service(svc.program)
         entry = {k: getattr(svc, k) for k in Service.CARRIED if getattr(svc, k) != getattr(fresh, k)}
         entry["name"] = svc.name
         live = sup.live[svc.name]
@@ -5291,6 +5532,8 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
                    "sections": {"format": SECTIONS_FORMAT, "sections": sup.config.sections}},
         "pending": list(pending), "script": sup.script, "argv": sup.argv,
         "pidfile": sup.pidfile,
+        # the soft RLIMIT_NOFILE our services get (raise_nofile)
+        "service_nofile": SERVICE_NOFILE,
         "helpers": sorted(set(sup.helpers) | sup.watcher.abandoned),
         "services": services,
         "fds": fds,
@@ -6410,6 +6653,10 @@ def cmd_run(args, config_path, script, source):
             sup.log("warn", "subreaper = true, but prctl(PR_SET_CHILD_SUBREAPER) failed")
     sup.setup_file_watch()
     apply_process_settings(config.settings, sup.log)
+    # after minfds: a supervisord config's services get the limit it raised (as there)
+    problem = raise_nofile(config)
+    if problem:
+        sup.log("warn", problem)
     sup.log("info", "respawn %s (pid %d) supervising %s from %s; control socket %s; %s"
             % (__version__, os.getpid(), plural(len(sup.services), "service"), config.path, sock_path,
                sup.watcher.description))

@@ -10158,6 +10158,354 @@ class TestListenersLikeSupervisord(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
         self.assertNotIn("fine", read_text(sup.path("mail.txt")), "an expected exit is not mailed")
 
+# ---------------------------------------------------------------------------
+# Issue 15: RLIMIT_NOFILE (ours raised, the services' kept), the output path
+# ---------------------------------------------------------------------------
+
+def nofile_limits(pid):
+    """(soft, hard) RLIMIT_NOFILE of a process, from /proc."""
+    with open("/proc/%d/limits" % pid) as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no Max open files in /proc/%d/limits" % pid)
+
+
+def nofile_launcher(soft, hard=None):
+    """A prefix that starts the supervisor with this soft (and hard) limit."""
+    return (PY, "-c", "import os, resource, sys\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %s))\n"
+            "os.execv(sys.argv[1], sys.argv[1:])\n" % (soft, hard if hard is not None else "hard"))
+
+
+class TestNofileLimit(unittest.TestCase):
+    """The supervisor raises its own soft RLIMIT_NOFILE to the hard limit; its
+    services get the soft limit it was started with, on every spawn path."""
+
+    def setUp(self):
+        soft, hard = nofile_limits(os.getpid())
+        if hard < 4096:
+            self.skipTest("the hard RLIMIT_NOFILE (%d) leaves no room to test" % hard)
+        self.hard = hard
+
+    def test_raised_for_us_kept_for_services(self):
+        extra = ""
+        if os.geteuid() == 0:
+            extra = "[program:asuser]\ncommand = sleep 1000\nuser = nobody\nstartsecs = 0\n"
+        sup = core_sup(self, """\
+            [program:plain]
+            command = sleep 1000
+            startsecs = 0
+            [program:umasked]
+            command = sleep 1000
+            umask = 077
+            directory = /
+            startsecs = 0
+            """ + extra)
+        sup.start(prefix=nofile_launcher(256))
+        self.assertEqual(nofile_limits(sup.proc.pid), (self.hard, self.hard))
+        for name in ["plain", "umasked"] + (["asuser"] if extra else []):
+            pid = wait_pid(sup, name)
+            self.assertEqual(nofile_limits(pid), (256, self.hard), name)
+        # the service's clean slate is unchanged by the limit dance
+        st = proc_status(wait_pid(sup, "plain"))
+        self.assertEqual(int(st["SigBlk"], 16), 0)
+        self.assertEqual(int(st["SigIgn"], 16), 0)
+        self.assertNotIn("RLIMIT_NOFILE", sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_more_fds_than_the_services_limit(self):
+        # 60 services hold ~180 fds: past the services' 128, every spawn still
+        # works (Popen's own fds go into the spare low numbers) and each service
+        # still gets 128
+        sup = core_sup(self, "".join(
+            "[program:s%02d]\ncommand = sleep 1000\nstartsecs = 0\n" % i for i in range(60)))
+        sup.start(prefix=nofile_launcher(128))
+        wait_for(lambda: all(s["state"] == "RUNNING" for s in sup.status()["services"]),
+                 what="all 60 running")
+        self.assertGreater(fd_count(sup.proc.pid), 128)
+        for s in sup.status()["services"]:
+            self.assertEqual(nofile_limits(s["pid"])[0], 128, s["name"])
+        # a restart once we hold more fds than 128 takes the same path
+        victim = sup.svc("s30")
+        os.kill(victim["pid"], signal.SIGKILL)
+        again = sup.wait_pid_change("s30", victim["pid"])
+        self.assertEqual(nofile_limits(again["pid"])[0], 128)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_one_line_when_even_the_hard_limit_is_too_small(self):
+        # 13 services: ~60 fds in fact, but the estimate (a margin of 64 and 3 a
+        # service) passes the hard limit of 100, so the supervisor still answers
+        sup = core_sup(self, "".join(
+            "[program:s%02d]\ncommand = sleep 1000\nstartsecs = 0\n" % i for i in range(13)))
+        sup.start(prefix=nofile_launcher(64, 100), wait=False)
+        sup.wait_log("hard RLIMIT_NOFILE of 100")
+        lines = [l for l in sup.stderr().splitlines() if "RLIMIT_NOFILE" in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("13 services need about 103 file descriptors", lines[0])
+        self.assertIn("WARN", lines[0].upper())
+        wait_for(lambda: sup.answers(), what="the supervisor's socket")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_no_change_when_soft_is_hard(self):
+        sup = core_sup(self, "[program:plain]\ncommand = sleep 1000\nstartsecs = 0\n")
+        sup.start(prefix=nofile_launcher(512, 512))
+        self.assertEqual(nofile_limits(sup.proc.pid), (512, 512))
+        self.assertEqual(nofile_limits(wait_pid(sup, "plain")), (512, 512))
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_kept_across_a_reexec(self):
+        sup = Sup(self, HEADER + "[program:plain]\ncommand = sleep 1000\nstartsecs = 0\n",
+                  copy_script=True)
+        sup.start(prefix=nofile_launcher(300))
+        first = sup.wait_state("plain", "RUNNING")
+        out = sup.ctl("reexec")
+        self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+        wait_for(lambda: (sup.answers() or {}).get("supervisor", {}).get("reexecs") == 1,
+                 what="the re-exec")
+        self.assertEqual(nofile_limits(sup.proc.pid), (self.hard, self.hard))
+        os.kill(first["pid"], signal.SIGKILL)
+        again = sup.wait_pid_change("plain", first["pid"])
+        self.assertEqual(nofile_limits(again["pid"]), (300, self.hard))
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestNofileInProcess(unittest.TestCase):
+    """spawn() itself, with our soft limit raised and the lowest free fd above
+    the services' limit: the spare-fd path and its preexec fallback."""
+
+    def setUp(self):
+        import resource
+        self.resource = resource
+        self.saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if self.saved[1] < 1024:
+            self.skipTest("the hard RLIMIT_NOFILE is too small")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.saved[1], self.saved[1]))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, self.saved)
+        self.addCleanup(respawn.set_service_nofile, None)
+        self.fds = []
+        self.addCleanup(lambda: [os.close(fd) for fd in self.fds])
+
+    def spawn_and_check(self, soft):
+        prog = respawn.Program("t", {"command": ["sleep", "1000"]}, {})
+        pid = respawn.spawn(prog, subprocess.DEVNULL, subprocess.DEVNULL)
+        self.addCleanup(os.waitpid, pid, 0)
+        self.addCleanup(os.kill, pid, signal.SIGKILL)
+        self.assertEqual(nofile_limits(pid)[0], soft)
+        self.assertEqual(nofile_limits(os.getpid()), (self.saved[1], self.saved[1]))
+        st = proc_status(pid)
+        self.assertEqual(int(st["SigBlk"], 16), 0)
+        self.assertEqual(int(st["SigIgn"], 16), 0)
+
+    def fill_fds_past(self, soft):
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self.fds.append(fd)
+            if fd > soft + 10:
+                return
+
+    def test_spare_fds_below_the_limit(self):
+        soft = max(64, max(self.fds_now()) + 20)
+        respawn.set_service_nofile(soft)
+        self.fill_fds_past(soft)
+        self.assertEqual(len(respawn._SPARE_FDS), respawn.SPARE_FDS)
+        self.spawn_and_check(soft)
+        self.assertEqual(len(respawn._SPARE_FDS), respawn.SPARE_FDS)
+        self.assertTrue(all(fd < soft for fd in respawn._SPARE_FDS))
+
+    def test_no_spares_falls_back_to_the_child(self):
+        soft = max(64, max(self.fds_now()) + 20)
+        self.fill_fds_past(soft)
+        respawn.set_service_nofile(soft)         # spares now land above the limit
+        self.assertFalse(all(fd < soft for fd in respawn._SPARE_FDS))
+        self.spawn_and_check(soft)
+
+    @staticmethod
+    def fds_now():
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+
+
+
+def numbered_lines(path, size, seed=7):
+    """Numbered lines of 1 to ~300 bytes up to size bytes; the bytes written."""
+    import random as _random
+    rng = _random.Random(seed)
+    filler = b"abcdefghijklmnopqrstuvwxyz0123456789" * 9
+    out, total, i = [], 0, 0
+    while total < size:
+        line = b"%08d %s\n" % (i, filler[:rng.randrange(0, 290)])
+        out.append(line)
+        total += len(line)
+        i += 1
+    data = b"".join(out)
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def rotated_files(path):
+    """The log and its backups, oldest first."""
+    backups = sorted((int(n.rsplit(".", 1)[1]), n) for n in os.listdir(os.path.dirname(path))
+                     if n.startswith(os.path.basename(path) + ".") and n.rsplit(".", 1)[1].isdigit())
+    return [os.path.join(os.path.dirname(path), n) for _, n in reversed(backups)] + [path]
+
+
+class TestSpliceOutput(unittest.TestCase):
+    """A stream going to its log file moves by os.splice (3.10+) or by read and
+    write; both keep every line intact and in order and rotate between lines."""
+
+    MAXBYTES = 3 * 1024 * 1024
+
+    def feed(self, splice, size=12 * 1000 * 1000, maxbytes=MAXBYTES, truncate_at=None):
+        """Run one stream through a real (loop-less) supervisor's output path."""
+        import select
+        d = tempfile.mkdtemp(prefix="respawn-splice-")
+        self.addCleanup(shutil.rmtree, d, True)
+        log = os.path.join(d, "w.log")
+        cfg = os.path.join(d, "c.ini")
+        with open(cfg, "w") as f:
+            f.write("[respawn]\nwatch_self = false\nsocket = %s/s.sock\n[program:w]\ncommand = true\n"
+                    "stdout_logfile = %s\nstdout_logfile_maxbytes = %d\nstdout_logfile_backups = 50\n"
+                    % (d, log, maxbytes))
+        data = numbered_lines(os.path.join(d, "data"), size)
+        sup = respawn.RespawnSupervisor(respawn.load_config(cfg), SCRIPT, ["-c", cfg, "run"])
+        self.addCleanup(sup.selector.close)
+        self.addCleanup(lambda: [sink.close() for sink in sup.sinks.values()])
+        calls = []
+        real = respawn.LogFile.splice_from
+
+        def counted(sink, fd, count):
+            n = real(sink, fd, count)
+            calls.append(n)
+            return n
+        respawn.LogFile.splice_from = counted
+        self.addCleanup(setattr, respawn.LogFile, "splice_from", real)
+        r, w = os.pipe()
+        cat = subprocess.Popen(["cat", os.path.join(d, "data")], stdout=w)
+        self.addCleanup(cat.wait)
+        os.close(w)
+        pipe = respawn.Pipe(r, "w", "stdout")
+        pipe.splice = splice
+        sup.add_pipe(pipe)
+        deadline = time.monotonic() + 60
+        while r in sup.pipes and time.monotonic() < deadline:
+            select.select([r], [], [], 1)
+            sup.on_pipe(pipe)
+            if truncate_at is not None and sup.sinks and sup.sinks[("w", "stdout")].size > truncate_at:
+                os.truncate(log, 0)          # logrotate's copytruncate
+                truncate_at = None
+        self.assertNotIn(r, sup.pipes, "the stream did not end")
+        return data, log, calls
+
+    def check(self, data, log, maxbytes=MAXBYTES):
+        files = rotated_files(log)
+        got = b"".join(read_bytes(f) for f in files)
+        self.assertEqual(len(got), len(data))
+        self.assertTrue(got == data, "the log differs from what the service wrote")
+        self.assertGreater(len(files), 3, "no rotation happened")
+        for f in files[:-1]:
+            body = read_bytes(f)
+            self.assertTrue(body.endswith(b"\n"), "%s ends inside a line" % f)
+            # a line begun in a file is ended in it: at most one line over
+            self.assertLessEqual(len(body), maxbytes + 300, f)
+            # within a read (1 MiB) and a line of the limit: not cut early
+            self.assertGreater(len(body), maxbytes - respawn.READ_SIZE - 400, f)
+
+    def test_splice_path(self):
+        if not respawn.SPLICE:
+            self.skipTest("os.splice needs Python 3.10 (this is %s): the read path "
+                          "is tested on its own" % platform_version())
+        data, log, calls = self.feed(splice=True)
+        self.assertGreater(sum(n for n in calls if n), len(data) // 2, "most bytes by splice")
+        self.check(data, log)
+
+    def test_read_path(self):
+        data, log, calls = self.feed(splice=False)
+        self.assertEqual(calls, [])
+        self.check(data, log)
+
+    def test_unbounded_log_by_splice_is_the_stream(self):
+        data, log, calls = self.feed(splice=respawn.SPLICE, maxbytes=0)
+        self.assertEqual(read_bytes(log), data)
+        self.assertEqual(rotated_files(log), [log])
+
+    def test_splice_appends_after_a_copytruncate(self):
+        if not respawn.SPLICE:
+            self.skipTest("os.splice needs Python 3.10 (this is %s)" % platform_version())
+        data, log, calls = self.feed(splice=True, maxbytes=0, truncate_at=4 * 1000 * 1000)
+        got = read_bytes(log)
+        # no hole of zeros where the old content was: what follows the truncation
+        # starts the file, and it is a tail of the stream
+        self.assertNotIn(b"\0", got)
+        self.assertTrue(data.endswith(got) and 0 < len(got) < len(data))
+
+    def test_service_writes_through_a_supervisor(self):
+        # end to end, under this Python's own path (splice on 3.10+)
+        sup = core_sup(self, """\
+            [program:w]
+            command = cat {dir}/data
+            startsecs = 0
+            autorestart = false
+            stdout_logfile = {dir}/w.log
+            stdout_logfile_maxbytes = 3MB
+            stdout_logfile_backups = 50
+            """)
+        data = numbered_lines(sup.path("data"), 12 * 1000 * 1000)
+        sup.start()
+        sup.wait_state("w", "EXITED")
+        self.check(data, sup.path("w.log"), maxbytes=3 * 1024 * 1024)
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestPrefixedOutput(unittest.TestCase):
+    """The prefixed path: clean UTF-8 goes out as bytes in one replace, anything
+    else is decoded with replacement as before; the tail keeps the last lines."""
+
+    def test_prefixed_lines_tail_and_bad_utf8(self):
+        sup = core_sup(self, """\
+            [program:w]
+            command = {py} -c "import sys, os; os.write(1, b''.join(b'line %d\\\\n' % i for i in range(3000)) + 'caf\\\\u00e9 \\\\u2603\\\\n'.encode() + b'bad \\\\xff\\\\xfe end\\\\n'); os.execv('/bin/sleep', ['sleep', '1000'])"
+            startsecs = 0
+            """)
+        sup.start()
+        sup.wait_log("w | bad", stream="stdout")
+        out = sup.stdout().splitlines()
+        mine = [l for l in out if l.startswith("w | ")]
+        self.assertEqual(mine[:3000], ["w | line %d" % i for i in range(3000)])
+        self.assertEqual(mine[3000], "w | caf\u00e9 \u2603")
+        self.assertEqual(mine[3001], "w | bad \ufffd\ufffd end")
+        log = sup.ctl("log", "w", "-n", "3")
+        self.assertEqual(log.returncode, 0, log.stderr)
+        self.assertEqual(log.stdout.splitlines()[-3:],
+                         ["line 2999", "caf\u00e9 \u2603", "bad \ufffd\ufffd end"])
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_tail_of_one_large_chunk(self):
+        # one read of many lines: the tail keeps exactly the last TAIL_LINES
+        sup = core_sup(self, """\
+            [program:w]
+            command = {py} -c "import os; os.write(1, b''.join(b'n%d\\\\n' % i for i in range(5000))); os.execv('/bin/sleep', ['sleep', '1000'])"
+            startsecs = 0
+            """)
+        sup.start()
+        sup.wait_log("w | n4999", stream="stdout")
+        log = sup.ctl("log", "w", "-n", str(respawn.TAIL_LINES))
+        lines = log.stdout.splitlines()
+        self.assertEqual(lines[-respawn.TAIL_LINES:],
+                         ["n%d" % i for i in range(5000 - respawn.TAIL_LINES, 5000)])
+        self.assertEqual(sup.terminate(), 0)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def platform_version():
+    return "%d.%d" % sys.version_info[:2]
+
 
 if __name__ == "__main__":
     unittest.main()

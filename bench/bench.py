@@ -14,6 +14,7 @@ also on Ctrl-C.  bench/README.md explains each number and how it is taken.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -106,6 +107,16 @@ def pss_kib(pid):
     return None
 
 
+def schedstat_ns(path):
+    """CPU time in ns of a task (/proc/.../schedstat: the scheduler's own
+    count, finer than the 10 ms ticks of /proc/PID/stat), or None."""
+    try:
+        with open("/proc/%s/schedstat" % path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def usage(pids):
     """Summed CPU seconds (all threads) and context switches (summed over every
     thread: Circus runs ZeroMQ I/O threads) of some processes now."""
@@ -114,16 +125,20 @@ def usage(pids):
         st = proc_stat(pid)
         if st is None:
             continue
-        cpu += st[3]
         try:
             tids = os.listdir("/proc/%d/task" % pid)
         except OSError:
             tids = []
+        ns = [schedstat_ns("%d/task/%s" % (pid, tid)) for tid in tids]
+        if tids and None not in ns:
+            cpu += sum(ns) / 1e9
+        else:
+            cpu += st[3] / CLK_TCK
         for tid in tids:
             path = "%d/task/%s" % (pid, tid)
             vol += status_field(path, "voluntary_ctxt_switches") or 0
             invol += status_field(path, "nonvoluntary_ctxt_switches") or 0
-    return {"cpu": cpu / CLK_TCK, "vol": vol, "invol": invol}
+    return {"cpu": cpu, "vol": vol, "invol": invol}
 
 
 def memory(pids):
@@ -360,9 +375,12 @@ def write_script(path, name, fifo, kind, data=None):
 
 
 class Services:
-    def __init__(self, work, fifo, kind, n, data=None):
+    prefixed = False          # respawn.py: its default output (pipes, prefixed) instead of none
+
+    def __init__(self, work, fifo, kind, n, data=None, prefix=None):
         self.kind = kind
-        self.names = ["%s%03d" % (kind[0], i) for i in range(n)] if kind != "output" else ["out"]
+        self.names = ["%s%03d" % (prefix or kind[0], i) for i in range(n)] if kind != "output" \
+            else ["out"]
         self.scripts = {}
         folder = os.path.join(work, "scripts")
         os.makedirs(folder, exist_ok=True)
@@ -417,16 +435,24 @@ class RespawnPeer(Peer):
             return
         out = subprocess.run([self.python, RESPAWN, "--version"], capture_output=True, text=True)
         self.version = out.stdout.strip().split()[-1] if out.returncode == 0 else "?"
+        # since issue 10 an unplanned restart within backoff_reset of the previous
+        # one backs off; 0 restores the immediate restart (1.0.0 has no such key)
+        with open(RESPAWN, "rb") as f:
+            self.backoff_reset = b'"backoff_reset"' in f.read()
 
     def config(self, work, services, output_log):
         lines = ["[respawn]", "socket = %s/r.sock" % work, "loglevel = info", ""]
         for name in services.names:
             lines += ["[program:%s]" % name, "command = %s" % services.scripts[name],
                       "startsecs = 0", "stopwaitsecs = 2"]
-            if services.kind == "output":
+            if self.backoff_reset:
+                lines.append("backoff_reset = 0")
+            if services.kind == "output" and services.prefixed:
+                lines += ["stderr_logfile = none"]
+            elif services.kind == "output":
                 lines += ["stdout_logfile = %s" % output_log, "stdout_logfile_maxbytes = 0",
                           "stderr_logfile = none"]
-            else:
+            elif not services.prefixed:
                 lines += ["stdout_logfile = none", "stderr_logfile = none"]
             lines.append("")
         path = os.path.join(work, "respawn.ini")
@@ -669,15 +695,20 @@ class Run:
         self.services = Services(self.work, bench.fifo.path, kind, n, bench.data_path)
         self.output_log = peer.output_log(self.work)
         self.proc = None
+        self.preexec = None
+        self.stdout_path = None       # the supervisor's stdout apart from its stderr
 
     def start(self):
         cmd = self.peer.command(self.work, self.services, self.output_log)
         self.mark = self.bench.fifo.mark()
         out = open(os.path.join(self.work, "supervisor.out"), "wb")
+        stdout = open(self.stdout_path, "wb") if self.stdout_path else out
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     cwd=self.work, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=out,
+                                     cwd=self.work, start_new_session=True,
+                                     preexec_fn=self.preexec)
         out.close()
+        stdout.close()
         REAPER.note(self.proc.pid)
         return self
 
@@ -706,6 +737,13 @@ class Run:
 
     def own(self):
         return self.peer.own_pids(self.proc.pid)
+
+    def tail_out(self, n=5):
+        try:
+            with open(os.path.join(self.work, "supervisor.out"), "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def stop(self):
         if self.proc is None:
@@ -762,7 +800,81 @@ class Bench:
             os.waitpid(pid, 0)
             if ev:
                 lat.append((ev - t0) * 1000)
-        return {"spawn_to_announce_ms_p50": pct(lat, 50), "spawn_to_announce_ms_p99": pct(lat, 99)}
+        res = {"spawn_to_announce_ms_p50": pct(lat, 50), "spawn_to_announce_ms_p99": pct(lat, 99)}
+        for n in (100, 500):
+            res["floor%d_s" % n] = self.floor(n)
+        res.update(self.spawn_vs_fds())
+        res.update(self.latency_floor())
+        if "output" in self.args.only:
+            res.update(self.output_floor())
+        return res
+
+    def latency_floor(self, kills=30):
+        """The least a supervisor can take from a kill to the new instance's exec
+        on this machine: a small process of its own (no threads, few fds) kills
+        the script's instance, waits on its pidfd, reaps it and posix_spawns the
+        script again; the exec is timed by the kernel's events as for the peers."""
+        if not self.execs or not hasattr(os, "pidfd_open"):
+            return {}
+        folder = tempfile.mkdtemp(prefix="latfloor-", dir=self.scratch)
+        path = os.path.join(folder, "f")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\nexec %s 100000000\n" % SLEEP)
+        os.chmod(path, 0o755)
+        code = ("import os, select, sys, time\n"
+                "path = sys.argv[1]\n"
+                "pid = os.posix_spawn(path, [path], os.environ, setsid=True)\n"
+                "for _ in range(int(sys.argv[2])):\n"
+                "    time.sleep(0.03)\n"
+                "    fd = os.pidfd_open(pid)\n"
+                "    t0 = time.monotonic()\n"
+                "    os.kill(pid, 9)\n"
+                "    select.select([fd], [], [])\n"
+                "    os.waitpid(pid, 0)\n"
+                "    os.close(fd)\n"
+                "    pid = os.posix_spawn(path, [path], os.environ, setsid=True)\n"
+                "    print(t0, pid, flush=True)\n"
+                "time.sleep(0.2)\n"
+                "os.kill(pid, 9)\n")
+        out = subprocess.run([sys.executable, "-I", "-c", code, path, str(kills)],
+                             capture_output=True, text=True, timeout=120)
+        lat = []
+        for line in out.stdout.split("\n"):
+            if line.strip():
+                t0, pid = line.split()
+                te = self.execs.first_exec_after(int(pid), float(t0))
+                if te is not None:
+                    lat.append((te - float(t0)) * 1000)
+        if len(lat) < kills * 0.9:
+            return {}
+        return {"exec_floor_p50_ms": pct(lat, 50), "exec_floor_p99_ms": pct(lat, 99)}
+
+    def spawn_vs_fds(self, spawns=100):
+        """What one spawn costs the parent (vfork until the child's exec) with few
+        fds open and with 15 000 (5000 services' pidfds and pipes): the kernel
+        copies the whole fd table into the child and closes it again at exec."""
+        folder = tempfile.mkdtemp(prefix="fdcost-", dir=self.scratch)
+        path = os.path.join(folder, "t")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        os.chmod(path, 0o755)
+        out, held = {}, []
+        try:
+            for label, nfds in (("few", 0), ("15000", 15000)):
+                while len(held) < nfds:
+                    held.extend(os.pipe())
+                pids, t0 = [], time.monotonic()
+                for _ in range(spawns):
+                    pids.append(os.posix_spawn(path, [path], os.environ))
+                out["spawn_ms_fds_%s" % label] = (time.monotonic() - t0) * 1000 / spawns
+                for pid in pids:
+                    os.waitpid(pid, 0)
+        except OSError as exc:
+            out["spawn_vs_fds_error"] = str(exc)
+        finally:
+            for fd in held:
+                os.close(fd)
+        return out
 
     # (1) respawn latency
     def latency(self, peer):
@@ -883,6 +995,135 @@ class Bench:
                 "reexec_wall_ms": statistics.median(walls), "reexec_pids_unchanged": same,
                 "reexec_services_restarted": restarted, "reexec_count": len(handoffs)}
 
+    # (8) scaling: respawn.py alone at 10, 100, 1000, 5000 services
+    def scale(self, peer):
+        if peer.name != "respawn":
+            return {}
+        res = {"scale": []}
+        for n in self.args.scale:
+            log("respawn: scale %d services" % n)
+            try:
+                point = self.scale_point(peer, n)
+            except (OSError, subprocess.SubprocessError, ValueError) as exc:
+                point = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            point["n"] = n
+            log("respawn: scale %d: %s" % (n, json.dumps(point, default=str)))
+            res["scale"].append(point)
+        return res
+
+    def scale_point(self, peer, n):
+        """One size: every figure of the scaling table with n services running.
+        The services keep respawn.py's default output (each stream a pipe to the
+        supervisor's stdout, prefixed), so n services need 3n descriptors; the
+        supervisor is started with the usual soft RLIMIT_NOFILE of 1024 (the hard
+        limit left as the bench has it) and must raise its own."""
+        run = Run(self, peer, "long", n, "scale%d" % n)
+        run.services.prefixed = True
+        run.preexec = soft_nofile(1024)
+        run.start()
+        try:
+            t = run.all_running(max(60, n * 0.05))
+            if t is None:
+                return {"error": "the %d services did not all start" % n,
+                        "supervisor_out": run.tail_out()}
+            out = {"start_s": t}
+            time.sleep(2.0)
+            # what starting n such services costs this machine at all, while n run
+            out["floor_start_s"] = self.floor(n)
+            pid = run.proc.pid
+            before = usage([pid])
+            time.sleep(self.args.idle)
+            after = usage([pid])
+            out["idle_wakeups_per_30s"] = (after["vol"] - before["vol"]) * 30.0 / self.args.idle
+            out["idle_cpu_s_per_30s"] = (after["cpu"] - before["cpu"]) * 30.0 / self.args.idle
+            out["pss_mib"] = (pss_kib(pid) or 0) / 1024.0
+            out["rss_mib"] = (status_field(pid, "VmRSS") or 0) / 1024.0
+            out["fds"] = count_fds(pid)
+            out["nofile_soft"] = nofile_soft(pid)
+            # status --json: the supervisor's side (one request on the socket, read to
+            # its end) and the command as a user runs it (an interpreter starting too)
+            sock = os.path.join(run.work, "r.sock")
+            raw = [raw_request(sock, "status") for _ in range(5)]
+            out["status_json_socket_ms"] = statistics.median(x[0] for x in raw) * 1000
+            out["status_json_bytes"] = raw[0][1]
+            walls = []
+            for _ in range(3):
+                r, wall = peer.client(run.work, "status", "--json")
+                if r.returncode != 0:
+                    return dict(out, error="status --json failed: %s" % r.stderr.strip()[-200:])
+                walls.append(wall * 1000)
+            out["status_json_ms"] = statistics.median(walls)
+            out.update(self.scale_latency(run, n))
+            out.update(self.scale_reexec(run, peer, sock))
+            return out
+        finally:
+            run.stop()
+
+    def scale_latency(self, run, n):
+        """kill -> exec / kill -> announce of one service while n run, one kill at
+        a time (each waits for its respawn), the victim drawn at random."""
+        kills = self.args.scale_kills
+        lat, lat_exec = [], []
+        if self.execs:
+            self.execs.forget()
+        rng = random.Random(n)
+        deadline = time.monotonic() + 30 + kills
+        while len(lat) < kills and time.monotonic() < deadline:
+            latest = run.latest()
+            name = rng.choice(run.services.names)
+            t_up, pid = latest[name]
+            mark = self.fifo.mark()
+            t0 = time.monotonic()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            ev = self.fifo.wait(lambda e: next((x for x in e[mark:] if x[1] == name), None), 5)
+            if not ev:
+                continue
+            t, _, newpid = ev
+            lat.append((t - t0) * 1000)
+            if self.execs:
+                te = self.execs.first_exec_after(newpid, t0)
+                if te is not None and te <= t:
+                    lat_exec.append((te - t0) * 1000)
+            time.sleep(rng.uniform(0.01, 0.04))
+        out = {"kills": len(lat), "announce_p50_ms": pct(lat, 50), "announce_p99_ms": pct(lat, 99)}
+        if lat_exec and len(lat_exec) >= 0.9 * len(lat):
+            out.update({"exec_p50_ms": pct(lat_exec, 50), "exec_p99_ms": pct(lat_exec, 99)})
+        return out
+
+    def scale_reexec(self, run, peer, sock):
+        """The handoff as the supervisor reports it, and as a client sees it: from
+        starting `reexec` until `status` (a second command) shows the new image."""
+        handoffs, seen = [], []
+        first = json.loads(peer.client(run.work, "status", "--json")[0].stdout)
+        pids = {s["name"]: s["pid"] for s in first["services"]}
+        count = first["supervisor"]["reexecs"]
+        mark = self.fifo.mark()
+        for _ in range(self.args.reexecs):
+            t0 = time.monotonic()
+            r, _ = peer.client(run.work, "reexec", timeout=120)
+            m = re.search(r"handoff ([\d.]+) ms", r.stdout)
+            if r.returncode != 0 or not m:
+                return {"reexec_error": (r.stdout + r.stderr).strip()[-300:]}
+            handoffs.append(float(m.group(1)))
+            while True:
+                s, _ = peer.client(run.work, "status", "--json", timeout=120)
+                try:
+                    now = json.loads(s.stdout)
+                except ValueError:
+                    now = None
+                if now and now["supervisor"]["reexecs"] > count:
+                    count = now["supervisor"]["reexecs"]
+                    break
+                if time.monotonic() - t0 > 60:
+                    return {"reexec_error": "status never showed the new image"}
+            seen.append((time.monotonic() - t0) * 1000)
+        after = {s["name"]: s["pid"] for s in now["services"]}
+        return {"handoff_ms": statistics.median(handoffs), "reexec_seen_ms": statistics.median(seen),
+                "reexec_pids_unchanged": after == pids and len(self.fifo.since(mark)) == 0}
+
     # (5) churn
     def churn(self, peer):
         run = Run(self, peer, "churn", 10, "churn").start()
@@ -922,8 +1163,40 @@ class Bench:
         self.data_lines = i
 
     def output(self, peer):
+        """Median of several runs (the VM's first touch of fresh page-cache pages
+        makes single runs swing 2-3x), with the range; respawn.py also through its
+        prefixed path (`out | line` on its own stdout)."""
         self.make_data()
-        run = Run(self, peer, "output", 1, "output").start()
+        res = {}
+        paths = [("output", False)] + ([("prefixed", True)] if peer.name == "respawn" else [])
+        for key, prefixed in paths:
+            runs = []
+            for _ in range(self.args.output_runs):
+                r = self.output_once(peer, prefixed)
+                if "error" in r:
+                    return dict(res, error=r["error"])
+                runs.append(r)
+            rates = sorted(r["mb_per_s"] for r in runs)
+            cpus = sorted(r["cpu_s_per_100mb"] for r in runs)
+            res.update({key + "_mb_per_s": statistics.median(rates),
+                        key + "_mb_per_s_range": [rates[0], rates[-1]],
+                        key + "_cpu_s_per_100mb": statistics.median(cpus),
+                        key + "_cpu_s_per_100mb_range": [cpus[0], cpus[-1]],
+                        key + "_intact": all(r["intact"] for r in runs),
+                        key + "_runs": len(runs)})
+            notes = [r["note"] for r in runs if r.get("note")]
+            if notes:
+                res[key + "_note"] = notes[0]
+        res["output_mb"] = self.data_size / 1e6
+        return res
+
+    def output_once(self, peer, prefixed):
+        run = Run(self, peer, "output", 1, "prefixed" if prefixed else "output")
+        if prefixed:
+            run.services.prefixed = True
+            run.stdout_path = run.output_log = os.path.join(run.work, "prefixed.out")
+        want = self.data_size + (len("out | ") * self.data_lines if prefixed else 0)
+        run.start()
         try:
             mark = run.mark
             t0 = self.fifo.wait(lambda e: next((t for t, n, _ in e[mark:] if n == "out"), None), 60)
@@ -938,22 +1211,150 @@ class Bench:
                     size = os.path.getsize(run.output_log)
                 except OSError:
                     size = 0
-                if size >= self.data_size:
+                if size >= want:
                     break
                 time.sleep(0.002)
             t1 = time.monotonic()
             cpu = usage(pids)["cpu"] - before["cpu"]
-            intact = size == self.data_size and files_equal(run.output_log, self.data_path)
-            res = {"output_mb": self.data_size / 1e6, "output_mb_per_s": size / 1e6 / (t1 - t0),
-                   "output_intact": intact,
-                   "output_cpu_s_per_100mb": cpu * 1e8 / max(size, 1)}
-            if size < self.data_size:
-                res["output_note"] = "only %d of %d bytes arrived within 300 s" % (size, self.data_size)
-            elif size > self.data_size or not intact:
-                res["output_note"] = "the log differs from what the service wrote"
+            if prefixed:
+                intact = size == want and prefixed_equal(run.output_log, self.data_path, b"out | ")
+            else:
+                intact = size == want and files_equal(run.output_log, self.data_path)
+            res = {"mb_per_s": self.data_size * (size / want) / 1e6 / (t1 - t0),
+                   "intact": intact, "cpu_s_per_100mb": cpu * 1e8 / max(size, 1)}
+            if size < want:
+                res["note"] = "only %d of %d bytes arrived within 300 s" % (size, want)
+            elif size > want or not intact:
+                res["note"] = "the log differs from what the service wrote"
             return res
         finally:
             run.stop()
+
+    # (6b) the floor for output: the bench itself moves the same bytes from the
+    # same `cat` into a file, by splice where Python has it (one copy, in the kernel)
+    def output_floor(self):
+        self.make_data()
+        runs = []
+        for i in range(self.args.output_runs):
+            path = os.path.join(self.scratch, "floor-out.log")
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(r, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+            except OSError:
+                pass
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            t0, c0 = time.monotonic(), time.thread_time()
+            cat = subprocess.Popen([CAT, self.data_path], stdout=w)
+            REAPER.note(cat.pid)
+            os.close(w)
+            size = 0
+            while True:
+                if hasattr(os, "splice"):
+                    n = os.splice(r, out, 1 << 20)
+                else:
+                    data = os.read(r, 1 << 20)
+                    n = len(data)
+                    os.write(out, data)
+                if not n:
+                    break
+                size += n
+            t1, c1 = time.monotonic(), time.thread_time()
+            cat.wait()
+            os.close(r)
+            os.close(out)
+            os.unlink(path)
+            runs.append((size / 1e6 / (t1 - t0), (c1 - c0) * 1e8 / max(size, 1)))
+        rates, cpus = sorted(x[0] for x in runs), sorted(x[1] for x in runs)
+        return {"output_floor_mb_per_s": statistics.median(rates),
+                "output_floor_mb_per_s_range": [rates[0], rates[-1]],
+                "output_floor_cpu_s_per_100mb": statistics.median(cpus)}
+
+    # (9) the machine's own floor for starting n services: the bench spawns the
+    # same scripts itself, one after another (posix_spawn, a process with few fds)
+    def floor(self, n):
+        folder = tempfile.mkdtemp(prefix="floor-%d-" % n, dir=self.scratch)
+        services = Services(folder, self.fifo.path, "long", n, prefix="floor")
+        want = set(services.names)
+        mark = self.fifo.mark()
+        pids = []
+        t0 = time.monotonic()
+        try:
+            for name in services.names:
+                path = services.scripts[name]
+                pids.append(os.posix_spawn(path, [path], os.environ, setsid=True))
+                REAPER.note(pids[-1])
+
+            def done(events):
+                seen = {}
+                for t, name, _ in events[mark:]:
+                    if name in want:
+                        seen.setdefault(name, t)
+                return max(seen.values()) if len(seen) == len(want) else None
+            last = self.fifo.wait(done, max(60, n * 0.05))
+            return None if last is None else last - t0
+        finally:
+            REAPER.kill_known(pids)
+            for pid in pids:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+
+
+def prefixed_equal(path, data_path, prefix):
+    """Every line of path is prefix + the same line of data_path, in order."""
+    with open(path, "rb") as fa, open(data_path, "rb") as fb:
+        for a, b in zip(fa, fb):
+            if a != prefix + b:
+                return False
+        return fa.read(1) == b"" and fb.read(1) == b""
+
+
+def soft_nofile(limit):
+    """preexec_fn: start a process with the usual soft RLIMIT_NOFILE (the bench
+    raised its own), the hard limit as it is."""
+    def setup():
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+    return setup
+
+
+def nofile_soft(pid):
+    try:
+        with open("/proc/%d/limits" % pid) as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def count_fds(pid):
+    try:
+        return len(os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return None
+
+
+def raw_request(path, cmd):
+    """(seconds, bytes) of one request on the control socket, read to its end:
+    the supervisor's own time, without a client interpreter starting."""
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        t0 = time.monotonic()
+        sock.connect(path)
+        sock.sendall(json.dumps({"v": 1, "cmd": cmd, "args": {}}).encode() + b"\n")
+        size = 0
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            size += len(data)
+        return time.monotonic() - t0, size
+    finally:
+        sock.close()
 
 
 def files_equal(a, b):
@@ -986,8 +1387,13 @@ ROWS = [
     ("churn_restarts_per_s", "churn restarts/s (10 svc)", "%.0f", False),
     ("churn_cpu_ms_per_restart", "churn CPU per restart (ms)", "%.3f", True),
     ("output_mb_per_s", "output to log file (MB/s)", "%.0f", False),
+    ("output_mb_per_s_range", "  range over the runs", "%.0f", None),
     ("output_cpu_s_per_100mb", "output CPU s per 100 MB", "%.3f", True),
+    ("output_cpu_s_per_100mb_range", "  range over the runs", "%.3g", None),
     ("output_intact", "output lines intact", "%s", None),
+    ("prefixed_mb_per_s", "output prefixed to stdout (MB/s)", "%.0f", False),
+    ("prefixed_cpu_s_per_100mb", "prefixed CPU s per 100 MB", "%.3f", True),
+    ("prefixed_intact", "prefixed lines intact", "%s", None),
     ("reexec_handoff_ms_100", "re-exec handoff, 100 svc (ms)", "%.1f", True),
     ("reexec_wall_ms_100", "re-exec command wall, 100 svc (ms)", "%.0f", True),
     ("reexec_handoff_ms_500", "re-exec handoff, 500 svc (ms)", "%.1f", True),
@@ -999,12 +1405,52 @@ ROWS = [
 def fmt(value, spec):
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return "..".join(spec % v for v in value)
     if spec == "%s":
         return "yes" if value is True else "NO" if value is False else str(value)
     try:
         return spec % value
     except TypeError:
         return str(value)
+
+
+SCALE_ROWS = [
+    ("start_s", "all running (s)", "%.3f"),
+    ("floor_start_s", "  the bench's own spawn loop (s)", "%.3f"),
+    ("exec_p50_ms", "restart kill->exec p50 (ms)", "%.2f"),
+    ("exec_p99_ms", "restart kill->exec p99 (ms)", "%.2f"),
+    ("announce_p50_ms", "restart kill->service up p50 (ms)", "%.2f"),
+    ("announce_p99_ms", "restart kill->service up p99 (ms)", "%.2f"),
+    ("handoff_ms", "re-exec handoff, supervisor (ms)", "%.1f"),
+    ("reexec_seen_ms", "re-exec until status shows it (ms)", "%.0f"),
+    ("reexec_pids_unchanged", "re-exec: no PID changed", "%s"),
+    ("status_json_ms", "status --json command (ms)", "%.1f"),
+    ("status_json_socket_ms", "status on the socket (ms)", "%.1f"),
+    ("pss_mib", "memory PSS (MiB)", "%.1f"),
+    ("rss_mib", "memory RSS (MiB)", "%.1f"),
+    ("idle_wakeups_per_30s", "idle wakeups /30 s", "%.0f"),
+    ("idle_cpu_s_per_30s", "idle CPU s /30 s", "%.3f"),
+    ("fds", "open descriptors", "%d"),
+    ("nofile_soft", "its soft RLIMIT_NOFILE", "%d"),
+]
+
+
+def render_scale(points):
+    w0 = max(len(r[1]) for r in SCALE_ROWS) + 2
+    out = ["", "scaling, respawn.py alone (started with a soft RLIMIT_NOFILE of 1024)"]
+    head = "%-*s" % (w0, "services") + "".join("%10d" % p["n"] for p in points)
+    out += [head, "-" * len(head)]
+    for key, label, spec in SCALE_ROWS:
+        vals = [p.get(key) for p in points]
+        if all(v is None for v in vals):
+            continue
+        out.append("%-*s" % (w0, label) + "".join("%10s" % fmt(v, spec) for v in vals))
+    for p in points:
+        for k, v in p.items():
+            if k.endswith("error"):
+                out.append("ERROR scale %d %s: %s" % (p["n"], k, v))
+    return out
 
 
 def render(report):
@@ -1051,11 +1497,33 @@ def render(report):
                     cells.append("%.3g" % (mine[key] / theirs))
             out.append("%-*s" % (w0, label) + "".join("%*s" % (cols[p], c)
                                                       for p, c in zip(others, cells)))
+    scale = (peers.get("respawn") or {}).get("results", {}).get("scale")
+    if scale:
+        out += render_scale(scale)
+        if report.get("plot"):
+            out.append("plot: %s" % report["plot"])
     b = report.get("baseline") or {}
     if b.get("spawn_to_announce_ms_p50") is not None:
         out += ["", "service start alone (the bench spawns the script itself): p50 %.2f ms, "
                 "p99 %.2f ms; included in every respawn latency above"
                 % (b["spawn_to_announce_ms_p50"], b["spawn_to_announce_ms_p99"])]
+    if b.get("exec_floor_p50_ms") is not None:
+        out.append("the floor for kill->exec (a small process waits on a pidfd, reaps and posix_spawns "
+                   "the script itself): p50 %.2f ms, p99 %.2f ms"
+                   % (b["exec_floor_p50_ms"], b["exec_floor_p99_ms"]))
+    if b.get("spawn_ms_fds_few") is not None and b.get("spawn_ms_fds_15000") is not None:
+        out.append("one spawn (vfork until the child's exec, /bin/sh script) costs the parent "
+                   "%.2f ms with few fds open, %.2f ms with 15 000 open"
+                   % (b["spawn_ms_fds_few"], b["spawn_ms_fds_15000"]))
+    if b.get("output_floor_mb_per_s") is not None:
+        out.append("the floor for output (the bench splices the same cat's pipe into a file "
+                   "itself): %.0f MB/s (range %s), %.3f CPU s per 100 MB"
+                   % (b["output_floor_mb_per_s"], fmt(b["output_floor_mb_per_s_range"], "%.0f"),
+                      b["output_floor_cpu_s_per_100mb"]))
+    if b.get("floor100_s") is not None:
+        out.append("the machine's floor for 'all running' (the bench spawns the same scripts "
+                   "itself, one after another): 100 svc %.3f s, 500 svc %s s"
+                   % (b["floor100_s"], fmt(b.get("floor500_s"), "%.3f")))
     m = report["machine"]
     out.append("machine: %s; %s CPUs; %s; %s; Python %s (%s); load before: %s; mode: %s"
                % (m["cpu"], m["cpus"], m["kernel"], m["mem"], m["python"], m["python_exe"],
@@ -1094,7 +1562,7 @@ def parse_args(argv):
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--peers", default=",".join(PEERS),
                    help="comma-separated subset of %s" % ",".join(PEERS))
-    p.add_argument("--only", default="latency,hundred,five_hundred,churn,output",
+    p.add_argument("--only", default="latency,hundred,five_hundred,churn,output,scale",
                    help="comma-separated subset of measurements")
     p.add_argument("--venv", metavar="DIR", help="reuse a virtualenv that has supervisor and "
                    "circus instead of installing them into the scratch folder")
@@ -1102,17 +1570,25 @@ def parse_args(argv):
     p.add_argument("--idle", type=float, help="idle window in seconds (30; quick 5)")
     p.add_argument("--churn", type=float, help="churn window in seconds (10; quick 3)")
     p.add_argument("--output-mb", type=int, help="MB the output service writes (200; quick 50)")
+    p.add_argument("--output-runs", type=int, help="output runs per peer, the median shown (3; quick 2)")
     p.add_argument("--reexecs", type=int, help="re-execs per size (3; quick 1)")
+    p.add_argument("--scale", default="10,100,1000,5000",
+                   help="service counts of the scaling run (respawn.py alone)")
+    p.add_argument("--scale-kills", type=int, help="kills per size in the scaling run (50; quick 20)")
+    p.add_argument("--plot", metavar="PNG", default=os.path.join(HERE, "scaling.png"),
+                   help="where the scaling run's plot goes (matplotlib in the scratch virtualenv)")
     p.add_argument("--respawn", metavar="FILE", default=RESPAWN,
                    help="the respawn.py to measure (default: the one beside bench/)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (for debugging)")
     a = p.parse_args(argv)
     defaults = dict(kills=(20, 50), idle=(5.0, 30.0), churn=(3.0, 10.0), output_mb=(50, 200),
-                    reexecs=(1, 3))
+                    output_runs=(2, 3),
+                    reexecs=(1, 3), scale_kills=(20, 50))
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
+    a.scale = [int(x) for x in a.scale.split(",") if x.strip()]
     bad = [x for x in a.peers if x not in PEERS]
     if bad:
         p.error("unknown peer(s): %s" % ", ".join(bad))
@@ -1124,6 +1600,43 @@ def raise_nofile():
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def make_plot(report, png, venv):
+    """The scaling curves as a PNG, drawn by bench/plot.py under an interpreter
+    that has matplotlib: the virtualenv's, or a scratch one made for it."""
+    pythons = [os.path.join(venv, "bin", "python")] if venv else []
+    pythons.append(report["machine"].get("python_exe") or sys.executable)
+    python = next((p for p in pythons if os.path.exists(p) and subprocess.run(
+        [p, "-c", "import matplotlib"], capture_output=True).returncode == 0), None)
+    scratch = None
+    try:
+        if python is None:
+            scratch = tempfile.mkdtemp(prefix="respawn-bench-plot-")
+            log("installing matplotlib from PyPI into %s" % scratch)
+            subprocess.run([sys.executable, "-m", "venv", scratch], check=True, capture_output=True)
+            r = subprocess.run([os.path.join(scratch, "bin", "pip"), "install", "-q", "matplotlib"],
+                               capture_output=True, text=True, timeout=900)
+            if r.returncode != 0:
+                log("MISSING plot: pip install matplotlib failed: %s"
+                    % (r.stderr.strip().splitlines() or ["?"])[-1])
+                return None
+            python = os.path.join(scratch, "bin", "python")
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(report, f, default=str)
+        r = subprocess.run([python, os.path.join(HERE, "plot.py"), f.name, png],
+                           capture_output=True, text=True, timeout=300)
+        os.unlink(f.name)
+        if r.returncode != 0:
+            log("plot failed: %s" % r.stderr.strip()[-500:])
+            return None
+        return png
+    except (OSError, subprocess.SubprocessError) as exc:
+        log("plot failed: %s" % exc)
+        return None
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def on_signal(signum, frame):
@@ -1161,7 +1674,7 @@ def main(argv=None):
             if peer.missing:
                 log("%s: MISSING (%s)" % (peer.name, peer.missing))
                 continue
-            for step in ("latency", "hundred", "five_hundred", "churn", "output"):
+            for step in ("latency", "hundred", "five_hundred", "churn", "output", "scale"):
                 if step not in only:
                     continue
                 log("%s: %s" % (peer.name, step))
@@ -1192,6 +1705,9 @@ def main(argv=None):
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     report["elapsed_s"] = time.monotonic() - started
+    scale = report["peers"].get("respawn", {}).get("results", {}).get("scale")
+    if scale and args.plot:
+        report["plot"] = make_plot(report, args.plot, args.venv)
     if report["peers"]:
         print(render(report))
         print("elapsed: %.0f s" % report["elapsed_s"])
