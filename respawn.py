@@ -26,6 +26,8 @@ Reading order (the banners below, in this order):
     performs its effects (also sd_notify, reload, the control requests'
     snapshot, re-execution), and probes;
   control socket: connections, and REQUESTS, one small function per command;
+  operations: Prometheus metrics (format and HTTP endpoint), on_change hooks,
+    our own systemd notifications, journald;
   re-execution: file watch, the loader, the handoff codec;
   client; command line.
 """
@@ -5702,7 +5704,7 @@ def ops_hold_exit(sup, then):
         return False
     if sup.hooks_deadline is None:
         sup.hooks_deadline = monotonic() + 5.0
-        sup.timers.at(sup.hooks_deadline, then)
+        sup.call_at(sup.hooks_deadline, then)
     if monotonic() >= sup.hooks_deadline:
         sup.log("warn", "on_change: %d hooks still running and %d queued at exit; left behind"
                 % (len(hooks.running), len(hooks.queue)))
