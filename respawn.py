@@ -5145,15 +5145,13 @@ def _label(value):
 
 
 def metrics_snapshot(sup):
-    """What format_metrics needs, from a supervisor: status --json's object, and
-    per service whether its last health check passed and what output was dropped."""
+    """What format_metrics needs, from a supervisor: status --json's object (with
+    the output dropped on a full disk), and per service whether its last health
+    check passed."""
     snap = sup.status_json()
     for entry in snap["services"]:
         svc = sup.services[entry["name"]]
         entry["healthy"] = svc.state == RUNNING and not svc.health_failures
-        dropped = getattr(svc, "dropped_bytes", None)
-        if dropped is not None:
-            entry["dropped_bytes"] = dropped
     return snap
 
 
@@ -5183,6 +5181,9 @@ def format_metrics(snapshot, up=True):
            "When the supervisor started (Unix time; a re-exec keeps it).", [("", float(sup["started"]))])
     family("respawn_supervisor_reexecs_total", "counter",
            "Re-executions since the supervisor started.", [("", sup["reexecs"])])
+    if sup.get("dropped_bytes") is not None:
+        family("respawn_supervisor_log_dropped_bytes_total", "counter",
+               "Bytes of the supervisor's own log that could not be written.", [("", sup["dropped_bytes"])])
     counts = dict.fromkeys((STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL), 0)
     for s in services:
         counts[s["state"]] = counts.get(s["state"], 0) + 1

@@ -10216,7 +10216,8 @@ def promtool():
     return shutil.which("promtool")
 
 
-SNAPSHOT = {"supervisor": {"pid": 1, "version": "9.9.9", "started": 1700000000.5, "reexecs": 2},
+SNAPSHOT = {"supervisor": {"pid": 1, "version": "9.9.9", "started": 1700000000.5, "reexecs": 2,
+                           "dropped_bytes": 7},
             "services": [
                 {"name": "web", "state": "RUNNING", "started": 1700000001.25, "restarts": 3,
                  "ready": True, "healthy": True, "failures": 0, "dropped_bytes": 42, "ok": True},
@@ -10234,6 +10235,7 @@ class TestMetricsFormat(unittest.TestCase):
                            python="%d.%d.%d" % sys.version_info[:3]), 1)
         self.assertEqual(s("respawn_supervisor_start_time_seconds"), 1700000000.5)
         self.assertEqual(s("respawn_supervisor_reexecs_total"), 2)
+        self.assertEqual(s("respawn_supervisor_log_dropped_bytes_total"), 7)
         self.assertEqual(s("respawn_services", state="RUNNING"), 1)
         self.assertEqual(s("respawn_services", state="FATAL"), 1)
         self.assertEqual(s("respawn_services", state="BACKOFF"), 0)
@@ -10403,6 +10405,9 @@ class TestMetricsEndpoint(unittest.TestCase):
         self.assertEqual(headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
         samples, _ = parse_exposition(body.decode())
         self.assertEqual(samples[("respawn_service_up", frozenset({("service", "a")}))], 1)
+        # the faults section's counts (issue 12) are exported
+        self.assertEqual(samples[("respawn_output_dropped_bytes_total", frozenset({("service", "a")}))], 0)
+        self.assertEqual(samples[("respawn_supervisor_log_dropped_bytes_total", frozenset())], 0)
         self.assertEqual(http_get(self.port, "/healthz")[::2], (200, b"ok\n"))
         self.assertEqual(http_get(self.port, "/metrics?x=1")[0], 200)
         self.assertEqual(http_get(self.port, "/metrics", "HEAD")[::2], (200, b""))
