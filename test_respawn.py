@@ -10784,7 +10784,7 @@ class TestJournald(unittest.TestCase):
         sup = self.start(True)
         lines = sup.stderr().splitlines()
         self.assertTrue(lines[0].startswith("<6>respawn %s (pid " % respawn.__version__), lines[0])
-        self.assertIn("<3>bad: exit 3; gave up after 1 failed starts", lines)
+        self.assertIn("<3>bad: exit 3; gave up after 1 failed start", lines)
         self.assertTrue(all(re.match(r"<[0-7]>", l) for l in lines), lines)
         self.assertEqual(sup.terminate(), 0)
 
@@ -11016,7 +11016,8 @@ class TestRecipes(unittest.TestCase):
         sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n")
         self.assertEqual(app_paths(" ".join(entry), sup).split(), [PY, SCRIPT, "-c", sup.config, "run"])
         run = lambda argv: subprocess.run(app_paths(" ".join(argv), sup).split(), timeout=60,
-                                          stdout=subprocess.DEVNULL, env=sup.env).returncode
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          env=sup.env).returncode
         self.assertEqual([run(p) for p in probes], [1, 1, 1])          # nothing answers yet
         sup.start()
         sup.wait_state("a", "RUNNING")
