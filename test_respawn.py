@@ -10948,10 +10948,10 @@ class TestRecipes(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stdout)
         i, _ = listener.wait("RELOADING", "1", after=i)
         with open(sup.config, "a") as f:
-            f.write("[program:b]\ncomand = sleep 1\n")
+            f.write("[program:b]\ncommand = sleep 1\nautorestart = sometimes\n")
         p = subprocess.run(reload, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
         self.assertEqual(p.returncode, 1, p.stdout)          # systemctl reload fails, and says why
-        self.assertIn("unknown key 'comand'", p.stdout)
+        self.assertIn("autorestart: expected true, false or unexpected", p.stdout)
         sup.proc.send_signal(signal.SIGTERM)
         listener.wait("STOPPING", "1", after=i)
         self.assertEqual(sup.proc.wait(DEADLINE), 0)
