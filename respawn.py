@@ -26,6 +26,8 @@ Reading order (the banners below, in this order):
     performs its effects (also sd_notify, reload, the control requests'
     snapshot, re-execution), and probes;
   control socket: connections, and REQUESTS, one small function per command;
+  operations: Prometheus metrics (format and HTTP endpoint), on_change hooks,
+    our own systemd notifications, journald;
   re-execution: file watch, the loader, the handoff codec;
   client; command line.
 """
@@ -480,6 +482,34 @@ def parse_name(text):
     return text.strip()
 
 
+def parse_metrics_address(text):
+    """`metrics = [HOST:]PORT` -> (host, port).  HOST is an IP address (a name would
+    need DNS at start-up, which can block or lie) or `localhost`; no HOST is
+    loopback, so that nothing is exposed unless the config says so."""
+    value = text.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host = ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, as [%s]:%s" % (host, port))
+    host = host or "127.0.0.1"
+    if not port.isdigit() or not port.isascii():
+        raise ValueError("expected HOST:PORT or PORT (e.g. 127.0.0.1:9101), not %s" % _cut(text))
+    if not 1 <= int(port) <= 65535:
+        raise ValueError("port %s is out of range (1 to 65535)" % port)
+    if host == "localhost":
+        host = "127.0.0.1"            # not looked up: /etc/hosts may say otherwise, or ::1
+    else:
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        except OSError:
+            raise ValueError("%s is not an IP address (e.g. 127.0.0.1, 0.0.0.0 or [::1]; "
+                             "host names are not resolved)" % _cut(host)) from None
+    return host, int(port)
+
+
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "critical": 50}
 
 # key: (parser, default).  The defaults are the SPEC's.
@@ -494,6 +524,8 @@ RESPAWN_KEYS = {
     "exit_on_fatal": (parse_bool, False),
     "subreaper": (parse_bool, False),
     "log_format": (parse_log_format, "text"),
+    "metrics": (parse_metrics_address, None),
+    "on_change": (parse_command, None),
 }
 
 parse_duration_in_range = in_range(parse_duration, 0.0, MAX_DURATION, _show_duration)
@@ -1107,6 +1139,10 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
             section = kinds["supervisord"][0]
             err("[supervisord] directory %s does not exist" % _cut(directory),
                 *(section.lines.get("directory") or [section.file, section.line]))
+        respawn = kinds.get("respawn") or [None]
+        for key, problem in ops_machine_problems(settings, os.path.abspath(path)):
+            where = respawn[-1].lines.get(key) if respawn[-1] else None
+            err(problem, *(where or (None, None)))
     if loader.errors:
         exc = ConfigErrors(loader.errors, loader.warnings)
         exc.settings = settings
@@ -3523,6 +3559,11 @@ class Supervisor:
         self.streams = {}                     # 1, 2 -> Writer of our stdout and stderr
         self.log_dropped = 0                  # bytes of our own log we could not write
         self.notify_parent = None             # $NOTIFY_SOCKET of systemd, for READY=1
+        self.systemd = None                   # SystemdNotifier, when systemd watches us
+        self.metrics = None                   # MetricsServer, with `metrics = HOST:PORT`
+        self.hooks = None                     # HookRunner, with `on_change = CMD`
+        self.hooks_deadline = None            # how long the exit waits for hooks
+        self.daemon_log = None                # run --daemon: the file our stdout/stderr go to
         self.file_watch = None
         self.reexec_busy = False
         self.reexec_client = None
@@ -3560,6 +3601,7 @@ class Supervisor:
         s = self.config.settings
         self.loglevel = LOG_LEVELS[s["loglevel"]]
         self.json_logs = s["log_format"] == "json"
+        self.journal = journal_stream_is(2)
         self.reopen_log()
         self.context.exit_on_fatal = s["exit_on_fatal"]
 
@@ -3611,7 +3653,10 @@ class Supervisor:
 
     def log_line(self, level, message, service):
         now = time.time()
-        if self.json_logs:
+        if self.journal and self.log_fd == 2 and not self.json_logs:
+            # journald stamps each line itself; the prefix is its priority (sd-daemon(3))
+            line = "<%d>%s%s\n" % (JOURNAL_PRIORITY[level], (service + ": ") if service else "", message)
+        elif self.json_logs:
             line = json.dumps({"time": round(now, 3), "service": service, "stream": "supervisor",
                                "level": level, "message": message}) + "\n"
         else:
@@ -3720,6 +3765,7 @@ class Supervisor:
             self.reload()
         elif signum == signal.SIGUSR1:
             self.log("info", "got SIGUSR1: reopening log files")
+            ops_reopen(self)
             self.reopen_log()
             for sink in self.sinks.values():
                 sink.reopen()
@@ -4023,6 +4069,8 @@ class Supervisor:
                 kill_group_or_pid(pid, signal.SIGKILL, True)
         self.context.shutting_down = True
         self.events.notify("SUPERVISOR_STATE_CHANGE_STOPPING", "")
+        if self.systemd:
+            self.systemd.stopping()
         for svc in list(self.services.values()):
             self.feed(svc, Shutdown())
         self.waves = []
@@ -4030,6 +4078,8 @@ class Supervisor:
 
     def finish(self):
         if not any(s.alive() for s in self.services.values()):
+            if ops_hold_exit(self, self.finish):
+                return
             self.log("info", "every service is stopped; exiting")
             self.done = True
 
@@ -4331,16 +4381,23 @@ class Supervisor:
 
     def reload(self, client=None):
         """Re-read the config and apply the difference; a bad config changes nothing."""
+        if self.systemd:
+            self.systemd.reloading()
         try:
             new = load_config(self.config.path)
         except ConfigErrors as exc:
             for e in exc.errors:
                 self.log("error", "reload rejected: %s" % e)
+            if self.systemd:
+                self.systemd.reloaded(self.services, "%d errors" % len(exc.errors))
             if client:
                 client.reply({"ok": False, "error": "config rejected", "errors": [str(e) for e in exc.errors]})
             return
         summary = self.apply_config(new)
         set_process_title(self)
+        ops_settings_changed(self)
+        if self.systemd:
+            self.systemd.reloaded(self.services)
         self.log("info", "reloaded %s: %s" % (new.path, ", ".join(
             "%s %s" % (k, ",".join(v)) for k, v in summary.items() if v) or "no change"))
         if client:
@@ -5249,11 +5306,656 @@ def serve_shutdown(sup, client, args):
     sup.shutdown()
 
 
+def serve_metrics(sup, client, args):
+    client.reply({"ok": True, "text": format_metrics(metrics_snapshot(sup))})
+
+
 REQUESTS = {
     "status": serve_status, "start": serve_start, "stop": serve_stop, "restart": serve_restart,
     "signal": serve_signal, "reload": serve_reload, "reexec": serve_reexec, "log": serve_log,
-    "shutdown": serve_shutdown,
+    "shutdown": serve_shutdown, "metrics": serve_metrics,
 }
+
+
+# ---------------------------------------------------------------------------
+# Operations: Prometheus metrics, on_change hooks, systemd and journald
+# ---------------------------------------------------------------------------
+# Each piece is a small object with a narrow interface: a `loop` (the
+# Supervisor's call_at, cancel_timer, watch_fd, unwatch_fd, watch_helper), a log
+# function, a snapshot or a command.  They hear of every change of state from
+# one place, ops_state_changed, subscribed to Supervisor.on_state_change.
+
+METRICS_MAX_CLIENTS = 16          # connections served at once; more are refused
+METRICS_MAX_REQUEST = 8 * 1024    # an HTTP request head longer than this is refused
+METRICS_DEADLINE = 10.0           # a scrape connection is closed after this, done or not
+HOOK_MAX_RUNNING = 4              # on_change commands running at once
+HOOK_MAX_QUEUED = 256             # changes waiting for a slot; beyond, the oldest is dropped
+HOOK_TIMEOUT = 60.0               # a hook still running after this is killed
+HOOK_MAX_OUTPUT = 64 * 1024       # bytes of one hook's output that are logged
+STARTUP_STATUS_DELAY = 1.0        # STATUS= updates after READY=1, at most one per this
+JOURNAL_PRIORITY = {"debug": 7, "info": 6, "warn": 4, "warning": 4, "error": 3, "critical": 2}
+
+
+def ops_machine_problems(settings, config_path):
+    """(key, message) for each [respawn] setting this machine cannot honour: for `check`."""
+    command = settings.get("on_change")
+    if command:
+        exe = command[0]
+        if "/" in exe:
+            if not os.path.isfile(exe) or not os.access(exe, os.X_OK):
+                yield "on_change", "on_change: command %r not found or not executable" % exe
+        elif not which(exe, os.environ.get("PATH", os.defpath)):
+            yield "on_change", "on_change: command %r not found in PATH" % exe
+    address = settings.get("metrics")
+    if address:
+        try:
+            sock = metrics_listener(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and _supervisor_answers(settings, config_path):
+                return        # most likely held by this config's own running supervisor
+            yield "metrics", "metrics: cannot listen on %s: %s" % (
+                format_address(address), exc.strerror or exc)
+        else:
+            sock.close()
+
+
+def _supervisor_answers(settings, config_path):
+    path = settings.get("socket") or default_socket(config_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def format_address(address):
+    host, port = address
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+# -- metrics: the Prometheus text exposition format ---------------------------
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def metrics_snapshot(sup):
+    """What format_metrics needs, from a supervisor: status --json's object (with
+    the output dropped on a full disk), and per service whether its last health
+    check passed."""
+    snap = sup.status_json()
+    for entry in snap["services"]:
+        svc = sup.services[entry["name"]]
+        entry["healthy"] = svc.state == RUNNING and not svc.health_failures
+    return snap
+
+
+def format_metrics(snapshot, up=True):
+    """The Prometheus text exposition (format 0.0.4) of a status snapshot.
+    up=False: only respawn_supervisor_up 0, for a textfile collector to see that
+    nothing answered.  Labels are escaped once per service: a scrape of 5000
+    services is a few tens of milliseconds of the loop."""
+    out = []
+
+    def value(v):
+        return repr(float(v)) if isinstance(v, float) else str(int(v))
+
+    def family(name, kind, text, samples):
+        """samples: (label text without braces, value)."""
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+        out.extend("%s{%s} %s\n" % (name, lab, value(v)) if lab else "%s %s\n" % (name, value(v))
+                   for lab, v in samples)
+
+    family("respawn_supervisor_up", "gauge", "1 if the supervisor answered.", [("", 1 if up else 0)])
+    if not up:
+        return "".join(out)
+    sup, services = snapshot["supervisor"], snapshot["services"]
+    family("respawn_build_info", "gauge", "The supervisor's version and Python, as labels.",
+           [('version="%s",python="%d.%d.%d"' % ((_label(sup["version"]),) + sys.version_info[:3]), 1)])
+    family("respawn_supervisor_start_time_seconds", "gauge",
+           "When the supervisor started (Unix time; a re-exec keeps it).", [("", float(sup["started"]))])
+    family("respawn_supervisor_reexecs_total", "counter",
+           "Re-executions since the supervisor started.", [("", sup["reexecs"])])
+    if sup.get("dropped_bytes") is not None:
+        family("respawn_supervisor_log_dropped_bytes_total", "counter",
+               "Bytes of the supervisor's own log that could not be written.", [("", sup["dropped_bytes"])])
+    counts = dict.fromkeys((STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL), 0)
+    for s in services:
+        counts[s["state"]] = counts.get(s["state"], 0) + 1
+    family("respawn_services", "gauge", "Services in each state.",
+           [('state="%s"' % k, v) for k, v in counts.items()])
+    labels = [('service="%s"' % _label(s["name"]), s) for s in services]
+    per = lambda key: [(lab, key(s)) for lab, s in labels]
+    family("respawn_service_up", "gauge", "1 if the service is RUNNING.",
+           per(lambda s: s["state"] == RUNNING))
+    family("respawn_service_state", "gauge", "1 for the state the service is in.",
+           [('%s,state="%s"' % (lab, k), s["state"] == k) for lab, s in labels for k in counts])
+    family("respawn_service_restarts_total", "counter",
+           "Restarts of the service since the supervisor started.", per(lambda s: s["restarts"]))
+    family("respawn_service_start_time_seconds", "gauge",
+           "When the service's process was last started (Unix time).",
+           [(lab, float(s["started"])) for lab, s in labels if s["started"]])
+    family("respawn_service_ready", "gauge", "1 if the service passed its readiness check.",
+           per(lambda s: bool(s["ready"])))
+    family("respawn_service_healthy", "gauge",
+           "1 if the service is RUNNING and its last health check (if any) passed.",
+           per(lambda s: bool(s.get("healthy"))))
+    family("respawn_service_ok", "gauge",
+           "0 if the service should run and does not (what makes status exit 3).",
+           per(lambda s: s.get("ok", True)))
+    family("respawn_service_failed_starts", "gauge", "Failed starts in a row (FATAL past startretries).",
+           per(lambda s: s.get("failures") or 0))
+    if any("dropped_bytes" in s for s in services):
+        family("respawn_output_dropped_bytes_total", "counter",
+               "Bytes of the service's output that could not be written (a full disk...).",
+               [(lab, s["dropped_bytes"]) for lab, s in labels if "dropped_bytes" in s])
+    return "".join(out)
+
+
+# -- metrics over HTTP ----------------------------------------------------------
+
+def metrics_listener(address):
+    """A bound, listening, non-blocking TCP socket for `metrics = HOST:PORT`; OSError."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a supervisor restarted or re-executed must get its port back at once,
+        # not after TIME_WAIT; SO_REUSEADDR never lets two listeners share it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Scrape:
+    """One connection to the metrics endpoint."""
+    __slots__ = ("sock", "inbuf", "out", "timer", "writing")
+
+    def __init__(self, sock):
+        self.sock, self.inbuf, self.out, self.timer, self.writing = sock, b"", None, None, False
+
+
+class MetricsServer:
+    """GET /metrics and GET /healthz over HTTP/1.1, one request per connection.
+
+    The sockets are non-blocking and live in the supervisor's own selector, not in
+    a thread: a scrape reads the state between two events, never in the middle of
+    one, with no lock.  A client costs a bounded buffer and a deadline; a slow or
+    hostile one is cut, never waited for."""
+
+    def __init__(self, address, loop, get_metrics, log):
+        self.address, self.loop, self.get_metrics, self.log = address, loop, get_metrics, log
+        self.sock = metrics_listener(address)
+        self.conns = {}                   # fd -> Scrape
+        self.paused = None
+        self.loop.watch_fd(self.sock, selectors.EVENT_READ, self.on_accept)
+
+    def on_accept(self, mask=None):
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors: the listener stays readable, so stop
+                    # watching it for a second instead of spinning on it
+                    self.log("warn", "metrics: accept: %s; pausing for 1s" % exc.strerror)
+                    self.loop.unwatch_fd(self.sock)
+                    self.paused = self.loop.call_at(monotonic() + 1.0, self.resume)
+                return
+            conn.setblocking(False)
+            if len(self.conns) >= METRICS_MAX_CLIENTS:
+                try:
+                    conn.recv(METRICS_MAX_REQUEST)     # what came already: a close would reset it
+                except OSError:
+                    pass
+                try:
+                    conn.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                              b"Connection: close\r\n\r\n")
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            c = Scrape(conn)
+            c.timer = self.loop.call_at(monotonic() + METRICS_DEADLINE, self.close, c)
+            self.conns[conn.fileno()] = c
+            self.loop.watch_fd(conn, selectors.EVENT_READ, lambda m, c=c: self.on_event(c, m))
+
+    def resume(self):
+        self.paused = None
+        if self.sock is not None:
+            self.loop.watch_fd(self.sock, selectors.EVENT_READ, self.on_accept)
+
+    def on_event(self, c, mask):
+        sock = c.sock
+        if c.out is None:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return self.close(c)
+            if not data:
+                return self.close(c)
+            c.inbuf += data
+            head = c.inbuf.replace(b"\r\n", b"\n")
+            end = head.find(b"\n\n")
+            if end < 0:
+                if len(c.inbuf) > METRICS_MAX_REQUEST:
+                    self.respond(c, 431, "Request Header Fields Too Large", b"request too large\n")
+                return
+            self.respond(c, *self.route(head[:end]))
+        self.flush(c)
+
+    def route(self, head):
+        """(code, reason, body[, extra headers, head only]) for one request head."""
+        parts = head.split(b"\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return 400, "Bad Request", b"bad request\n"
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target not in (b"/metrics", b"/healthz"):
+            return 404, "Not Found", b"not found: try /metrics or /healthz\n"
+        if method not in (b"GET", b"HEAD"):
+            return 405, "Method Not Allowed", b"only GET\n", "Allow: GET, HEAD\r\n"
+        if target == b"/healthz":
+            body = b"ok\n"
+        else:
+            body = self.get_metrics().encode("utf-8")
+        return 200, "OK", body, "", method == b"HEAD"
+
+    def respond(self, c, code, reason, body, extra="", head_only=False):
+        kind = "text/plain; version=0.0.4; charset=utf-8" if code == 200 else "text/plain; charset=utf-8"
+        c.out = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n"
+                "Cache-Control: no-store\r\n%s\r\n" % (code, reason, kind, len(body), extra)).encode() \
+            + (b"" if head_only else body)
+        c.out = memoryview(c.out)       # sent piece by piece with no copy of the rest
+        c.inbuf = b""
+
+    def flush(self, c):
+        sock = c.sock
+        while c.out:
+            try:
+                sent = sock.send(c.out[:1 << 20])
+            except (BlockingIOError, InterruptedError):
+                # the client reads slowly: wait until it can take more (its deadline still runs)
+                if not c.writing:
+                    c.writing = True
+                    self.loop.unwatch_fd(sock)
+                    self.loop.watch_fd(sock, selectors.EVENT_WRITE, lambda m, c=c: self.flush(c))
+                return
+            except OSError:
+                return self.close(c)
+            c.out = c.out[sent:]
+        if c.out is not None:
+            self.close(c)
+
+    def close(self, c):
+        sock = c.sock
+        if sock.fileno() < 0:
+            return
+        self.loop.cancel_timer(c.timer)
+        self.conns.pop(sock.fileno(), None)
+        self.loop.unwatch_fd(sock)
+        sock.close()
+
+    def close_all(self):
+        for c in list(self.conns.values()):
+            self.close(c)
+        self.loop.cancel_timer(self.paused)
+        if self.sock is not None:
+            self.loop.unwatch_fd(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+# -- on_change hooks ------------------------------------------------------------
+
+class Hook:
+    """One on_change run: its change, its output pipe, its deadline."""
+    __slots__ = ("env", "fd", "timer", "written", "partial")
+
+    def __init__(self, env, fd):
+        self.env, self.fd, self.timer, self.written, self.partial = env, fd, None, 0, b""
+
+    def __str__(self):
+        return "%s %s" % (self.env["RESPAWN_SERVICE"], self.env["RESPAWN_STATE"])
+
+
+class HookRunner:
+    """Runs `on_change = CMD` for each state change: a few at once, the rest
+    queued in order (the oldest dropped past HOOK_MAX_QUEUED), output and failures
+    logged.  A hook is run once per change, never retried: a failing hook must
+    not turn into a loop of its own."""
+
+    def __init__(self, command, loop, log):
+        self.command, self.loop, self.log = command, loop, log
+        self.queue = []
+        self.running = {}                 # pid -> Hook
+        self.dropped = 0
+        self.on_idle = None
+
+    def changed(self, service, state, previous, reason):
+        env = {"RESPAWN_SERVICE": service, "RESPAWN_STATE": state,
+               "RESPAWN_PREVIOUS": previous or "", "RESPAWN_REASON": reason or ""}
+        self.queue.append(env)
+        if len(self.queue) > HOOK_MAX_QUEUED:
+            old = self.queue.pop(0)
+            if not self.dropped:
+                self.log("warn", "on_change: %d changes waiting for a hook; dropping the oldest "
+                         "(%s: %s -> %s) and any more until the queue drains"
+                         % (HOOK_MAX_QUEUED, old["RESPAWN_SERVICE"], old["RESPAWN_PREVIOUS"],
+                            old["RESPAWN_STATE"]))
+            self.dropped += 1
+        self.run_queued()
+
+    def busy(self):
+        return bool(self.queue or self.running)
+
+    def run_queued(self):
+        while self.queue and len(self.running) < HOOK_MAX_RUNNING:
+            self.run(self.queue.pop(0))
+        if not self.queue and self.dropped:
+            self.log("warn", "on_change: %d changes were dropped (too many at once)" % self.dropped)
+            self.dropped = 0
+        if not self.busy() and self.on_idle:
+            then, self.on_idle = self.on_idle, None
+            then()
+
+    def run(self, env):
+        what = "%s %s" % (env["RESPAWN_SERVICE"], env["RESPAWN_STATE"])
+        if not self.command:
+            return                # on_change was removed by a reload while this waited
+        try:
+            r, w = os.pipe()
+        except OSError as exc:
+            self.log("error", "on_change for %s not run: %s" % (what, exc.strerror))
+            return
+        try:
+            pid = spawn(Program("on_change", {"command": self.command}, {}), w, w, env)
+        except SpawnError as exc:
+            os.close(r)
+            self.log("error", "on_change for %s not run: %s" % (what, exc))
+            return
+        finally:
+            os.close(w)
+        os.set_blocking(r, False)
+        hook = Hook(env, r)
+        hook.timer = self.loop.call_at(monotonic() + HOOK_TIMEOUT, self.timeout, pid)
+        self.running[pid] = hook
+        self.loop.watch_fd(r, selectors.EVENT_READ, lambda m, pid=pid: self.read(pid))
+        self.loop.watch_helper(pid, "on_change", self.exited)
+
+    def read(self, pid, final=False):
+        hook = self.running.get(pid)
+        if hook is None or hook.fd is None:
+            return
+        eof = False
+        while True:
+            try:
+                data = os.read(hook.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            room = HOOK_MAX_OUTPUT - hook.written
+            hook.written += len(data)
+            if room > 0:
+                lines = (hook.partial + data[:room]).split(b"\n")
+                hook.partial = lines.pop()
+                for line in lines:
+                    self.log("info", "on_change (%s): %s" % (hook, line.decode("utf-8", "replace")))
+            if not final:
+                break             # one read per wake-up: a chatty hook does not hold the loop
+        if eof or final:
+            # a background child of the hook may hold the pipe open for ever: at the
+            # hook's exit, what it wrote so far is logged and the pipe is closed
+            if hook.partial:
+                self.log("info", "on_change (%s): %s" % (hook, hook.partial.decode("utf-8", "replace")))
+            if hook.written > HOOK_MAX_OUTPUT:
+                self.log("warn", "on_change wrote %d bytes; only the first %d were logged"
+                         % (hook.written, HOOK_MAX_OUTPUT))
+            self.close_pipe(hook)
+
+    def close_pipe(self, hook):
+        if hook.fd is not None:
+            self.loop.unwatch_fd(hook.fd)
+            os.close(hook.fd)
+            hook.fd = None
+
+    def timeout(self, pid):
+        if pid in self.running:
+            self.log("warn", "on_change for %s still running after %gs: killed"
+                     % (self.running[pid], HOOK_TIMEOUT))
+            kill_group_or_pid(pid, signal.SIGKILL, True)
+
+    def exited(self, pid, status):
+        if pid not in self.running:
+            return
+        self.read(pid, final=True)
+        hook = self.running.pop(pid)
+        self.loop.cancel_timer(hook.timer)
+        kill_group_or_pid(pid, signal.SIGKILL, True)      # nothing of the hook outlives it
+        if status != 0:
+            self.log("warn", "on_change for %s failed (%s); not retried" % (hook, describe_exit(status)))
+        self.run_queued()
+
+    def close(self):
+        for hook in self.running.values():
+            self.close_pipe(hook)
+            self.loop.cancel_timer(hook.timer)
+
+
+# -- systemd: sd_notify of the supervisor itself ----------------------------------
+
+def _wanted(svc):
+    return svc.want == UP
+
+
+def _waiting(svc):
+    """In STOPPED, waiting for what it requires."""
+    return svc.state == STOPPED and not svc.alive() and bool(svc.waiting_for)
+
+
+def startup_settled(services):
+    """(settled, STATUS text): READY=1 waits until each autostart service is ready,
+    or has failed (BACKOFF, FATAL, an unexpected exit, or waiting on one that did)."""
+    running, failed, pending = [], [], []
+    for s in sorted(services.values(), key=lambda s: (s.program.priority, s.name)):
+        if not s.program.autostart or not _wanted(s):
+            continue
+        if s.state == RUNNING and s.ready or s.state == EXITED and should_be_running(s):
+            running.append(s.name)
+        elif s.state in (BACKOFF, FATAL, EXITED):
+            failed.append("%s (%s)" % (s.name, s.state))
+        elif _waiting(s):
+            blockers = [services[b] for b in start_blockers(s, services)]
+            if all(b.state in (BACKOFF, FATAL, EXITED) or not _wanted(b) for b in blockers):
+                failed.append("%s (waiting for %s)" % (s.name, ", ".join(b.name for b in blockers)))
+            else:
+                pending.append(s.name)
+        else:
+            pending.append(s.name)
+    text = "%d running" % len(running)
+    if failed:
+        text += "; failed: " + ", ".join(failed)
+    if pending:
+        text += "; starting: " + ", ".join(pending[:5]) + (" and %d more" % (len(pending) - 5)
+                                                             if len(pending) > 5 else "")
+    return not pending, text
+
+
+class SystemdNotifier:
+    """Our own messages to systemd ($NOTIFY_SOCKET of a Type=notify unit)."""
+
+    def __init__(self, address, loop, watchdog_usec=None):
+        self.address, self.loop = address, loop
+        self.ready_sent = False
+        self.check_timer = None
+        self.last_status = None
+        self.watchdog = watchdog_usec / 2e6 if watchdog_usec else None
+        if self.watchdog:
+            self.loop.call_at(monotonic(), self.ping)
+
+    def send(self, *fields):
+        notify_systemd("\n".join(fields), self.address)
+
+    def ping(self):
+        self.send("WATCHDOG=1")
+        self.loop.call_at(monotonic() + self.watchdog, self.ping)
+
+    def changed(self, services):
+        """After a state change: READY=1 once settled, STATUS= when it says something
+        new.  Checked once per turn of the loop before READY=1 (5000 services
+        starting are one check, not 10000), at most once a second after it."""
+        if self.check_timer is None:
+            delay = STARTUP_STATUS_DELAY if self.ready_sent else 0.0
+            self.check_timer = self.loop.call_at(monotonic() + delay, self.check, services)
+
+    def check(self, services):
+        self.check_timer = None
+        settled, text = startup_settled(services)
+        if not self.ready_sent and settled:
+            self.ready_sent = True
+            self.last_status = text
+            self.send("READY=1", "STATUS=" + text, "MAINPID=%d" % os.getpid())
+        elif text != self.last_status:
+            self.last_status = text
+            self.send("STATUS=" + text)
+
+    def reloading(self):
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        self.send("RELOADING=1", "STATUS=reloading the config", "MONOTONIC_USEC=%d" % usec)
+
+    def reloaded(self, services, error=None):
+        text = startup_settled(services)[1]
+        self.last_status = None if error else text
+        self.send("READY=1", "STATUS=" + ("reload rejected: %s; %s" % (error, text) if error else text))
+
+    def stopping(self):
+        self.send("STOPPING=1", "STATUS=stopping every service")
+
+
+def journal_stream_is(fd):
+    """True when fd is the journal's stream ($JOURNAL_STREAM = device:inode of it)."""
+    try:
+        dev, ino = os.environ.get("JOURNAL_STREAM", "").split(":")
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError):
+        return False
+
+
+# -- the supervisor's side: one entry per moment -------------------------------------
+
+def ops_start(sup, carried=None):
+    """Once the loop is set up (at `run`, and in a re-executed image): the metrics
+    endpoint, the hooks and our own systemd notifications.  carried: what the
+    previous image handed over (its systemd socket, whether READY=1 was sent)."""
+    carried = carried or {}
+    sup.daemon_log = carried.get("daemon_log") or sup.daemon_log
+    sup.on_state_change.append(lambda svc, old, new: ops_state_changed(sup, svc, old, new))
+    ops_settings_changed(sup)
+    address = carried.get("notify") if carried else os.environ.pop("NOTIFY_SOCKET", None)
+    # systemd's variables are ours, not our services' (sd_notify's unset_environment)
+    usec, wpid = os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None)
+    if carried:
+        usec, wpid = carried.get("watchdog_usec"), None
+    sup.notify_parent = address
+    if address:
+        try:
+            usec = int(usec) if usec and (not wpid or int(wpid) == os.getpid()) else None
+        except ValueError:
+            usec = None
+        sup.systemd = SystemdNotifier(address, sup, usec)
+        sup.systemd.ready_sent = bool(carried.get("ready_sent"))
+
+
+def ops_handoff(sup):
+    """What a re-exec carries for ops_start (the environment no longer has it)."""
+    n = sup.systemd
+    carried = {"notify": n.address, "ready_sent": n.ready_sent,
+               "watchdog_usec": int(n.watchdog * 2e6) if n.watchdog else None} if n else {"notify": None}
+    carried["daemon_log"] = sup.daemon_log
+    return carried
+
+
+def ops_reopen(sup):
+    """SIGUSR1 (logrotate's postrotate): a daemon's stdout and stderr move to the
+    new log file too, not only the files opened by name."""
+    if sup.daemon_log:
+        try:
+            redirect_output(sup.daemon_log)
+        except OSError as exc:
+            sup.log("error", "cannot reopen %s: %s; still writing to the old file"
+                    % (sup.daemon_log, exc.strerror))
+
+
+def ops_settings_changed(sup):
+    """At start and after a reload: open, move or close the metrics endpoint; take
+    the new on_change command."""
+    s = sup.config.settings
+    address = s.get("metrics")
+    if sup.metrics is not None and sup.metrics.address != address:
+        sup.metrics.close_all()
+        sup.metrics = None
+    if address and sup.metrics is None:
+        try:
+            sup.metrics = MetricsServer(address, sup,
+                                        lambda: format_metrics(metrics_snapshot(sup)), sup.log)
+            sup.log("info", "metrics on http://%s/metrics" % format_address(address))
+        except OSError as exc:
+            sup.log("error", "metrics: cannot listen on %s: %s; supervising without metrics"
+                    % (format_address(address), exc.strerror or exc))
+    command = s.get("on_change")
+    if command and sup.hooks is None:
+        sup.hooks = HookRunner(command, sup, sup.log)
+    elif sup.hooks is not None:
+        sup.hooks.command = command      # queued changes run with the new command
+        if not command and not sup.hooks.busy():
+            sup.hooks = None
+
+
+def ops_state_changed(sup, svc, previous, state):
+    """The one call site: every state change of a service passes here."""
+    if sup.hooks is not None and sup.hooks.command:
+        sup.hooks.changed(svc.name, state, previous, svc.reason)
+    if sup.systemd is not None:
+        sup.systemd.changed(sup.services)
+
+
+def ops_hold_exit(sup, then):
+    """At exit: wait (at most 5 s) for on_change hooks still running or queued,
+    so that the last changes are told; True while waiting (then() is called again)."""
+    hooks = sup.hooks
+    if hooks is None or not hooks.busy():
+        return False
+    if sup.hooks_deadline is None:
+        sup.hooks_deadline = monotonic() + 5.0
+        sup.call_at(sup.hooks_deadline, then)
+    if monotonic() >= sup.hooks_deadline:
+        sup.log("warn", "on_change: %d hooks still running and %d queued at exit; left behind"
+                % (len(hooks.running), len(hooks.queue)))
+        return False
+    hooks.on_idle = then
+    return True
+
+
+def ops_close(sup):
+    if sup.metrics is not None:
+        sup.metrics.close_all()
+        sup.metrics = None
+    if sup.hooks is not None:
+        sup.hooks.close()
 
 
 # ---------------------------------------------------------------------------
@@ -5534,6 +6236,7 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
         "pidfile": sup.pidfile,
         # the soft RLIMIT_NOFILE our services get (raise_nofile)
         "service_nofile": SERVICE_NOFILE,
+        "ops": ops_handoff(sup),
         "helpers": sorted(set(sup.helpers) | sup.watcher.abandoned),
         "services": services,
         "fds": fds,
@@ -6637,6 +7340,7 @@ def cmd_run(args, config_path, script, source):
     sup = Supervisor(config, script, ["-c", config.path, "run"], source)
     sup.lock_fd = lock_fd
     sup.pidfile = config.settings["pidfile"]
+    sup.daemon_log = logfile if args.daemon else None
     try:
         sup.install_signals()
         sup.open_listener(sock_path)
@@ -6662,12 +7366,13 @@ def cmd_run(args, config_path, script, source):
                sup.watcher.description))
     # systemd's socket is ours, not our services' (sd_notify's unset_environment):
     # a service must not tell systemd it is ready, or stopping, in our name
-    sup.notify_parent = os.environ.pop("NOTIFY_SOCKET", None)
+    ops_start(sup)
     set_process_title(sup)
     take_over_or_leave_alone(sup)
     sup.events.notify("SUPERVISOR_STATE_CHANGE_RUNNING", "")
     sup.start_all()
-    notify_systemd("READY=1\nMAINPID=%d" % os.getpid(), sup.notify_parent)
+    if sup.systemd:
+        sup.systemd.changed(sup.services)     # READY=1 now if nothing is left to wait for
     if report is not None:
         os.write(report, b"ok %d %s" % (os.getpid(), os.fsencode(os.path.abspath(logfile))))
         os.close(report)
@@ -6684,6 +7389,7 @@ def supervise(sup):
         except OSError:
             sock = None
         sup.close_control()
+        ops_close(sup)
         leave_no_trace(sup, sock or socket_path(sup.config))
         if sup.pidfile:
             try:
@@ -6733,6 +7439,7 @@ def resume(args, script, source):
     resume_identity(sup)
     sup.install_signals()
     sup.setup_file_watch()
+    ops_start(sup, state.get("ops") or {"notify": None})
     took = (monotonic() - state.get("t0", monotonic())) * 1000
     old = (state.get("hash") or "?")[:12]
     if sup.rejected_hash == state.get("new_hash") and sup.hash != state.get("new_hash"):
@@ -6818,6 +7525,8 @@ def cmd_client(args, config_path):
         payload = {"name": args.name, "n": args.n, "follow": args.follow}
         if args.stderr:
             payload["stream"] = "stderr"
+    if cmd == "metrics":
+        return cmd_metrics(path)
     # status must answer promptly (it is a liveness probe); the others wait for states
     answers = request(path, cmd, payload, timeout=30.0 if cmd == "status" else None)
     try:
@@ -6864,6 +7573,25 @@ def cmd_client(args, config_path):
         for _ in answers:
             pass
         print("stopped")
+    return EXIT_OK
+
+
+def cmd_metrics(path):
+    """`metrics`: the exposition on stdout.  With no supervisor, still a valid
+    exposition (respawn_supervisor_up 0) and exit 1: a textfile collector fed by
+    cron then shows the supervisor down instead of its last numbers."""
+    try:
+        first = next(request(path, "metrics", {}, timeout=30.0), {})
+    except (NoSupervisor, socket.timeout, OSError) as exc:
+        sys.stdout.write(format_metrics(None, up=False))
+        sys.stderr.write("%s\n" % (exc if isinstance(exc, NoSupervisor)
+                                    else "the supervisor did not answer: %s" % exc))
+        return EXIT_FAIL
+    if not first.get("ok"):
+        sys.stdout.write(format_metrics(None, up=False))
+        sys.stderr.write("%s\n" % (first.get("error") or "the supervisor gave no metrics"))
+        return EXIT_FAIL
+    sys.stdout.write(first["text"])
     return EXIT_OK
 
 
@@ -6919,6 +7647,7 @@ commands:
                                show a service's recent output (-n lines, default 20);
                                -f, --follow keeps printing new lines; --stderr: stderr alone
   shutdown                     stop every service, then the supervisor (= SIGTERM)
+  metrics                      print Prometheus metrics (text exposition format)
   help [COMMAND]               this help, or one command's (also COMMAND --help)
 
 options:
@@ -6980,6 +7709,11 @@ stderr has a file of its own).  A service whose stdout is not kept
             "--stderr      the stderr alone (its stderr_logfile, or its lines in memory)"),
     "shutdown": ("shutdown", """\
 Stop every service (reverse start order), then the supervisor (= SIGTERM).""", None),
+    "metrics": ("metrics", """\
+The Prometheus text exposition of the supervisor and its services, on stdout
+(for node_exporter's textfile collector).  With no supervisor answering it
+prints respawn_supervisor_up 0 and exits 1.  [respawn] metrics = HOST:PORT
+serves the same at GET /metrics.""", None),
     "help": ("help [COMMAND]", "The commands, or one command's usage.", None),
 }
 
@@ -7005,6 +7739,7 @@ COMMANDS = {
     "reload": ((0, 0), {}), "reexec": ((0, 0), {}), "shutdown": ((0, 0), {}),
     "log": ((1, 1), {"-n": True, "-f": False, "--follow": False, "--stderr": False}),
     "help": ((0, 1), {}),
+    "metrics": ((0, 0), {}),
 }
 # options of every command; the --handoff family is how the supervisor calls itself
 GLOBAL_OPTIONS = {"-c": True, "--config": True, "-h": False, "--help": False, "--version": False,

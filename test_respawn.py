@@ -28,6 +28,8 @@ import tempfile
 import textwrap
 import time
 import unittest
+import urllib.parse
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "respawn.py")
@@ -3018,11 +3020,13 @@ class TestSystemdNotify(unittest.TestCase):
         sup.env["NOTIFY_SOCKET"] = address
         sup.start(wait=False)
         listener.settimeout(DEADLINE)
-        try:
-            data = listener.recv(4096).decode()
-        except socket.timeout:
-            self.fail("no READY=1 within %ss; stderr:\n%s" % (DEADLINE, sup.stderr()))
-        fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+        fields = {}
+        while "READY" not in fields:       # STATUS= lines may come first (issue 14)
+            try:
+                data = listener.recv(4096).decode()
+            except socket.timeout:
+                self.fail("no READY=1 within %ss; stderr:\n%s" % (DEADLINE, sup.stderr()))
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
         self.assertEqual(fields.get("READY"), "1", data)
         self.assertEqual(fields.get("MAINPID"), str(sup.proc.pid), data)
         # sent once its services are started: they have pids by then
@@ -9156,6 +9160,7 @@ class TestSupervisordReadsTheSame(unittest.TestCase):
             """}, skip=("priority",))
 
 
+# ---------------------------------------------------------------------------
 # Issue 13 (run-time side): [eventlistener:x], supervisord's listener protocol,
 # and the same files run under real supervisord 4 and under respawn.py
 # ---------------------------------------------------------------------------
@@ -10509,6 +10514,1042 @@ def read_bytes(path):
 
 def platform_version():
     return "%d.%d" % sys.version_info[:2]
+
+
+# ---------------------------------------------------------------------------
+# Operations (issue 14): metrics, on_change hooks, systemd, journald, recipes
+# ---------------------------------------------------------------------------
+
+OPS_HEADER = "[respawn]\nwatch_self = false\n"
+
+
+def http_get(port, path="/metrics", method="GET", host="127.0.0.1", timeout=DEADLINE):
+    """(status code, headers dict, body bytes) of one plain HTTP request."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(("%s %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (method, path)).encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(l.split(": ", 1) for l in lines[1:] if ": " in l)
+    return int(lines[0].split()[1]), headers, body
+
+
+def parse_exposition(text):
+    """{(name, frozenset(labels)): value} of a Prometheus text exposition, and
+    {name: type} from its TYPE lines; AssertionError on a malformed line."""
+    samples, types = {}, {}
+    line_re = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            types[name] = kind
+            continue
+        if line.startswith("#") or not line:
+            continue
+        m = line_re.match(line)
+        assert m, "not an exposition line: %r" % line
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        samples[(m.group(1), labels)] = float(m.group(4))
+    return samples, types
+
+
+def promtool():
+    """The path of Prometheus' promtool, installing Debian's prometheus if we can."""
+    if not shutil.which("promtool") and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get install -y -qq prometheus || (apt-get update -qq && "
+                       "apt-get install -y -qq prometheus)", shell=True, timeout=900,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return shutil.which("promtool")
+
+
+SNAPSHOT = {"supervisor": {"pid": 1, "version": "9.9.9", "started": 1700000000.5, "reexecs": 2,
+                           "dropped_bytes": 7},
+            "services": [
+                {"name": "web", "state": "RUNNING", "started": 1700000001.25, "restarts": 3,
+                 "ready": True, "healthy": True, "failures": 0, "dropped_bytes": 42, "ok": True},
+                {"name": 'odd"na\\me', "state": "FATAL", "started": None, "restarts": 0,
+                 "ready": False, "healthy": False, "failures": 4, "ok": False}]}
+
+
+class TestMetricsFormat(unittest.TestCase):
+    def test_the_exposition_follows_prometheus_naming(self):
+        text = respawn.format_metrics(SNAPSHOT)
+        samples, types = parse_exposition(text)
+        s = lambda name, **labels: samples[(name, frozenset(labels.items()))]
+        self.assertEqual(s("respawn_supervisor_up"), 1)
+        self.assertEqual(s("respawn_build_info", version="9.9.9",
+                           python="%d.%d.%d" % sys.version_info[:3]), 1)
+        self.assertEqual(s("respawn_supervisor_start_time_seconds"), 1700000000.5)
+        self.assertEqual(s("respawn_supervisor_reexecs_total"), 2)
+        self.assertEqual(s("respawn_supervisor_log_dropped_bytes_total"), 7)
+        self.assertEqual(s("respawn_services", state="RUNNING"), 1)
+        self.assertEqual(s("respawn_services", state="FATAL"), 1)
+        self.assertEqual(s("respawn_services", state="BACKOFF"), 0)
+        self.assertEqual(s("respawn_service_up", service="web"), 1)
+        self.assertEqual(s("respawn_service_up", service='odd\\"na\\\\me'), 0)
+        self.assertEqual(s("respawn_service_state", service="web", state="RUNNING"), 1)
+        self.assertEqual(s("respawn_service_state", service="web", state="FATAL"), 0)
+        self.assertEqual(s("respawn_service_restarts_total", service="web"), 3)
+        self.assertEqual(s("respawn_service_start_time_seconds", service="web"), 1700000001.25)
+        self.assertEqual(s("respawn_service_ready", service="web"), 1)
+        self.assertEqual(s("respawn_service_healthy", service="web"), 1)
+        self.assertEqual(s("respawn_service_healthy", service='odd\\"na\\\\me'), 0)
+        self.assertEqual(s("respawn_service_ok", service="web"), 1)
+        self.assertEqual(s("respawn_service_ok", service='odd\\"na\\\\me'), 0)
+        self.assertEqual(s("respawn_output_dropped_bytes_total", service="web"), 42)
+        # a service never started has no start time (not a 1970 one)
+        self.assertNotIn(("respawn_service_start_time_seconds",
+                          frozenset({("service", 'odd\\"na\\\\me')})), samples)
+        for name, kind in types.items():
+            self.assertTrue(name.startswith("respawn_"), name)
+            self.assertEqual(name.endswith("_total"), kind == "counter", name)
+        self.assertEqual({n for n, _ in samples}, set(types))
+
+    def test_dropped_output_only_when_the_supervisor_counts_it(self):
+        snap = json.loads(json.dumps(SNAPSHOT))
+        del snap["services"][0]["dropped_bytes"]
+        self.assertNotIn("respawn_output_dropped_bytes_total", respawn.format_metrics(snap))
+
+    def test_down_is_still_an_exposition(self):
+        samples, _ = parse_exposition(respawn.format_metrics(None, up=False))
+        self.assertEqual(samples, {("respawn_supervisor_up", frozenset()): 0})
+
+    def test_promtool_accepts_the_exposition(self):
+        tool = promtool()
+        if not tool:
+            self.skipTest("promtool (Debian package prometheus) cannot be installed here")
+        p = subprocess.run([tool, "check", "metrics"], input=respawn.format_metrics(SNAPSHOT),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual((p.returncode, p.stdout), (0, ""))
+
+    def test_metrics_addresses(self):
+        parse = respawn.parse_metrics_address
+        self.assertEqual(parse("9101"), ("127.0.0.1", 9101))
+        self.assertEqual(parse("0.0.0.0:9101"), ("0.0.0.0", 9101))
+        self.assertEqual(parse("[::1]:9101"), ("::1", 9101))
+        self.assertEqual(parse("localhost:80"), ("127.0.0.1", 80))
+        for bad, why in (("127.0.0.1:0", "out of range"), ("127.0.0.1:65536", "out of range"),
+                         ("example.com:80", "not an IP address"), ("1.2.3:80", "not an IP address"),
+                         ("::1:80", "in brackets"), ("127.0.0.1:http", "expected HOST:PORT"),
+                         ("", "expected HOST:PORT"), ("127.0.0.1:\u0661\u0662", "expected HOST:PORT")):
+            with self.assertRaises(ValueError, msg=bad) as cm:
+                parse(bad)
+            self.assertIn(why, str(cm.exception), bad)
+
+
+class OpsTestLoop:
+    """The loop interface the operations parts take (call_at, cancel_timer,
+    watch_fd, unwatch_fd, watch_helper), over a selector of the test's own."""
+
+    def __init__(self, test):
+        self.selector = selectors.DefaultSelector()
+        test.addCleanup(self.selector.close)
+        self.timers = respawn.Timers()
+        self.watcher = respawn.make_watcher(self.selector, False)
+        test.addCleanup(self.watcher.close)
+        self.helpers = {}
+
+    def call_at(self, when, callback, *args):
+        return self.timers.at(when, callback, *args)
+
+    def cancel_timer(self, entry):
+        self.timers.cancel(entry)
+
+    def watch_fd(self, fileobj, events, callback):
+        self.selector.register(fileobj, events, callback)
+
+    def unwatch_fd(self, fileobj):
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def watch_helper(self, pid, purpose, callback):
+        self.helpers[pid] = purpose
+        self.watcher.watch(pid, lambda p, s: (self.helpers.pop(p, None), callback(p, s)))
+
+    def turn(self, timeout=0.05):
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        self.watcher.sigchld()
+        self.timers.run_due(respawn.monotonic())
+
+
+class TestMetricsServerUnit(unittest.TestCase):
+    """The endpoint alone, in a loop of the test's own (no supervisor)."""
+
+    def serve(self, body):
+        loop = OpsTestLoop(self)
+        sel, timers = loop.selector, loop.timers
+        logs = []
+        port = free_port()
+        server = respawn.MetricsServer(("127.0.0.1", port), loop, lambda: body,
+                                       lambda level, msg: logs.append((level, msg)))
+        self.addCleanup(server.close_all)
+        return sel, timers, server, port
+
+    @staticmethod
+    def turn(sel, timers, timeout=0.05):
+        for key, mask in sel.select(timeout):
+            key.data(mask)
+        timers.run_due(respawn.monotonic())
+
+    def test_a_10_mb_scrape_to_a_slow_reader_never_blocks_the_loop(self):
+        body = "x" * (10 * 1024 * 1024)
+        sel, timers, server, port = self.serve(body)
+        client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        # the client reads nothing: each turn of the loop returns (a blocking send
+        # would hang here), with most of the answer still waiting in the server
+        for _ in range(20):
+            self.turn(sel, timers)
+        pending = [c for c in server.conns.values() if c.out]
+        self.assertTrue(pending and len(pending[0].out) > 1024 * 1024, "the answer should wait")
+        got = b""
+        client.setblocking(False)
+        deadline = time.monotonic() + DEADLINE
+        while not got.endswith(b"x" * 64) or len(got) < len(body) + 100:
+            self.assertLess(time.monotonic(), deadline, "the answer never came whole")
+            self.turn(sel, timers, 0.01)
+            try:
+                chunk = client.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        head, _, rest = got.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: %d" % len(body), head)
+        self.assertEqual(len(rest), len(body))
+
+    def test_a_slow_client_is_cut_at_its_deadline(self):
+        sel, timers, server, port = self.serve("m 1\n")
+        old = respawn.METRICS_DEADLINE
+        respawn.METRICS_DEADLINE = 0.3
+        self.addCleanup(setattr, respawn, "METRICS_DEADLINE", old)
+        client = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /metr")        # and never the rest
+        wait_for(lambda: (self.turn(sel, timers), server.conns)[1], what="the connection")
+        wait_for(lambda: (self.turn(sel, timers), not server.conns)[1], what="the deadline")
+        self.assertEqual(client.recv(100), b"")
+
+
+class TestMetricsEndpoint(unittest.TestCase):
+    def start(self, extra=""):
+        self.port = free_port()
+        sup = Sup(self, OPS_HEADER + "metrics = 127.0.0.1:%d\n%s\n[program:a]\ncommand = sleep 1000\n"
+                  "startsecs = 0\n" % (self.port, extra)).start()
+        sup.wait_state("a", "RUNNING")
+        return sup
+
+    def test_get_metrics_healthz_and_nothing_else(self):
+        sup = self.start()
+        code, headers, body = http_get(self.port)
+        self.assertEqual(code, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples, _ = parse_exposition(body.decode())
+        self.assertEqual(samples[("respawn_service_up", frozenset({("service", "a")}))], 1)
+        # the faults section's counts (issue 12) are exported
+        self.assertEqual(samples[("respawn_output_dropped_bytes_total", frozenset({("service", "a")}))], 0)
+        self.assertEqual(samples[("respawn_supervisor_log_dropped_bytes_total", frozenset())], 0)
+        self.assertEqual(http_get(self.port, "/healthz")[::2], (200, b"ok\n"))
+        self.assertEqual(http_get(self.port, "/metrics?x=1")[0], 200)
+        self.assertEqual(http_get(self.port, "/metrics", "HEAD")[::2], (200, b""))
+        self.assertEqual(http_get(self.port, "/")[0], 404)
+        self.assertEqual(http_get(self.port, "/admin")[0], 404)
+        for method in ("POST", "PUT", "DELETE"):
+            code, headers, _ = http_get(self.port, "/metrics", method)
+            self.assertEqual(code, 405, method)
+            self.assertEqual(headers["Allow"], "GET, HEAD")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE) as s:
+            s.sendall(b"garbage\r\n\r\n")
+            self.assertIn(b" 400 ", s.recv(100))
+        # read-only: the service is untouched by all that
+        self.assertEqual(sup.svc("a")["restarts"], 0)
+        # a kill shows in the next scrape
+        os.kill(sup.svc("a")["pid"], signal.SIGKILL)
+        wait_for(lambda: parse_exposition(http_get(self.port)[2].decode())[0].get(
+            ("respawn_service_restarts_total", frozenset({("service", "a")}))) == 1,
+            what="the restart in the metrics")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_loopback_by_default(self):
+        sup = Sup(self, OPS_HEADER + "metrics = %d\n[program:a]\ncommand = sleep 1000\n" % free_port())
+        self.assertEqual(respawn.load_config(sup.config).settings["metrics"][0], "127.0.0.1")
+
+    def test_huge_slow_and_too_many_clients_do_not_slow_supervision(self):
+        sup = self.start()
+        idle = []
+        self.addCleanup(lambda: [s.close() for s in idle])
+        for _ in range(respawn.METRICS_MAX_CLIENTS):
+            idle.append(socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE))
+            idle[-1].sendall(b"GET /met")       # slow: the rest never comes
+        # one more is refused at once, not queued behind them
+        def refused():
+            try:
+                return http_get(self.port)[0] == 503
+            except ConnectionResetError:      # closed before our request was read
+                return True
+        wait_for(refused, what="a 503 for one client too many")
+        # 10 MB of request: cut at the request limit, however fast it comes
+        big = socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE)
+        self.addCleanup(big.close)
+        sent, cut = 0, False
+        try:
+            while sent < 10 * 1024 * 1024:
+                sent += big.send(b"X" * 65536)
+        except socket.timeout:
+            self.fail("the endpoint stopped reading but kept the connection open")
+        except OSError:
+            cut = True
+        # supervision goes on meanwhile: a kill is answered by a restart, status answers
+        first = sup.svc("a")
+        os.kill(first["pid"], signal.SIGKILL)
+        sup.wait_pid_change("a", first["pid"])
+        self.assertEqual(sup.ctl("status").returncode, 0)
+        # the 10 MB sender was cut off at the limit (a 431, then the connection closed)
+        self.assertTrue(cut, "10 MB of request were all taken in")
+        # the idle ones are closed at their deadline, and scrapes work again
+        for s in idle:
+            s.settimeout(respawn.METRICS_DEADLINE + DEADLINE)
+            try:
+                self.assertEqual(s.recv(100), b"")
+            except ConnectionResetError:
+                pass
+        wait_for(lambda: http_get(self.port)[0] == 200, what="scrapes after the deadline")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_a_port_in_use_is_one_line_and_supervision_goes_on(self):
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        sup = Sup(self, OPS_HEADER + "metrics = 127.0.0.1:%d\n[program:a]\ncommand = sleep 1000\n"
+                  "startsecs = 0\n" % port).start()
+        sup.wait_state("a", "RUNNING")
+        lines = [l for l in sup.stderr().splitlines() if "metrics" in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("metrics: cannot listen on 127.0.0.1:%d: Address already in use; "
+                      "supervising without metrics" % port, lines[0])
+        self.assertEqual(sup.terminate(), 0)
+        # and `check` says so, at the key's line (the port is not this config's supervisor's)
+        p = sup.ctl("check")
+        self.assertEqual(p.returncode, 2, p.stdout)
+        self.assertIn("%s:4: metrics: cannot listen on 127.0.0.1:%d: Address already in use"
+                      % (sup.config, port), p.stdout)
+
+    def test_check_accepts_the_port_its_own_supervisor_holds(self):
+        sup = self.start()
+        p = sup.ctl("check")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_reload_moves_the_endpoint(self):
+        sup = self.start()
+        old, new = self.port, free_port()
+        with open(sup.config) as f:
+            text = f.read()
+        sup.write_config(text.replace(str(old), str(new)).replace("socket = %s\n" % sup.sock, ""))
+        self.assertEqual(sup.ctl("reload").returncode, 0)
+        self.assertEqual(http_get(new)[0], 200)
+        with self.assertRaises(OSError):
+            http_get(old)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_reexec_keeps_the_endpoint(self):
+        sup = self.start()
+        p = sup.ctl("reexec")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        samples, _ = parse_exposition(wait_for(lambda: (lambda r: r[2].decode() if r[0] == 200 else None)(
+            http_get(self.port)), what="metrics after the re-exec"))
+        self.assertEqual(samples[("respawn_supervisor_reexecs_total", frozenset())], 1)
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestMetricsCheck(unittest.TestCase):
+    def test_bad_metrics_values_are_check_errors_at_their_line(self):
+        for value, why in (("127.0.0.1:70000", "port 70000 is out of range (1 to 65535)"),
+                           ("nohost:9100", "'nohost' is not an IP address"),
+                           ("9100x", "expected HOST:PORT or PORT"),
+                           # an address this machine does not have
+                           ("192.0.2.1:9100", "metrics: cannot listen on 192.0.2.1:9100:")):
+            code, out, path = run_check(self, "[respawn]\nloglevel = info\nmetrics = %s\n"
+                                        "[program:a]\ncommand = sleep 1\n" % value)
+            self.assertEqual(code, 2, out)
+            self.assertIn("%s:3: " % path, out)
+            self.assertIn(why, out)
+
+    def test_metrics_command(self):
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n").start()
+        sup.wait_state("a", "RUNNING")
+        p = sup.ctl("metrics")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        samples, _ = parse_exposition(p.stdout)
+        self.assertEqual(samples[("respawn_service_up", frozenset({("service", "a")}))], 1)
+        self.assertEqual(samples[("respawn_supervisor_up", frozenset())], 1)
+        self.assertEqual(sup.terminate(), 0)
+        # no supervisor: still an exposition on stdout (for a textfile collector), exit 1
+        p = sup.ctl("metrics")
+        self.assertEqual(p.returncode, 1)
+        self.assertEqual(parse_exposition(p.stdout)[0], {("respawn_supervisor_up", frozenset()): 0})
+        self.assertIn("no supervisor is running", p.stderr)
+
+
+# -- on_change ------------------------------------------------------------------
+
+HOOK_LOG = "sh -c 'echo \"$RESPAWN_SERVICE $RESPAWN_PREVIOUS $RESPAWN_STATE $RESPAWN_REASON\" >> {dir}/hooks'"
+
+
+class TestOnChange(unittest.TestCase):
+    def hooks(self, sup):
+        return read_or_empty(sup.path("hooks")).splitlines()
+
+    def test_each_change_runs_the_hook_with_its_environment(self):
+        sup = Sup(self, OPS_HEADER + "on_change = %s\n[program:a]\ncommand = sleep 1000\nstartsecs = 0.2\n"
+                  "[program:bad]\ncommand = sh -c 'exit 3'\nstartretries = 0\n" % HOOK_LOG).start()
+        wait_for(lambda: "a STARTING RUNNING " in self.hooks(sup)
+                 and any(l.startswith("bad STARTING FATAL exit 3") for l in self.hooks(sup)),
+                 what="the hooks of a and bad")
+        self.assertIn("a STOPPED STARTING ", self.hooks(sup))
+        os.kill(sup.svc("a")["pid"], signal.SIGKILL)
+        wait_for(lambda: [l for l in self.hooks(sup) if l.startswith("a RUNNING STARTING ")
+                          and "killed by SIGKILL" in l], what="the restart's hook, with its reason")
+        sup.wait_state("a", "RUNNING")
+        sup.ctl("stop", "a")
+        wait_for(lambda: "a STOPPING STOPPED stopped" in self.hooks(sup), what="the stop's hooks")
+        self.assertIn("a RUNNING STOPPING stopped", self.hooks(sup))
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_output_and_failures_are_logged_and_never_retried(self):
+        sup = Sup(self, OPS_HEADER + "on_change = sh -c 'echo said $RESPAWN_STATE; echo >> {dir}/runs; exit 7'\n"
+                  "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n").start()
+        sup.wait_log("on_change (a RUNNING): said RUNNING")
+        sup.wait_log("on_change for a RUNNING failed (exit 7); not retried")
+        holds(lambda: read_or_empty(sup.path("runs")).count("\n") == 2, 1.0, "one run per change")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_a_slow_hook_never_blocks_supervision_and_few_run_at_once(self):
+        config = OPS_HEADER + ("on_change = sh -c 'echo + >> {dir}/seq; sleep 1; echo - >> {dir}/seq'\n")
+        for i in range(5):
+            config += "[program:s%d]\ncommand = sleep 1000\nstartsecs = 0\n" % i
+        sup = Sup(self, config).start()
+        for i in range(5):
+            sup.wait_state("s%d" % i, "RUNNING")
+        # every hook slot is busy with a 1 s hook, and a kill is still answered at once
+        first = sup.svc("s0")
+        os.kill(first["pid"], signal.SIGKILL)
+        sup.wait_pid_change("s0", first["pid"])
+        # 10 changes + the kill's, each run, at most HOOK_MAX_RUNNING at once
+        wait_for(lambda: read_or_empty(sup.path("seq")).count("-") >= 12, timeout=DEADLINE * 2,
+                 what="every hook to run")
+        depth = most = 0
+        for mark in read_or_empty(sup.path("seq")).split():
+            depth += 1 if mark == "+" else -1
+            most = max(most, depth)
+        self.assertLessEqual(most, respawn.HOOK_MAX_RUNNING)
+        self.assertGreater(most, 1)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_a_hook_running_across_a_reexec_is_reaped_by_the_new_image(self):
+        sup = Sup(self, OPS_HEADER + "on_change = sh -c 'echo $$ >> {dir}/pids; sleep 2'\n"
+                  "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n").start()
+        sup.wait_state("a", "RUNNING")
+        wait_for(lambda: read_or_empty(sup.path("pids")).count("\n") >= 2, what="the hooks")
+        hooks = [int(x) for x in read_or_empty(sup.path("pids")).split()]
+        self.assertTrue(any(pid_alive(p) for p in hooks), "the hooks ended before the re-exec")
+        self.assertEqual(sup.ctl("reexec").returncode, 0)
+        wait_for(lambda: not any(pid_alive(p) for p in hooks), what="the hooks to end")
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="the hooks to be reaped")
+        # and the new image runs hooks of its own
+        os.kill(sup.svc("a")["pid"], signal.SIGKILL)
+        wait_for(lambda: read_or_empty(sup.path("pids")).count("\n") >= 4, what="hooks after the re-exec")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_a_missing_command_is_a_check_error(self):
+        code, out, path = run_check(self, "[respawn]\non_change = /nonexistent/alert --now\n"
+                                    "[program:a]\ncommand = sleep 1\n")
+        self.assertEqual(code, 2, out)
+        self.assertIn("%s:2: on_change: command '/nonexistent/alert' not found" % path, out)
+        code, out, path = run_check(self, "[respawn]\n\non_change = no-such-alert-tool\n"
+                                    "[program:a]\ncommand = sleep 1\n")
+        self.assertIn("%s:3: on_change: command 'no-such-alert-tool' not found in PATH" % path, out)
+
+
+class TestHookRunnerUnit(unittest.TestCase):
+    """The queue bound, the drop notice and the timeout, with a selector of our own."""
+
+    def runner(self, command):
+        loop = OpsTestLoop(self)
+        logs = []
+        run = respawn.HookRunner(command, loop, lambda l, m: logs.append((l, m)))
+        self.addCleanup(lambda: [kill_group(pid) for pid in list(run.running)])
+        self.addCleanup(run.close)
+        return run, logs, loop.helpers, loop.turn
+
+    def test_overflow_drops_the_oldest_and_says_so_once(self):
+        run, logs, helpers, turn = self.runner(("sleep", "1000"))
+        total = respawn.HOOK_MAX_RUNNING + respawn.HOOK_MAX_QUEUED + 40
+        for i in range(total):
+            run.changed("s%d" % i, "RUNNING", "STARTING", "")
+        self.assertEqual(len(run.running), respawn.HOOK_MAX_RUNNING)
+        self.assertEqual(set(helpers), set(run.running))
+        self.assertEqual(len(run.queue), respawn.HOOK_MAX_QUEUED)
+        self.assertEqual(run.queue[-1]["RESPAWN_SERVICE"], "s%d" % (total - 1))
+        self.assertEqual(run.dropped, 40)
+        warned = [m for l, m in logs if "dropping the oldest" in m]
+        self.assertEqual(len(warned), 1, logs)
+
+    def test_a_hook_that_hangs_is_killed_at_its_timeout(self):
+        old = respawn.HOOK_TIMEOUT
+        respawn.HOOK_TIMEOUT = 0.3
+        self.addCleanup(setattr, respawn, "HOOK_TIMEOUT", old)
+        run, logs, helpers, turn = self.runner(("sleep", "1000"))
+        run.changed("a", "FATAL", "STARTING", "exit 1")
+        wait_for(lambda: (turn(), not run.running)[1], what="the hook to be killed")
+        text = "\n".join(m for l, m in logs)
+        self.assertIn("on_change for a FATAL still running after 0.3s: killed", text)
+        self.assertIn("on_change for a FATAL failed (killed by SIGKILL); not retried", text)
+        self.assertEqual(helpers, {})
+
+
+# -- systemd and journald -------------------------------------------------------
+
+class SystemdListener:
+    """A fake $NOTIFY_SOCKET: every datagram the supervisor sends, as dicts."""
+
+    def __init__(self, test, sup):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        test.addCleanup(self.sock.close)
+        path = sup.path("notify.sock")
+        self.sock.bind(path)
+        sup.env["NOTIFY_SOCKET"] = path
+        self.messages = []
+
+    def pump(self):
+        self.sock.setblocking(False)
+        while True:
+            try:
+                data = self.sock.recv(65536).decode()
+            except BlockingIOError:
+                return self.messages
+            self.messages.append(dict(l.split("=", 1) for l in data.splitlines() if "=" in l))
+
+    def wait(self, key, value=None, after=0, what=None):
+        def found():
+            for i, m in enumerate(self.pump()[after:], after):
+                if key in m and (value is None or m[key] == value):
+                    return i + 1
+            return None
+        index = wait_for(found, what=what or "%s=%s from the supervisor" % (key, value))
+        return index, self.messages[index - 1]
+
+
+class TestSystemdOps(unittest.TestCase):
+    def test_ready_waits_for_every_autostart_service(self):
+        sup = Sup(self, OPS_HEADER + "[program:slow]\ncommand = sleep 1000\nstartsecs = 1.5\n"
+                  "[program:bad]\ncommand = sh -c 'exit 3'\nstartretries = 0\n"
+                  "[program:after]\ncommand = sleep 1000\nrequires = bad\n"
+                  "[program:manual]\ncommand = sleep 1000\nautostart = false\n")
+        listener = SystemdListener(self, sup)
+        sup.start(wait=False)
+        i, ready = listener.wait("READY", "1")
+        # not before: the slow one is RUNNING, the bad one FATAL, its dependant stuck
+        wait_for(lambda: sup.answers(), what="status")
+        self.assertEqual(sup.svc("slow")["state"], "RUNNING")
+        self.assertEqual(ready["MAINPID"], str(sup.proc.pid))
+        self.assertEqual(ready["STATUS"], "1 running; failed: after (waiting for bad), bad (FATAL)")
+        self.assertTrue(any("starting: slow" in m.get("STATUS", "") for m in listener.messages[:i - 1]),
+                        listener.messages)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_reload_stop_and_a_rejected_reload(self):
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n")
+        listener = SystemdListener(self, sup)
+        sup.start()
+        i, _ = listener.wait("READY", "1")
+        before = time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6
+        self.assertEqual(sup.ctl("reload").returncode, 0)
+        i, reloading = listener.wait("RELOADING", "1", after=i)
+        self.assertGreaterEqual(int(reloading["MONOTONIC_USEC"]), before)
+        self.assertLessEqual(int(reloading["MONOTONIC_USEC"]), time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        i, _ = listener.wait("READY", "1", after=i)
+        # ExecReload=python3 respawn.py reload: a rejected config fails the reload
+        with open(sup.config, "a") as f:
+            f.write("[program:broken]\n")
+        p = sup.ctl("reload")
+        self.assertEqual(p.returncode, 1, p.stdout)
+        i, _ = listener.wait("RELOADING", "1", after=i)
+        i, again = listener.wait("READY", "1", after=i)
+        self.assertIn("reload rejected", again["STATUS"])
+        sup.proc.send_signal(signal.SIGTERM)
+        listener.wait("STOPPING", "1", after=i)
+        self.assertEqual(sup.proc.wait(DEADLINE), 0)
+
+    def test_watchdog_at_half_its_period_across_a_reexec(self):
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n",
+                  env={"WATCHDOG_USEC": "400000"})
+        listener = SystemdListener(self, sup)
+        sup.start()
+        i, _ = listener.wait("WATCHDOG", "1")
+        i, _ = listener.wait("WATCHDOG", "1", after=i)
+        self.assertEqual(sup.ctl("reexec").returncode, 0)
+        mark = len(listener.pump())
+        i, _ = listener.wait("WATCHDOG", "1", after=mark, what="WATCHDOG=1 from the new image")
+        listener.wait("WATCHDOG", "1", after=i)
+        # the service does not inherit our watchdog
+        pid = sup.svc("a")["pid"]
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            self.assertNotIn(b"WATCHDOG_USEC=", f.read())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_no_watchdog_for_another_pid(self):
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0.5\n",
+                  env={"WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"})
+        listener = SystemdListener(self, sup)
+        sup.start()
+        listener.wait("READY", "1")
+        self.assertFalse([m for m in listener.pump() if "WATCHDOG" in m], listener.messages)
+        self.assertEqual(sup.terminate(), 0)
+
+
+class TestJournald(unittest.TestCase):
+    def start(self, matching):
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n"
+                  "[program:bad]\ncommand = sh -c 'exit 3'\nstartretries = 0\n")
+        open(sup.err_path, "ab").close()
+        st = os.stat(sup.err_path)
+        sup.env["JOURNAL_STREAM"] = "%d:%d" % (st.st_dev, st.st_ino) if matching else "1:1"
+        sup.start()
+        sup.wait_state("bad", "FATAL")
+        return sup
+
+    def test_priorities_and_no_timestamp_under_the_journal(self):
+        sup = self.start(True)
+        lines = sup.stderr().splitlines()
+        self.assertTrue(lines[0].startswith("<6>respawn %s (pid " % respawn.__version__), lines[0])
+        self.assertIn("<3>bad: exit 3; gave up after 1 failed start", lines)
+        self.assertTrue(all(re.match(r"<[0-7]>", l) for l in lines), lines)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_plain_lines_when_stderr_is_not_the_journal(self):
+        sup = self.start(False)
+        lines = sup.stderr().splitlines()
+        self.assertTrue(all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ", l) for l in lines), lines)
+        self.assertEqual(sup.terminate(), 0)
+
+
+# -- the README's recipes ---------------------------------------------------------
+
+def readme_recipe(name):
+    """The code block after `<!-- recipe: NAME -->` in README.md."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    marker = "<!-- recipe: %s -->" % name
+    assert marker in text, "README.md has no recipe %s" % name
+    block = text.split(marker, 1)[1].split("```", 2)[1]
+    return block.split("\n", 1)[1]          # without the ```lang line
+
+
+def app_paths(text, sup):
+    """A recipe's paths, made this test's."""
+    paths = {"/opt/respawn/respawn.py": SCRIPT, "/opt/respawn/respawn.ini": sup.config,
+             "/app/respawn.py": SCRIPT, "/app/respawn.ini": sup.config}
+    return re.sub(r"(?:/usr/bin/)?\bpython3(?= )|/opt/respawn/respawn\.(?:py|ini)|/app/respawn\.(?:py|ini)",
+                  lambda m: paths.get(m.group(0), PY), text)
+
+
+def run_daemon(test, sup):
+    """`run --daemon` on sup's config; the daemon's pid, stopped at cleanup."""
+    p = sup.ctl("run", "--daemon")
+    test.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+    m = re.search(r"started \(pid (\d+)\)", p.stdout)
+    test.assertTrue(m, p.stdout)
+    pid = int(m.group(1))
+    started = proc_stat(pid)[19]
+
+    def stop():
+        if proc_stat(pid) and proc_stat(pid)[19] == started:
+            sup.ctl("shutdown", timeout=60)
+            try:
+                wait_for(lambda: not pid_alive(pid), what="the daemon to exit")
+            finally:
+                kill_group(pid)
+    test.addCleanup(stop)
+    return pid
+
+
+def listens_on_any(port):
+    """True if something listens on 0.0.0.0:port (from /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if local == "00000000:%04X" % port and state == "0A":
+                return True
+    return False
+
+
+def install_debian(command, package):
+    """The path of command, installing its Debian package when we can (CI can)."""
+    if not shutil.which(command) and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get install -y -qq %s || (apt-get update -qq && apt-get install -y -qq %s)"
+                       % (package, package), shell=True, timeout=900, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return shutil.which(command)
+
+
+RULES_TEST = """
+rule_files: [respawn-rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # web on host a: down (FATAL) for good after 2 minutes
+      - series: 'respawn_service_up{job="respawn",instance="a:9101",service="web"}'
+        values: '1 1 0x20'
+      - series: 'respawn_service_ok{job="respawn",instance="a:9101",service="web"}'
+        values: '1 1 0x20'
+      # batch on host b: stopped by the operator (not up, but ok): no alert
+      - series: 'respawn_service_up{job="respawn",instance="b:9101",service="batch"}'
+        values: '0x22'
+      - series: 'respawn_service_ok{job="respawn",instance="b:9101",service="batch"}'
+        values: '1x22'
+      # flaky on host b: a restart every 5 minutes
+      - series: 'respawn_service_restarts_total{job="respawn",instance="b:9101",service="flaky"}'
+        values: '0+0.2x70'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: RespawnServiceDown
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: RespawnServiceDown
+        exp_alerts:
+          - exp_labels: {severity: page, job: respawn, instance: "a:9101", service: web}
+            exp_annotations:
+              summary: "web on a:9101 has not been up for 5 minutes"
+      - eval_time: 20m
+        alertname: RespawnServiceFlapping
+        exp_alerts: []
+      - eval_time: 65m
+        alertname: RespawnServiceFlapping
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: respawn, instance: "b:9101", service: flaky}
+            exp_annotations:
+              summary: "flaky on b:9101 restarted 12 times in an hour"
+"""
+
+
+class TestRecipes(unittest.TestCase):
+    """Each recipe of the README, exercised as far as this machine allows."""
+
+    def test_crontab(self):
+        sup = Sup(self, OPS_HEADER + "logfile = {dir}/daemon.log\n[program:a]\ncommand = sleep 1000\n"
+                  "startsecs = 0\n")
+        prom = sup.path("textfile")
+        os.mkdir(prom)
+        lines = [app_paths(l, sup).replace("/var/lib/node_exporter", prom)
+                 for l in readme_recipe("crontab").splitlines() if l.strip()]
+        self.assertEqual(len(lines), 3, lines)
+        command = lambda l: l.split(None, 1)[1] if l.startswith("@") else l.split(None, 5)[5]
+        p = subprocess.run(command(lines[0]), shell=True, stdout=subprocess.PIPE, text=True, timeout=60)
+        pid = int(re.search(r"started \(pid (\d+)\)", p.stdout).group(1))
+        started = proc_stat(pid)[19]
+        self.addCleanup(lambda: proc_stat(pid) and proc_stat(pid)[19] == started and kill_group(pid))
+        wait_for(lambda: sup.answers(), what="the daemon")
+        self.addCleanup(lambda: [kill_group(s["pid"]) for s in (sup.answers() or {"services": []})["services"]
+                                 if s["pid"]])
+        p = subprocess.run(command(lines[1]), shell=True, stdout=subprocess.PIPE, text=True, timeout=60)
+        self.assertEqual(p.stdout, "already running (pid %d)\n" % pid)
+        sup.wait_state("a", "RUNNING")
+        subprocess.run(command(lines[2]), shell=True, timeout=60)
+        samples, _ = parse_exposition(read_text(os.path.join(prom, "respawn.prom")))
+        self.assertEqual(samples[("respawn_service_up", frozenset({("service", "a")}))], 1)
+        self.assertEqual(sup.ctl("shutdown").returncode, 0)
+        wait_for(lambda: not pid_alive(pid), what="the daemon to exit")
+        subprocess.run(command(lines[2]), shell=True, timeout=60, stderr=subprocess.DEVNULL)
+        samples, _ = parse_exposition(read_text(os.path.join(prom, "respawn.prom")))
+        self.assertEqual(samples, {("respawn_supervisor_up", frozenset()): 0})
+
+    def test_systemd_unit(self):
+        import configparser
+        unit = configparser.RawConfigParser(strict=False)
+        unit.optionxform = str
+        unit.read_string(readme_recipe("respawn.service"))
+        service = unit["Service"]
+        self.assertEqual(service["Type"], "notify")
+        self.assertEqual(service["KillMode"], "mixed")
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0.3\n")
+        start = app_paths(service["ExecStart"], sup).split()
+        self.assertEqual(start, [PY, SCRIPT, "-c", sup.config, "run"])   # what Sup runs
+        listener = SystemdListener(self, sup)
+        sup.env["WATCHDOG_USEC"] = str(int(float(service["WatchdogSec"]) * 1e6 / 100))   # faster here
+        sup.start(wait=False)
+        i, ready = listener.wait("READY", "1")
+        self.assertEqual(sup.svc("a")["state"], "RUNNING")
+        listener.wait("WATCHDOG", "1")
+        reload = app_paths(service["ExecReload"], sup).split()
+        p = subprocess.run(reload, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        i, _ = listener.wait("RELOADING", "1", after=i)
+        with open(sup.config, "a") as f:
+            f.write("[program:b]\ncommand = sleep 1\nautorestart = sometimes\n")
+        p = subprocess.run(reload, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stdout)          # systemctl reload fails, and says why
+        self.assertIn("autorestart: expected true, false or unexpected", p.stdout)
+        sup.proc.send_signal(signal.SIGTERM)
+        listener.wait("STOPPING", "1", after=i)
+        self.assertEqual(sup.proc.wait(DEADLINE), 0)
+
+    def test_on_change_to_syslog(self):
+        sup = Sup(self, readme_recipe("on_change").replace("[respawn]", OPS_HEADER.rstrip(), 1) +
+                  "[program:bad]\ncommand = sh -c 'exit 4'\nstartretries = 1\nbackoff = 0.1\n"
+                  "[program:good]\ncommand = sleep 1000\nstartsecs = 0\n")
+        bin_dir = sup.path("bin")
+        os.mkdir(bin_dir)
+        write_text(os.path.join(bin_dir, "logger"), "#!/bin/sh\necho \"$*\" >> %s\n" % sup.path("syslog"))
+        os.chmod(os.path.join(bin_dir, "logger"), 0o755)
+        sup.env["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", os.defpath)
+        sup.start()
+        sup.wait_state("bad", "FATAL")
+        wait_for(lambda: "FATAL" in read_or_empty(sup.path("syslog")), what="the FATAL in syslog")
+        self.assertEqual(read_or_empty(sup.path("syslog")).splitlines(), [
+            "-p user.err respawn: bad BACKOFF: exit 4",
+            "-p user.err respawn: bad FATAL: exit 4; gave up after 2 failed starts"])
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_ansible_validates_with_check(self):
+        text = readme_recipe("ansible.yml")
+        validate = re.search(r"validate: (.*)", text).group(1)
+        self.assertIn("src: respawn.service", text)
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1\n")
+        good = app_paths(validate, sup).replace("%s", os.path.join(HERE, "respawn.ini"))
+        self.assertEqual(subprocess.run(good, shell=True, stdout=subprocess.DEVNULL, timeout=60).returncode, 0)
+        bad = sup.path("bad.ini")
+        write_text(bad, "[program:a]\ncommand = sleep 1\nautorestart = sometimes\n")
+        p = subprocess.run(app_paths(validate, sup).replace("%s", bad), shell=True, timeout=60,
+                           stdout=subprocess.PIPE, text=True)
+        self.assertEqual(p.returncode, 2, p.stdout)
+
+    def test_docker_image_and_config(self):
+        dockerfile = readme_recipe("Dockerfile")
+        m = re.search(r"^FROM python:3\.(\d+)-slim$", dockerfile, re.M)
+        self.assertTrue(m and 8 <= int(m.group(1)) <= 13, dockerfile)
+        entry = json.loads(re.search(r"^ENTRYPOINT (.*)$", dockerfile, re.M).group(1))
+        health = json.loads(re.search(r"^HEALTHCHECK CMD (.*)$", dockerfile, re.M).group(1))
+        web, metrics = free_port(), free_port()
+        ini = readme_recipe("docker.ini").replace("8080", str(web)).replace("9101", str(metrics))
+        self.assertIn("--bind 0.0.0.0", ini)
+        sup = Sup(self, ini.replace("[respawn]", "[respawn]\nwatch_self = false", 1))
+        self.assertEqual(sup.ctl("check").returncode, 0)
+        self.assertEqual(app_paths(" ".join(entry), sup).split() + ["run"], [PY, SCRIPT, "-c", sup.config, "run"])
+        sup.start()
+        sup.wait_state("web", "RUNNING")
+        self.assertTrue(listens_on_any(web), "the web server does not listen on 0.0.0.0")
+        self.assertTrue(listens_on_any(metrics), "the metrics do not listen on 0.0.0.0")
+        self.assertEqual(http_get(metrics)[0], 200)
+        p = subprocess.run(app_paths(" ".join(health), sup).split(), timeout=60, stdout=subprocess.PIPE,
+                           text=True, env=sup.env)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_kubernetes_probes(self):
+        pod = readme_recipe("pod.yaml")
+        commands = [json.loads(c) for c in re.findall(r"command: (\[.*?\])", pod)]
+        self.assertEqual(len(commands), 4, commands)
+        entry, probes = commands[0], commands[1:]
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n")
+        self.assertEqual(app_paths(" ".join(entry), sup).split(), [PY, SCRIPT, "-c", sup.config, "run"])
+        run = lambda argv: subprocess.run(app_paths(" ".join(argv), sup).split(), timeout=60,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          env=sup.env).returncode
+        self.assertEqual([run(p) for p in probes], [1, 1, 1])          # nothing answers yet
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        self.assertEqual([run(p) for p in probes], [0, 0, 0])
+        write_text(sup.path("x"), "")
+        os.kill(sup.svc("a")["pid"], signal.SIGSTOP)      # still RUNNING: liveness is about states
+        self.assertEqual(run(probes[2]), 0)
+        sup.ctl("signal", "CONT", "a")
+        with open(sup.config, "a") as f:
+            f.write("[program:gone]\ncommand = /nonexistent/bin\nstartretries = 0\n")
+        sup.ctl("reload")
+        sup.wait_state("gone", "FATAL")
+        self.assertEqual([run(p) for p in probes], [3, 3, 3])
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_logrotate_reopens_by_usr1(self):
+        tool = install_debian("logrotate", "logrotate")
+        if not tool:
+            self.skipTest("logrotate (Debian package logrotate) cannot be installed here")
+        sup = Sup(self, OPS_HEADER + "pidfile = {dir}/respawn.pid\nlogfile = {dir}/log/respawn.log\n"
+                  "[program:talk]\ncommand = sh -c 'i=0; while :; do i=$((i+1)); echo line $i; sleep 0.05; done'\n"
+                  "stdout_logfile = {dir}/log/talk.log\nstdout_logfile_maxbytes = 0\n"
+                  # prefixed on the daemon's stdout: must move to the new file too
+                  "[program:beat]\ncommand = sh -c 'while :; do echo beat; sleep 0.1; done'\n")
+        conf = sup.path("logrotate.conf")
+        write_text(conf, readme_recipe("logrotate").replace("/var/log/respawn", sup.path("log"))
+                   .replace("/run/respawn.pid", sup.path("respawn.pid")))
+        p = subprocess.run([tool, "-d", "-s", sup.path("state"), conf], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        run_daemon(self, sup)
+        wait_for(lambda: "line 3\n" in read_or_empty(sup.path("log", "talk.log")), what="talk's lines")
+        p = subprocess.run([tool, "-f", "-s", sup.path("state"), conf], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        self.assertEqual(p.returncode, 0, p.stdout)
+        rotated = sup.path("log", "talk.log.1")
+        self.assertTrue(os.path.exists(rotated))
+        # after USR1 new lines go to a new talk.log, the daemon's own lines to a new respawn.log
+        wait_for(lambda: "line " in read_or_empty(sup.path("log", "talk.log")), what="a new talk.log")
+        wait_for(lambda: "reopening log files" in read_or_empty(sup.path("log", "respawn.log.1")),
+                 what="the notice in the old respawn.log")
+        self.assertEqual(sup.ctl("restart", "talk").returncode, 0)
+        wait_for(lambda: "talk: started pid" in read_or_empty(sup.path("log", "respawn.log")),
+                 what="the supervisor's lines in the new respawn.log")
+        wait_for(lambda: "beat | beat" in read_or_empty(sup.path("log", "respawn.log")),
+                 what="a service's prefixed lines in the new respawn.log")
+        before = os.path.getsize(rotated)
+        wait_for(lambda: read_or_empty(sup.path("log", "talk.log")).count("\n") > 5, what="more lines")
+        self.assertEqual(os.path.getsize(rotated), before, "lines still go to the rotated file")
+        self.assertNotIn("talk: started pid", read_or_empty(sup.path("log", "respawn.log.1")).split(
+            "reopening log files")[1])
+
+    def test_prometheus_files_with_promtool(self):
+        tool = promtool()
+        if not tool:
+            self.skipTest("promtool (Debian package prometheus) cannot be installed here")
+        d = tempfile.mkdtemp(prefix="respawn-prom-")
+        self.addCleanup(shutil.rmtree, d, True)
+        for name in ("prometheus.yml", "respawn-rules.yml"):
+            write_text(os.path.join(d, name), readme_recipe(name))
+        write_text(os.path.join(d, "rules_test.yml"), RULES_TEST)
+        for args in (["check", "config", "prometheus.yml"], ["check", "rules", "respawn-rules.yml"],
+                     ["test", "rules", "rules_test.yml"]):
+            p = subprocess.run([tool] + args, cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, timeout=120)
+            self.assertEqual(p.returncode, 0, "promtool %s:\n%s" % (" ".join(args), p.stdout))
+
+
+# -- a fleet: three hosts, each with a supervisor, scraped by a real Prometheus ----
+
+def make_hosts(test, count):
+    """[(prefix to run a command on the host, address to scrape)]: network
+    namespaces joined to this one by veth pairs where we may create them, else
+    loopback (the same port on every host, as on a real fleet, needs namespaces;
+    RESPAWN_TEST_NO_NETNS=1 forces loopback)."""
+    tag = "%04d" % (os.getpid() % 10000)
+    hosts = []
+    if os.geteuid() == 0 and shutil.which("ip") and not os.environ.get("RESPAWN_TEST_NO_NETNS"):
+        subnet = 100 + os.getpid() % 100
+        for i in range(count):
+            ns, host_if, ns_if = "rsp-fleet-%s-%d" % (tag, i), "rf%s%dh" % (tag, i), "rf%s%dn" % (tag, i)
+            if subprocess.run(["ip", "netns", "add", ns], stderr=subprocess.DEVNULL).returncode != 0:
+                break
+            test.addCleanup(subprocess.run, ["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+            test.addCleanup(subprocess.run, ["ip", "link", "del", host_if], stderr=subprocess.DEVNULL)
+            net = "10.%d.%d" % (subnet, i)
+            steps = [["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+                     ["ip", "link", "set", ns_if, "netns", ns],
+                     ["ip", "addr", "add", net + ".1/24", "dev", host_if],
+                     ["ip", "link", "set", host_if, "up"],
+                     ["ip", "-n", ns, "addr", "add", net + ".2/24", "dev", ns_if],
+                     ["ip", "-n", ns, "link", "set", ns_if, "up"],
+                     ["ip", "-n", ns, "link", "set", "lo", "up"]]
+            if any(subprocess.run(s, stderr=subprocess.DEVNULL).returncode for s in steps):
+                break
+            hosts.append((("ip", "netns", "exec", ns), net + ".2", 9101))
+        if len(hosts) == count:
+            return hosts
+    return [((), "127.0.0.1", free_port()) for _ in range(count)]
+
+
+def prom_api(port, path):
+    """A Prometheus API answer (urllib: it speaks chunked HTTP/1.1), or None."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # never a proxy
+    try:
+        with opener.open("http://127.0.0.1:%d%s" % (port, path), timeout=DEADLINE) as r:
+            return json.loads(r.read().decode())
+    except (OSError, ValueError):       # not up yet (URLError is an OSError)
+        return None
+
+
+def prom_query(port, query):
+    """The result vector of an instant query: {instance: value}."""
+    reply = prom_api(port, "/api/v1/query?query=" + urllib.parse.quote(query))
+    if reply is None:
+        return {}
+    return {r["metric"].get("instance"): float(r["value"][1]) for r in reply["data"]["result"]}
+
+
+class TestFleet(unittest.TestCase):
+    def test_prometheus_scrapes_every_host_and_sees_a_kill(self):
+        prometheus = install_debian("prometheus", "prometheus")
+        if not prometheus:
+            self.skipTest("Prometheus (Debian package prometheus) cannot be installed here")
+        hosts = make_hosts(self, 3)
+        sups = []
+        for i, (prefix, address, port) in enumerate(hosts):
+            sup = Sup(self, OPS_HEADER + "metrics = 0.0.0.0:%d\n"
+                      "[program:victim]\ncommand = sleep 1000\nstartsecs = 0\nautorestart = false\n"
+                      "[program:steady]\ncommand = sleep 1000\nstartsecs = 0\n" % port, name="host%d" % i)
+            sup.start(prefix=prefix)
+            sup.wait_state("victim", "RUNNING")
+            sups.append(sup)
+        targets = ["%s:%d" % (address, port) for _, address, port in hosts]
+        d = tempfile.mkdtemp(prefix="respawn-prometheus-")
+        self.addCleanup(shutil.rmtree, d, True)
+        # the README's scrape config and rules, pointed at this fleet, scraped every second
+        config = readme_recipe("prometheus.yml").replace("scrape_interval: 15s",
+                                                         "scrape_interval: 1s\n  evaluation_interval: 1s")
+        config = re.sub(r"targets: \[.*\]", "targets: %s" % json.dumps(targets), config)
+        write_text(os.path.join(d, "prometheus.yml"), config)
+        write_text(os.path.join(d, "respawn-rules.yml"), readme_recipe("respawn-rules.yml"))
+        web = free_port()
+        with open(os.path.join(d, "prometheus.log"), "wb") as log:
+            proc = subprocess.Popen([prometheus, "--config.file=" + os.path.join(d, "prometheus.yml"),
+                                     "--storage.tsdb.path=" + os.path.join(d, "data"),
+                                     "--web.listen-address=127.0.0.1:%d" % web],
+                                    stdout=log, stderr=log, cwd=d, start_new_session=True)
+
+        def stop_prometheus():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(DEADLINE)
+        self.addCleanup(stop_prometheus)
+        expect_all_up = {t: 1.0 for t in targets}
+        slow = DEADLINE * 3             # Prometheus starts, then scrapes each target once a second
+        try:
+            wait_for(lambda: prom_query(web, 'respawn_service_up{service="victim"}') == expect_all_up,
+                     timeout=slow, what="Prometheus to scrape all three hosts", interval=0.5)
+            self.assertEqual(prom_query(web, "up"), expect_all_up)
+            victim = sups[1].svc("victim")
+            os.kill(victim["pid"], signal.SIGKILL)
+            sups[1].wait_state("victim", "EXITED")
+            seen = dict(expect_all_up, **{targets[1]: 0.0})
+            wait_for(lambda: prom_query(web, 'respawn_service_up{service="victim"}') == seen,
+                     timeout=slow, what="the kill on host 1 in Prometheus", interval=0.5)
+            self.assertEqual(prom_query(web, 'respawn_service_state{service="victim",state="EXITED"}'),
+                             {t: (1.0 if t == targets[1] else 0.0) for t in targets})
+            self.assertEqual(prom_query(web, 'respawn_service_up{service="steady"}'), expect_all_up)
+            rules = prom_api(web, "/api/v1/rules")
+            loaded = [r for g in rules["data"]["groups"] for r in g["rules"]]
+            self.assertEqual({r["name"] for r in loaded},
+                             {"RespawnServiceDown", "RespawnServiceFlapping", "RespawnSupervisorDown"})
+            self.assertTrue(all(r["health"] in ("ok", "unknown") for r in loaded), loaded)
+        except Exception:
+            with open(os.path.join(d, "prometheus.log"), errors="replace") as f:
+                sys.stderr.write("prometheus log (end):\n" + f.read()[-3000:])
+            raise
+        for sup in sups:
+            self.assertEqual(sup.terminate(), 0)
 
 
 if __name__ == "__main__":
