@@ -4140,6 +4140,10 @@ class Supervisor:
         rotation, where the cut needs the bytes; or splice refused)."""
         if pipe.partial or self.followers.get(pipe.service):
             return None
+        svc = self.services.get(pipe.service)
+        if svc is not None and svc.program.events is not None and pipe.stream == "stdout":
+            pipe.splice = False               # a listener's stdout is the protocol: ours to parse
+            return None
         sink = self.sink_for(pipe.service, pipe.stream)
         if sink is None:
             if self.services.get(pipe.service) is not None and \
