@@ -32,7 +32,7 @@ Reading order (the banners below, in this order):
   client; command line.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import errno
 import fcntl

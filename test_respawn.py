@@ -4000,7 +4000,7 @@ class TestReexecTriggers(ReexecCase):
 # ---------------------------------------------------------------------------
 
 class TestReexecRefusals(ReexecCase):
-    def assert_still_supervising(self, sup, before, version="1.0.0", reexecs=0):
+    def assert_still_supervising(self, sup, before, version=respawn.__version__, reexecs=0):
         st = self.status(sup)
         self.assertEqual(st["supervisor"]["pid"], sup.proc.pid)
         self.assertEqual(st["supervisor"]["version"], version)
@@ -4245,7 +4245,7 @@ class TestReexecAsRoot(ReexecCase):
         line = rx_log_lines(sup, "re-exec refused")[-1]
         self.assertIn("%s is writable by group (mode 664)" % sup.script, line)
         self.assertEqual(self.status(sup)["supervisor"]["reexecs"], 0)
-        self.assertEqual(self.status(sup)["supervisor"]["version"], "1.0.0")
+        self.assertEqual(self.status(sup)["supervisor"]["version"], respawn.__version__)
         self.assertEqual(rx_log_lines(sup, "checking the new code"), [])
         sup.proc.send_signal(signal.SIGUSR2)
         wait_for(lambda: len(rx_log_lines(sup, "refusing to re-execute as root")) == 2, what="USR2 refused")
