@@ -3897,7 +3897,7 @@ class TestReexecOneWatcher(ReexecCase):
 
     def test_a_stop_begun_during_the_trial_finishes_before_the_exec(self):
         sup = self.sup("[program:slow]\ncommand = {py} {dir}/ignore_term.py {dir}/slow.ready\n"
-                       "startsecs = 0.2\nstopwaitsecs = 1\n" + SLEEPERS)
+                       "startsecs = 0.2\nstopwaitsecs = 300\n" + SLEEPERS)
         rx_write_file(sup.path("ignore_term.py"), IGNORE_TERM_PY)
         sup.start()
         wait_for(lambda: os.path.exists(sup.path("slow.ready")), what="slow to ignore SIGTERM")
@@ -3910,6 +3910,11 @@ class TestReexecOneWatcher(ReexecCase):
         stop.connect(sup.sock)
         stop.sendall(b'{"v": 1, "cmd": "stop", "args": {"names": ["slow"]}}\n')
         stop.settimeout(DEADLINE)
+        # the stop outlasts the trial however slow the machine: slow ignores SIGTERM and
+        # stopwaitsecs is long, so it ends only when the test kills it, once postponed
+        sup.wait_log("re-exec postponed until the stop in progress is done")
+        self.assertEqual(self.status(sup)["supervisor"]["reexecs"], 0)
+        os.kill(before["slow"], signal.SIGKILL)
         reply = json.loads(stop.makefile("rb").readline())
         self.assertEqual(reply["results"]["slow"]["state"], "STOPPED")
         self.wait_reexecs(sup, 1, "9.9.9")
