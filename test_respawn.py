@@ -3685,6 +3685,8 @@ class WatcherModes:
         for name in ("blip", "oneshot", "steady"):
             sup.wait_state(name, "RUNNING")
         before = self.pids(sup)
+        # RUNNING at startsecs can come before a loaded machine's Python installed it
+        wait_for(lambda: catches(before["blip"], signal.SIGUSR1), what="blip's USR1 handler")
         # (1) killed right after USR2, while the trial check runs
         sup.proc.send_signal(signal.SIGUSR2)
         os.kill(before["blip"], signal.SIGUSR1)          # blip exits 7
@@ -3695,6 +3697,7 @@ class WatcherModes:
         # (2) killed inside the exec window: the supervisor is frozen between its
         # "re-executing" line and the new image's "re-executed" line
         pids = self.pids(sup)
+        wait_for(lambda: catches(pids["blip"], signal.SIGUSR1), what="the new blip's USR1 handler")
         self.freeze_in_exec_window(sup, 1)
         try:
             os.kill(pids["blip"], signal.SIGUSR1)
