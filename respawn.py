@@ -2106,8 +2106,19 @@ def start_blockers(svc, services):
 
 
 def stop_waves(names, services):
-    """Order a stop: each wave is a list of names signalled together.  Reverse
-    priority, level by level, and a service always stops before what it requires."""
+    """Order a stop: each wave is a list of names signalled together.  The exact
+    reverse of the start: a service that requires another starts once that one is
+    ready, so it stands at the level of the highest priority it waits for (its own
+    or, through requires, any other's); levels stop highest first, and within a
+    level a service always stops before what it requires."""
+    level = {}
+
+    def level_of(name, seen=()):
+        if name not in level:
+            prog = services[name].program
+            level[name] = max([prog.priority] + [level_of(r, seen + (name,)) for r in prog.requires
+                                                 if r in services and r != name and r not in seen])
+        return level[name]
     alive = set(names)
     waves = []
     while alive:
@@ -2115,8 +2126,8 @@ def stop_waves(names, services):
         free = [n for n in alive if n not in required]
         if not free:              # cannot happen with a validated config; do not hang
             free = list(alive)
-        top = max(services[n].program.priority for n in free)
-        wave = sorted(n for n in free if services[n].program.priority == top)
+        top = max(level_of(n) for n in free)
+        wave = sorted(n for n in free if level_of(n) == top)
         waves.append(wave)
         alive.difference_update(wave)
     return waves

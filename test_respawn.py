@@ -1423,7 +1423,19 @@ class TestCorePolicy(unittest.TestCase):
         self.assertLess(order["ui"], order["app"])
         self.assertLess(order["app"], order["db"])
         self.assertEqual(sorted(order), ["app", "db", "other", "ui"])
-        self.assertEqual(waves, [["other"], ["ui"], ["app"], ["db"]])
+        # the exact reverse of the start (other, db, then app once db is ready, then ui):
+        # app and ui start at db's level, after other, so they stop before it
+        self.assertEqual(waves, [["ui"], ["app"], ["db"], ["other"]])
+
+    def test_stop_waves_are_the_exact_reverse_of_the_start(self):
+        # dep (priority 0) requires high (10): it starts after high, so it stops first
+        progs = [program("low", priority=1), program("mid", priority=5), program("high", priority=10),
+                 program("dep", priority=0, requires=("high",))]
+        services = {p.name: respawn.Service(p) for p in progs}
+        self.assertEqual(respawn.stop_waves(list(services), services),
+                         [["dep"], ["high"], ["mid"], ["low"]])
+        # a stop of some names keeps their places
+        self.assertEqual(respawn.stop_waves(["low", "dep"], services), [["dep"], ["low"]])
 
 
 class TestCoreHandoffCodec(unittest.TestCase):
