@@ -127,7 +127,7 @@ def exit_code_of(wait_status):
 def signal_number(text):
     """'TERM', 'SIGTERM', 'term' or '15' -> 15; ValueError otherwise."""
     text = text.strip()
-    if text.isdigit():
+    if re.match(r"[0-9]+\Z", text):     # ASCII: int() also takes '٣' (3, SIGQUIT)
         num = int(text)
         if num in {s.value for s in signal.Signals}:
             return num

@@ -8423,7 +8423,7 @@ class TestConfigRanges(unittest.TestCase):
         cases = ["user = \u00b2", "startsecs = \u0663", "group = 99999999999999999999",
                  "startsecs = 1e400", "backoff = inf", "stopwaitsecs = nan", "startsecs = -1",
                  "priority = \u0661\u0662", "exitcodes = \u00b2", "umask = \u0660\u0662\u0662",
-                 "stopsignal = \u00b9\u2075", "ready = tcp:localhost:\u0668\u0660", "numprocs = 1_0",
+                 "stopsignal = \u00b9\u2075", "stopsignal = \u0663", "ready = tcp:localhost:\u0668\u0660", "numprocs = 1_0",
                  "stdout_logfile_maxbytes = \uff11MB", "user = root\u3000x", "startretries = 10e3"]
         for case in cases:
             with self.subTest(case=case):
