@@ -864,7 +864,7 @@ def _interpolate(value, names, fail, strict=False, env=None):
         if name.startswith("ENV_") and name not in names:
             found = (env or {}).get(name[4:], os.environ.get(name[4:]))
             if found is None:
-                fail("environment variable %s is not set (in %%(%s)s)" % (_cut(name[4:], 40), name))
+                fail("environment variable %s is not set (in %%(%s)s)" % (_cut(name[4:], 40)[1:-1], name))
                 return m.group(0)
         elif name in names:
             found = names[name]

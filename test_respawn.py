@@ -759,7 +759,7 @@ class TestCoreConfig(unittest.TestCase):
         self.assertEqual(prog.directory, here)
         path, errors, _ = config_errors(self, "[program:a]\ncommand = echo %(ENV_RESPAWN_NO_SUCH_VAR_Q)s\n")
         self.assertEqual(len(errors), 1, errors)
-        self.assertIn("%s:2: environment variable 'RESPAWN_NO_SUCH_VAR_Q' is not set" % path, errors[0])
+        self.assertIn("%s:2: environment variable RESPAWN_NO_SUCH_VAR_Q is not set" % path, errors[0])
 
     def test_typed_values_and_defaults(self):
         config = load_text(self, """\
@@ -8697,7 +8697,7 @@ class TestSupervisordFiles(unittest.TestCase):
     def test_expansion_errors(self):
         cases = [
             ("[program:a]\ncommand = echo %(ENV_RESPAWN_NOT_SET_Q)s\n",
-             "environment variable 'RESPAWN_NOT_SET_Q' is not set"),
+             "environment variable RESPAWN_NOT_SET_Q is not set"),
             ("[program:a]\ncommand = echo %(nope)s\n", "unknown expansion %(nope)s"),
             ("[supervisord]\n[program:a]\ncommand = date +%Y\n", "a lone % in"),
             ("[program:a]\ncommand = echo %(process_num)99999d\n", "cannot expand"),
