@@ -510,11 +510,23 @@ def parse_metrics_address(text):
     return host, int(port)
 
 
+MAX_SOCKET_PATH = 107              # sockaddr_un.sun_path holds 108 bytes, the last a NUL
+
+
+def parse_socket(text):
+    """`socket = PATH`: bind() refuses a longer path, so check must too."""
+    value = text.strip()
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise ValueError("the path is %d bytes long; a Unix socket's path holds at most %d "
+                         "(choose a shorter one)" % (len(os.fsencode(value)), MAX_SOCKET_PATH))
+    return value or None
+
+
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "critical": 50}
 
 # key: (parser, default).  The defaults are the SPEC's.
 RESPAWN_KEYS = {
-    "socket": (str, None),
+    "socket": (parse_socket, None),
     "logfile": (str, None),
     "loglevel": (parse_loglevel, "info"),
     "pidfile": (str, None),

@@ -8441,6 +8441,19 @@ class TestConfigRanges(unittest.TestCase):
                 self.assertFalse(os.path.exists(marker))
                 self.assertFalse(os.path.exists(sock))
 
+    def test_a_socket_path_too_long_to_bind_is_a_check_error(self):
+        # bind() refuses more than 107 bytes: check passed it and run failed with no line
+        d = temp_dir(self)
+        path = write_file(os.path.join(d, "c.ini"), "[respawn]\nsocket = %s/%s.sock\n"
+                          "[program:a]\ncommand = true\n" % (d, "x" * 120))
+        for command in ("check", "run"):
+            code, lines = check_cli(self, path, command, timeout=30)
+            self.assertEqual(code, 2, lines)
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith("%s:2: socket: the path is " % path), lines)
+        config = load_text(self, "[respawn]\nsocket = /tmp/%s.sock\n" % ("x" * 97))
+        self.assertEqual(len(config.settings["socket"]), 107)
+
     def test_readme_lists_the_range_of_every_value(self):
         with open(os.path.join(HERE, "README.md")) as f:
             readme = f.read()
