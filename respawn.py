@@ -1151,10 +1151,11 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
             section = kinds["supervisord"][0]
             err("[supervisord] directory %s does not exist" % _cut(directory),
                 *(section.lines.get("directory") or [section.file, section.line]))
-        respawn = kinds.get("respawn") or [None]
         for key, problem in ops_machine_problems(settings, os.path.abspath(path)):
-            where = respawn[-1].lines.get(key) if respawn[-1] else None
-            err(problem, *(where or (None, None)))
+            # the key's line: [respawn] wins over [supervisord] (read first), as for its value
+            where = [s.lines[key] for s in kinds.get("supervisord", []) + kinds.get("respawn", [])
+                     if key in s.lines]
+            err(problem, *(where[-1] if where else (None, None)))
     if loader.errors:
         exc = ConfigErrors(loader.errors, loader.warnings)
         exc.settings = settings
@@ -5362,6 +5363,11 @@ def ops_machine_problems(settings, config_path):
                 yield "on_change", "on_change: command %r not found or not executable" % exe
         elif not which(exe, os.environ.get("PATH", os.defpath)):
             yield "on_change", "on_change: command %r not found in PATH" % exe
+    pidfile = settings.get("pidfile")
+    if pidfile:
+        folder = os.path.dirname(os.path.abspath(pidfile))
+        if not os.path.isdir(folder):
+            yield "pidfile", "pidfile: folder %s does not exist (create it, or name another)" % _cut(folder)
     address = settings.get("metrics")
     if address:
         try:
@@ -7361,9 +7367,13 @@ def cmd_run(args, config_path, script, source):
         sup.install_signals()
         sup.open_listener(sock_path)
         if sup.pidfile:
-            write_pidfile(sup.pidfile)
+            try:
+                write_pidfile(sup.pidfile)
+            except OSError as exc:     # its own line, not the temporary file's name
+                raise OSError(exc.errno, "cannot write the pidfile %s: %s" % (
+                    sup.pidfile, exc.strerror or exc)) from None
     except OSError as exc:
-        message = "cannot start: %s" % exc
+        message = "cannot start: %s" % (exc.strerror if exc.filename is None and exc.errno else exc)
         sup.log("error", message)
         if report is not None:
             os.write(report, message.encode())

@@ -8454,6 +8454,26 @@ class TestConfigRanges(unittest.TestCase):
         config = load_text(self, "[respawn]\nsocket = /tmp/%s.sock\n" % ("x" * 97))
         self.assertEqual(len(config.settings["socket"]), 107)
 
+    def test_a_pidfile_in_a_missing_folder(self):
+        # check passed it; run said "cannot start: [Errno 2] ...: '.../x.pid.PID.tmp'"
+        d = temp_dir(self)
+        pidfile = os.path.join(d, "gone", "x.pid")
+        path = write_file(os.path.join(d, "c.ini"), "[respawn]\nsocket = %s/s.sock\npidfile = %s\n"
+                          "[program:a]\ncommand = true\n" % (d, pidfile))
+        code, lines = check_cli(self, path, "check", timeout=30)
+        self.assertEqual((code, lines), (2, ["%s:3: pidfile: folder %r does not exist (create it, "
+                                             "or name another)" % (path, os.path.dirname(pidfile))]))
+        code, lines = check_cli(self, path, "run", timeout=30)
+        self.assertEqual(code, 1, lines)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].endswith("ERROR cannot start: cannot write the pidfile %s: No such "
+                                          "file or directory" % pidfile), lines)
+        sd = write_file(os.path.join(d, "s.conf"), "[supervisord]\npidfile = %s\n"
+                        "[program:a]\ncommand = true\n" % pidfile)
+        self.assertEqual(check_cli(self, sd, "check", timeout=30)[1],
+                         ["%s:2: pidfile: folder %r does not exist (create it, or name another)"
+                          % (sd, os.path.dirname(pidfile))])
+
     def test_readme_lists_the_range_of_every_value(self):
         with open(os.path.join(HERE, "README.md")) as f:
             readme = f.read()
