@@ -7832,12 +7832,14 @@ def parse_args(argv):
         attr = {"-c": "config", "-n": "n", "-f": "follow", "-h": "help"}.get(
             option, option[2:].replace("-", "_"))
         if option in ("-n", "--handoff", "--rollback"):
-            try:
-                value = int(value)
-            except ValueError:
-                raise UsageError("%s takes a number, not %r" % (option, value))
+            # ASCII digits: int() also takes '٣', ' 5' and '1_0'
+            if not re.match(r"-?[0-9]{1,30}\Z", value):
+                raise UsageError("%s takes a number, not %s" % (option, _cut(value)))
+            value = int(value)
             if value < 0:
                 raise UsageError("%s takes a number of 0 or more, not %d" % (option, value))
+            if option == "-n" and value > MAX_LOG_LINES:
+                raise UsageError("-n takes a number up to %d, not %d" % (MAX_LOG_LINES, value))
         setattr(args, attr, True if value is None else value)
     if args.help or args.command == "help":
         # `COMMAND --help` and `help COMMAND`: that command's usage; its arguments

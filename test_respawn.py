@@ -3235,6 +3235,10 @@ class TestCommandLine(unittest.TestCase):
                 (["log", "a", "b"], "log takes one service name, not a b"),
                 (["log", "a", "-n", "x"], "-n takes a number, not 'x'"),
                 (["log", "a", "-n", "-3"], "-n takes a number of 0 or more"),
+                (["log", "a", "-n", "\u0663"], "-n takes a number, not '\u0663'"),
+                (["log", "a", "-n", "1_0"], "-n takes a number, not '1_0'"),
+                (["log", "a", "-n", "9" * 5000], "-n takes a number, not '999"),
+                (["log", "a", "-n", "10" + "0" * 20], "-n takes a number up to "),
                 (["reload", "now"], "reload takes no arguments, not now"),
                 (["-c"], "-c needs a value"),
                 (["run", "--daemon=yes"], "--daemon takes no value")]:
