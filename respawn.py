@@ -127,7 +127,7 @@ def exit_code_of(wait_status):
 def signal_number(text):
     """'TERM', 'SIGTERM', 'term' or '15' -> 15; ValueError otherwise."""
     text = text.strip()
-    if text.isdigit():
+    if re.match(r"[0-9]+\Z", text):     # ASCII: int() also takes '٣' (3, SIGQUIT)
         num = int(text)
         if num in {s.value for s in signal.Signals}:
             return num
@@ -510,11 +510,23 @@ def parse_metrics_address(text):
     return host, int(port)
 
 
+MAX_SOCKET_PATH = 107              # sockaddr_un.sun_path holds 108 bytes, the last a NUL
+
+
+def parse_socket(text):
+    """`socket = PATH`: bind() refuses a longer path, so check must too."""
+    value = text.strip()
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise ValueError("the path is %d bytes long; a Unix socket's path holds at most %d "
+                         "(choose a shorter one)" % (len(os.fsencode(value)), MAX_SOCKET_PATH))
+    return value or None
+
+
 LOG_LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "critical": 50}
 
 # key: (parser, default).  The defaults are the SPEC's.
 RESPAWN_KEYS = {
-    "socket": (str, None),
+    "socket": (parse_socket, None),
     "logfile": (str, None),
     "loglevel": (parse_loglevel, "info"),
     "pidfile": (str, None),
@@ -864,7 +876,7 @@ def _interpolate(value, names, fail, strict=False, env=None):
         if name.startswith("ENV_") and name not in names:
             found = (env or {}).get(name[4:], os.environ.get(name[4:]))
             if found is None:
-                fail("environment variable %s is not set (in %%(%s)s)" % (_cut(name[4:], 40), name))
+                fail("environment variable %s is not set (in %%(%s)s)" % (_cut(name[4:], 40)[1:-1], name))
                 return m.group(0)
         elif name in names:
             found = names[name]
@@ -1139,10 +1151,11 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
             section = kinds["supervisord"][0]
             err("[supervisord] directory %s does not exist" % _cut(directory),
                 *(section.lines.get("directory") or [section.file, section.line]))
-        respawn = kinds.get("respawn") or [None]
         for key, problem in ops_machine_problems(settings, os.path.abspath(path)):
-            where = respawn[-1].lines.get(key) if respawn[-1] else None
-            err(problem, *(where or (None, None)))
+            # the key's line: [respawn] wins over [supervisord] (read first), as for its value
+            where = [s.lines[key] for s in kinds.get("supervisord", []) + kinds.get("respawn", [])
+                     if key in s.lines]
+            err(problem, *(where[-1] if where else (None, None)))
     if loader.errors:
         exc = ConfigErrors(loader.errors, loader.warnings)
         exc.settings = settings
@@ -5361,6 +5374,11 @@ def ops_machine_problems(settings, config_path):
                 yield "on_change", "on_change: command %r not found or not executable" % exe
         elif not which(exe, os.environ.get("PATH", os.defpath)):
             yield "on_change", "on_change: command %r not found in PATH" % exe
+    pidfile = settings.get("pidfile")
+    if pidfile:
+        folder = os.path.dirname(os.path.abspath(pidfile))
+        if not os.path.isdir(folder):
+            yield "pidfile", "pidfile: folder %s does not exist (create it, or name another)" % _cut(folder)
     address = settings.get("metrics")
     if address:
         try:
@@ -7360,9 +7378,13 @@ def cmd_run(args, config_path, script, source):
         sup.install_signals()
         sup.open_listener(sock_path)
         if sup.pidfile:
-            write_pidfile(sup.pidfile)
+            try:
+                write_pidfile(sup.pidfile)
+            except OSError as exc:     # its own line, not the temporary file's name
+                raise OSError(exc.errno, "cannot write the pidfile %s: %s" % (
+                    sup.pidfile, exc.strerror or exc)) from None
     except OSError as exc:
-        message = "cannot start: %s" % exc
+        message = "cannot start: %s" % (exc.strerror if exc.filename is None and exc.errno else exc)
         sup.log("error", message)
         if report is not None:
             os.write(report, message.encode())
@@ -7821,12 +7843,14 @@ def parse_args(argv):
         attr = {"-c": "config", "-n": "n", "-f": "follow", "-h": "help"}.get(
             option, option[2:].replace("-", "_"))
         if option in ("-n", "--handoff", "--rollback"):
-            try:
-                value = int(value)
-            except ValueError:
-                raise UsageError("%s takes a number, not %r" % (option, value))
+            # ASCII digits: int() also takes '٣', ' 5' and '1_0'
+            if not re.match(r"-?[0-9]{1,30}\Z", value):
+                raise UsageError("%s takes a number, not %s" % (option, _cut(value)))
+            value = int(value)
             if value < 0:
                 raise UsageError("%s takes a number of 0 or more, not %d" % (option, value))
+            if option == "-n" and value > MAX_LOG_LINES:
+                raise UsageError("-n takes a number up to %d, not %d" % (MAX_LOG_LINES, value))
         setattr(args, attr, True if value is None else value)
     if args.help or args.command == "help":
         # `COMMAND --help` and `help COMMAND`: that command's usage; its arguments

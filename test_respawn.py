@@ -759,7 +759,7 @@ class TestCoreConfig(unittest.TestCase):
         self.assertEqual(prog.directory, here)
         path, errors, _ = config_errors(self, "[program:a]\ncommand = echo %(ENV_RESPAWN_NO_SUCH_VAR_Q)s\n")
         self.assertEqual(len(errors), 1, errors)
-        self.assertIn("%s:2: environment variable 'RESPAWN_NO_SUCH_VAR_Q' is not set" % path, errors[0])
+        self.assertIn("%s:2: environment variable RESPAWN_NO_SUCH_VAR_Q is not set" % path, errors[0])
 
     def test_typed_values_and_defaults(self):
         config = load_text(self, """\
@@ -3247,6 +3247,10 @@ class TestCommandLine(unittest.TestCase):
                 (["log", "a", "b"], "log takes one service name, not a b"),
                 (["log", "a", "-n", "x"], "-n takes a number, not 'x'"),
                 (["log", "a", "-n", "-3"], "-n takes a number of 0 or more"),
+                (["log", "a", "-n", "\u0663"], "-n takes a number, not '\u0663'"),
+                (["log", "a", "-n", "1_0"], "-n takes a number, not '1_0'"),
+                (["log", "a", "-n", "9" * 5000], "-n takes a number, not '999"),
+                (["log", "a", "-n", "10" + "0" * 20], "-n takes a number up to "),
                 (["reload", "now"], "reload takes no arguments, not now"),
                 (["-c"], "-c needs a value"),
                 (["run", "--daemon=yes"], "--daemon takes no value")]:
@@ -8435,7 +8439,7 @@ class TestConfigRanges(unittest.TestCase):
         cases = ["user = \u00b2", "startsecs = \u0663", "group = 99999999999999999999",
                  "startsecs = 1e400", "backoff = inf", "stopwaitsecs = nan", "startsecs = -1",
                  "priority = \u0661\u0662", "exitcodes = \u00b2", "umask = \u0660\u0662\u0662",
-                 "stopsignal = \u00b9\u2075", "ready = tcp:localhost:\u0668\u0660", "numprocs = 1_0",
+                 "stopsignal = \u00b9\u2075", "stopsignal = \u0663", "ready = tcp:localhost:\u0668\u0660", "numprocs = 1_0",
                  "stdout_logfile_maxbytes = \uff11MB", "user = root\u3000x", "startretries = 10e3"]
         for case in cases:
             with self.subTest(case=case):
@@ -8452,6 +8456,39 @@ class TestConfigRanges(unittest.TestCase):
                 # run touched nothing
                 self.assertFalse(os.path.exists(marker))
                 self.assertFalse(os.path.exists(sock))
+
+    def test_a_socket_path_too_long_to_bind_is_a_check_error(self):
+        # bind() refuses more than 107 bytes: check passed it and run failed with no line
+        d = temp_dir(self)
+        path = write_file(os.path.join(d, "c.ini"), "[respawn]\nsocket = %s/%s.sock\n"
+                          "[program:a]\ncommand = true\n" % (d, "x" * 120))
+        for command in ("check", "run"):
+            code, lines = check_cli(self, path, command, timeout=30)
+            self.assertEqual(code, 2, lines)
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith("%s:2: socket: the path is " % path), lines)
+        config = load_text(self, "[respawn]\nsocket = /tmp/%s.sock\n" % ("x" * 97))
+        self.assertEqual(len(config.settings["socket"]), 107)
+
+    def test_a_pidfile_in_a_missing_folder(self):
+        # check passed it; run said "cannot start: [Errno 2] ...: '.../x.pid.PID.tmp'"
+        d = temp_dir(self)
+        pidfile = os.path.join(d, "gone", "x.pid")
+        path = write_file(os.path.join(d, "c.ini"), "[respawn]\nsocket = %s/s.sock\npidfile = %s\n"
+                          "[program:a]\ncommand = true\n" % (d, pidfile))
+        code, lines = check_cli(self, path, "check", timeout=30)
+        self.assertEqual((code, lines), (2, ["%s:3: pidfile: folder %r does not exist (create it, "
+                                             "or name another)" % (path, os.path.dirname(pidfile))]))
+        code, lines = check_cli(self, path, "run", timeout=30)
+        self.assertEqual(code, 1, lines)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].endswith("ERROR cannot start: cannot write the pidfile %s: No such "
+                                          "file or directory" % pidfile), lines)
+        sd = write_file(os.path.join(d, "s.conf"), "[supervisord]\npidfile = %s\n"
+                        "[program:a]\ncommand = true\n" % pidfile)
+        self.assertEqual(check_cli(self, sd, "check", timeout=30)[1],
+                         ["%s:2: pidfile: folder %r does not exist (create it, or name another)"
+                          % (sd, os.path.dirname(pidfile))])
 
     def test_readme_lists_the_range_of_every_value(self):
         with open(os.path.join(HERE, "README.md")) as f:
@@ -8709,7 +8746,7 @@ class TestSupervisordFiles(unittest.TestCase):
     def test_expansion_errors(self):
         cases = [
             ("[program:a]\ncommand = echo %(ENV_RESPAWN_NOT_SET_Q)s\n",
-             "environment variable 'RESPAWN_NOT_SET_Q' is not set"),
+             "environment variable RESPAWN_NOT_SET_Q is not set"),
             ("[program:a]\ncommand = echo %(nope)s\n", "unknown expansion %(nope)s"),
             ("[supervisord]\n[program:a]\ncommand = date +%Y\n", "a lone % in"),
             ("[program:a]\ncommand = echo %(process_num)99999d\n", "cannot expand"),
