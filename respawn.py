@@ -5393,7 +5393,7 @@ def ops_machine_problems(settings, config_path):
 
 
 def _supervisor_answers(settings, config_path):
-    path = settings.get("socket") or default_socket(config_path)
+    path = running_socket(config_path) or settings.get("socket") or default_socket(config_path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(path)

@@ -10908,6 +10908,15 @@ class TestMetricsEndpoint(unittest.TestCase):
         sup = self.start()
         p = sup.ctl("check")
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        # also after an edit of `socket =` not reloaded yet: the supervisor holding the
+        # port is found by its lock, not by the socket the file names now
+        with open(sup.config) as f:
+            text = f.read()
+        self.assertIn("socket = %s\n" % sup.sock, text)
+        with open(sup.config, "w") as f:
+            f.write(text.replace("socket = %s\n" % sup.sock, "socket = %s.new\n" % sup.sock))
+        p = sup.ctl("check")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(sup.terminate(), 0)
 
     def test_reload_moves_the_endpoint(self):
