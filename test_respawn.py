@@ -10351,6 +10351,13 @@ class TestNofileInProcess(unittest.TestCase):
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.saved[1], self.saved[1]))
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, self.saved)
         self.addCleanup(respawn.set_service_nofile, None)
+        # this process stands in for a supervisor, which puts back to default whatever
+        # its launcher ignored (install_signals): a suite started with `&` from a
+        # script has SIGINT and SIGQUIT ignored, and spawn() children inherit that
+        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTOU, signal.SIGTTIN):
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+                self.addCleanup(signal.signal, signum, signal.SIG_IGN)
         self.fds = []
         self.addCleanup(lambda: [os.close(fd) for fd in self.fds])
 
