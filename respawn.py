@@ -2595,10 +2595,14 @@ class Writer:
     that keeps up loses nothing.  Lines stay whole: a line whose head was
     written keeps its tail (written first when the fd takes data again), and a
     line whose head was dropped is dropped to its end.  `report(level, message)`
-    hears once when an episode begins and once when it ends."""
+    hears once when an episode begins and once when it ends: with timers, a
+    second after its last drop if a write went through since; without, at the
+    first write that goes through a second after it."""
 
-    def __init__(self, fd, name, report=None, selector=None):
+    def __init__(self, fd, name, report=None, selector=None, timers=None):
         self.fd, self.name, self.report, self.selector = fd, name, report, selector
+        self.timers = timers
+        self.ending = None            # the timer that ends the episode (see went_through)
         self.armed = False            # in the selector, waiting to write pending
         self.own = None               # a non-blocking fd of our own onto the same pipe or tty
         self.pending = b""            # what must go out first: a line's tail, or the queue
@@ -2629,6 +2633,8 @@ class Writer:
 
     def close(self):
         self._disarm()
+        Timers.cancel(self.ending)
+        self.ending = None
         if self.own is not None:
             os.close(self.own)
             self.own = None
@@ -2658,10 +2664,8 @@ class Writer:
             self.written += n
             self.open_line = data[n - 1] != 0x0A
         if n == len(data):
-            # an episode ends after a second without a drop: a reader that keeps
-            # falling behind is one episode, not two lines of ours every few ms
-            if self.failing and monotonic() - self.last_drop >= 1.0:
-                self._recovered()
+            if self.failing:
+                self.went_through()
             return dropped
         rest = data[n:]
         if self.selector is not None and not self.regular and error is None:
@@ -2725,8 +2729,8 @@ class Writer:
             self.fail(error)
         if not self.pending:
             self._disarm()
-            if self.failing and monotonic() - self.last_drop >= 1.0:
-                self._recovered()
+            if self.failing:
+                self.went_through()
 
     def drain(self, timeout):
         """At exit: what waits goes out if the fd takes it within timeout seconds."""
@@ -2797,13 +2801,43 @@ class Writer:
                 pass
         return n
 
+    def went_through(self):
+        """All there was went out during an episode.  The episode ends after a
+        second without a drop: a reader that keeps falling behind is one episode,
+        not two lines of ours every few ms.  It ends then, by a timer, not at the
+        next write after that second: our own log, written again within the
+        second of its last drop and quiet afterwards, would otherwise say what
+        it missed only at its next line, maybe hours later and far from the gap."""
+        due = self.last_drop + 1.0
+        if monotonic() >= due:
+            self._recovered()
+        elif self.timers is not None and self.ending is None:
+            self.ending = self.timers.at(due, self._quiet_second)
+
+    def go_on_from(self, old):
+        """Take over the episode of the Writer this one replaces on the same file."""
+        self.failing, self.episode, self.last_drop = old.failing, old.episode, old.last_drop
+        if old.ending is not None and self.timers is not None:    # a line went in since
+            self.ending = self.timers.at(old.last_drop + 1.0, self._quiet_second)
+
+    def _quiet_second(self):
+        # armed after a write went through; a drop since would have cancelled it
+        self.ending = None
+        if self.failing and not self.pending:
+            self._recovered()
+
     def _drop(self, n):
+        if self.ending is not None:
+            Timers.cancel(self.ending)    # not a quiet second: the next write that goes through re-arms it
+            self.ending = None
         self.last_drop = monotonic()
         self.episode += n
         self.dropped += n
         return n
 
     def _recovered(self):
+        Timers.cancel(self.ending)
+        self.ending = None
         lost, self.episode, self.failing = self.episode, 0, None
         if self.report:
             self.report("info", "writing to %s again; %d bytes were dropped" % (self.name, lost))
@@ -2817,11 +2851,11 @@ class LogFile:
 
     REOPEN_EVERY = 1.0                # seconds between tries to open a file that failed
 
-    def __init__(self, path, maxbytes, backups, report=None):
+    def __init__(self, path, maxbytes, backups, report=None, timers=None):
         self.path, self.maxbytes, self.backups = path, maxbytes, backups
         self.fd = None
         self.size = 0
-        self.out = Writer(-1, path, report)
+        self.out = Writer(-1, path, report, timers=timers)
         self.open_failed = None       # monotonic time of the last failed open
         self.open()
 
@@ -3639,11 +3673,16 @@ class Supervisor:
                               | os.O_NONBLOCK, 0o644)
             except OSError as exc:
                 self.log("error", "cannot open logfile %s: %s; logging to stderr" % (path, exc.strerror))
-        if self.log_fd != 2:
-            self.log_out.close()
-            os.close(self.log_fd)
+        old, old_fd = self.log_out, self.log_fd
         self.log_fd = new
         self.log_out = self.stream(2) if new == 2 else self.writer(new, "the logfile %s" % path)
+        if old_fd != 2:
+            if old.failing and old.name == self.log_out.name:
+                # the same file reopened (a reload, SIGUSR1) while it drops lines: the
+                # episode goes on, so that its end is said, with all it dropped
+                self.log_out.go_on_from(old)
+            old.close()
+            os.close(old_fd)
 
     def stream(self, fd):
         """The Writer of our stdout (1) or stderr (2); one for both if they are one file."""
@@ -3662,7 +3701,7 @@ class Supervisor:
         return out
 
     def writer(self, fd, name):
-        out = Writer(fd, name, selector=self.selector)
+        out = Writer(fd, name, selector=self.selector, timers=self.timers)
         out.report = lambda level, message: self.output_trouble(out, level, message)
         return out
 
@@ -4244,7 +4283,7 @@ class Supervisor:
             try:
                 sink = LogFile(path, getattr(prog, stream + "_logfile_maxbytes"),
                                getattr(prog, stream + "_logfile_backups"),
-                               lambda level, message: self.log(level, message, name))
+                               lambda level, message: self.log(level, message, name), self.timers)
             except OSError as exc:
                 if failed is None:        # said once, not at every line
                     self.log("error", "cannot open %s: %s; writing to the supervisor's %s"

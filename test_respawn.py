@@ -6515,6 +6515,50 @@ class TestFaultWriter(unittest.TestCase):
         self.assertEqual([l for l, _ in said], ["warn", "info"])
         self.assertIn("%d bytes were dropped" % out.dropped, said[1][1])
 
+    def test_an_episode_ends_a_second_after_its_last_drop_with_no_more_writes(self):
+        # a write goes through within the second of the last drop, then nothing more is
+        # written: the recovery is said when that second is over (a timer), not at a next
+        # write that may come hours later; a drop within the second puts it off
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.set_blocking(r, False)
+        said, timers = [], respawn.Timers()
+        out = respawn.Writer(w, "pipe", lambda level, message: said.append(level), timers=timers)
+        self.addCleanup(out.close)
+
+        def until_a_drop():                            # lines of 1 KB: a pipe takes each whole or not
+            while not out.write(b"x" * 1000 + b"\n"):
+                pass
+
+        def drained():
+            while True:
+                try:
+                    os.read(r, 1 << 16)
+                except BlockingIOError:
+                    return
+
+        until_a_drop()
+        drained()
+        out.last_drop = time.monotonic()               # the drop was just now
+        self.assertEqual(out.write(b"through\n"), 0)
+        self.assertEqual(said, ["warn"])               # not yet: within the second
+        timers.run_due(time.monotonic() + 1.5)
+        self.assertEqual(said, ["warn", "info"])       # its second is over
+        until_a_drop()                                 # a second episode
+        drained()
+        out.last_drop = time.monotonic()
+        self.assertEqual(out.write(b"through\n"), 0)
+        until_a_drop()                                 # a drop within its second
+        timers.run_due(time.monotonic() + 1.5)
+        self.assertEqual(said, ["warn", "info", "warn"])   # not over
+        drained()
+        out.last_drop = time.monotonic()
+        self.assertEqual(out.write(b"through\n"), 0)
+        timers.run_due(time.monotonic() + 1.5)
+        self.assertEqual(said, ["warn", "info", "warn", "info"])
+        self.assertEqual(timers.timeout(time.monotonic()), respawn.MAX_WAIT)   # nothing left armed
+
     def test_a_slow_reader_loses_nothing_below_the_queue_bound(self):
         r, w = os.pipe()
         self.addCleanup(os.close, r)
@@ -6766,7 +6810,10 @@ class TestFaultOutput(unittest.TestCase):
         self.assertNotIn("internal error", text)
 
     def test_a_full_disk_under_both_logs(self):
-        d = small_tmpfs(self, 256 * 1024)
+        # 2 MiB: once the filler is gone the writer (30 KB/s at most) would need a minute
+        # to fill it again, so the episode that ends is the only one (in 256 KiB it began
+        # again 9 s later, on a machine slow enough); under 4 MiB free: no splice
+        d = small_tmpfs(self, 2 << 20)
         sup = fault_sup(self, """\
             [respawn]
             logfile = %s/sup.log
@@ -6809,14 +6856,75 @@ class TestFaultOutput(unittest.TestCase):
         own = read_text(os.path.join(d, "sup.log"))
         for line in own.splitlines():
             self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:.]+ (INFO|WARN|ERROR) ")
-        # said when an episode began (unless the full disk took that line too) and when it
-        # ended, never a line per write.  One episode, unless the machine stalled the
-        # writer for a second while a partly filled page still took a line: then two.
-        began, ended = own.count("writer: cannot write to"), own.count("writer: writing to")
-        self.assertGreaterEqual(ended, 1, own)
-        self.assertLessEqual(began, ended, own)
-        self.assertLessEqual(ended, 3, own)
+        # one episode, said when it began (unless the full disk took that line too) and
+        # when it ended, never a line per write; the log's own episode likewise
+        said = re.findall(r"writer: (cannot write to|writing to) ", own)
+        self.assertIn(said, [["cannot write to", "writing to"], ["writing to"]], own)
+        self.assertEqual(own.count("writing to the logfile"), 1, own)
+        self.assertEqual(sup.stderr().count("cannot write to the logfile"), 1, sup.stderr())
         self.assertNotIn("internal error", own)
+
+    def full_own_log(self, sup, d):
+        """Fill the tmpfs of the supervisor's log, and log a line each until one is
+        dropped (the log's last page is full); free it again: the bytes dropped."""
+        before = sup.status()["supervisor"]["dropped_bytes"]
+        filler = os.path.join(d, "filler")
+        fill(filler)
+        for _ in range(400):
+            if sup.status()["supervisor"]["dropped_bytes"] > before:
+                break
+            self.assertTrue(next(respawn.request(sup.sock, "reload"))["ok"])
+        lost = sup.status()["supervisor"]["dropped_bytes"] - before
+        self.assertGreater(lost, 0)
+        os.unlink(filler)
+        return lost
+
+    def own_log_sup(self):
+        d = small_tmpfs(self, 256 * 1024)
+        sup = fault_sup(self, """\
+            [respawn]
+            logfile = %s/sup.log
+            [program:victim]
+            command = sleep 1000
+            startsecs = 0
+            """ % d)
+        sup.start()
+        return sup, d, os.path.join(d, "sup.log")
+
+    def test_its_own_log_says_it_is_back_when_nothing_else_is_logged(self):
+        # the log takes lines again within the second of its last drop, and then nothing
+        # happens: what it missed is said when that second is over, not with whatever
+        # line comes next (hours later, far from the gap)
+        sup, d, log = self.own_log_sup()
+        lost = self.full_own_log(sup, d)
+        respawns(self, sup, "victim")                 # lines that go in
+        back = "writing to the logfile %s again; %d bytes were dropped" % (log, lost)
+        wait_for(lambda: back in read_text(log), what="the log's recovery")
+        lines = read_text(log).splitlines()
+        self.assertIn("victim: running", lines[-2])  # the lines that went in, then the news
+        self.assertIn(back, lines[-1])
+        self.assertEqual(sup.stderr().count("cannot write to the logfile"), 1, sup.stderr())
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_its_own_log_reopened_while_it_drops_still_says_it_is_back(self):
+        # SIGUSR1 and a reload open the log anew: the episode goes on in the new
+        # descriptor, and its end is said with all it dropped
+        sup, d, log = self.own_log_sup()
+        for round, how in enumerate(("got SIGUSR1", "reloaded")):
+            lost = self.full_own_log(sup, d)
+            if how == "got SIGUSR1":
+                os.kill(sup.proc.pid, signal.SIGUSR1)  # its line goes in before the reopen
+            else:
+                self.assertTrue(next(respawn.request(sup.sock, "reload"))["ok"])
+            back = "writing to the logfile %s again" % log
+            wait_for(lambda: read_text(log).count(back) == round + 1,
+                     what="the log's recovery after %r" % how)
+            lines = read_text(log).splitlines()
+            self.assertIn(how, lines[-2])
+            self.assertIn("%s; %d bytes were dropped" % (back, lost), lines[-1])
+            self.assertEqual(sup.stderr().count("cannot write to the logfile"), round + 1, sup.stderr())
+        respawns(self, sup, "victim")
+        self.assertEqual(sup.terminate(), 0)
 
 
 class TestFaultExtremeValues(unittest.TestCase):
