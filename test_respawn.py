@@ -4309,7 +4309,12 @@ class TestReexecHygiene(ReexecCase):
         before = self.pids(sup)
         self.assertTrue(self.reexec(sup)["ok"])          # strays from our launcher go here
         # the listening socket only (a client's connection may still be closing)
-        wait_for(lambda: list(fd_map(sup.proc.pid).values()).count("socket:") == 1, what="clients closed")
+        # and none of the files it reads for a moment (boot_id, /proc/PID/stat, the state
+        # file) caught open: the snapshot is of the supervisor at rest
+        at_rest = lambda: (lambda m: list(m.values()).count("socket:") == 1
+                           and not [t for t in m.values() if t.startswith("/proc/") or "respawn-state" in t])(
+            fd_map(sup.proc.pid))
+        wait_for(at_rest, what="clients closed")
         fds, argv = fd_map(sup.proc.pid), cmdline(sup.proc.pid)
         for n in range(10):
             reply = self.reexec(sup)
