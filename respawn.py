@@ -2718,6 +2718,30 @@ class Writer:
                 break
             self.flush()
 
+    def carry(self):
+        """What a re-exec hands over of this writer (None: nothing to say): the
+        bytes that wait for a slow reader, in order, and where its output stands
+        (a line begun, a line being dropped, an episode of drops going on)."""
+        if not (self.pending or self.open_line or self.skip or self.failing):
+            return None
+        import base64
+        return {"pending": base64.b64encode(self.pending).decode(), "open_line": self.open_line,
+                "skip": self.skip, "failing": self.failing, "episode": self.episode,
+                "last_drop": self.last_drop}
+
+    def take(self, carried):
+        """The new image's writer takes over what the old one carried: what
+        waited goes out first, before anything this image writes."""
+        import base64
+        self.pending = base64.b64decode(carried.get("pending") or "") + self.pending
+        self.open_line = bool(carried.get("open_line")) or self.open_line
+        self.skip = bool(carried.get("skip")) or self.skip
+        if carried.get("failing") and not self.failing:
+            self.failing, self.episode = carried["failing"], carried.get("episode") or 0
+            self.last_drop = carried.get("last_drop") or monotonic()
+        if self.pending and not self.regular:
+            self._arm()
+
     def _arm(self):
         if self.selector is not None and not self.armed:
             self.selector.register(self.fd, selectors.EVENT_WRITE, self.flush)
@@ -3670,6 +3694,37 @@ class Supervisor:
         for out in set(self.streams.values()) | {self.log_out}:
             if out is not None:
                 out.drain(timeout)
+
+    def carry_output(self):
+        """For a re-exec: what waits in our writers (a slow reader of our stdout,
+        a line's tail on a full disk), which the new image writes before its own."""
+        out, done = {}, set()
+        for fd in (1, 2):
+            w = self.streams.get(fd)
+            if w is not None and w not in done:
+                done.add(w)
+                out[str(fd)] = w.carry()
+        if self.log_out is not None and self.log_out not in done:
+            out["log"] = self.log_out.carry()
+        out["sinks"] = [[name, stream, sink.out.carry()] for (name, stream), sink in self.sinks.items()
+                        if sink.out.pending or sink.out.skip]
+        return {k: v for k, v in out.items() if v}
+
+    def take_output(self, carried):
+        """The new image: each writer takes what its predecessor carried (carry_output)."""
+        for key, state in carried.items():
+            if key in ("1", "2"):
+                self.stream(int(key)).take(state)
+            elif key == "log":
+                (self.log_out or self.stream(2)).take(state)
+        for name, stream, state in carried.get("sinks", ()):
+            sink = self.sink_for(name, stream)
+            if sink is not None:
+                sink.out.take(state)
+                sink.at_line_start = not (sink.out.pending or sink.out.open_line)
+            elif state.get("pending"):       # no file to finish the line in: counted as dropped
+                import base64
+                self.count_dropped(name, len(base64.b64decode(state["pending"])))
 
     def log(self, level, message, service=None):
         if LOG_LEVELS[level] < self.loglevel:
@@ -4779,6 +4834,8 @@ class Supervisor:
             for follower in list(follower_list):
                 follower.send({"event": "reexec"})
                 follower.flush()
+        # the last line of this image, before the state takes what waits in its writers
+        self.log("info", "re-executing %s" % self.script)
         state = encode_handoff(self, pending, new_hash, client, t0)
         opened, kept = [], handoff_fds(state)
         try:
@@ -4798,7 +4855,6 @@ class Supervisor:
                 opened.append(code_fd)
             else:
                 argv = [sys.executable] + interpreter_flags() + args
-            self.log("info", "re-executing %s" % self.script)
             for fd in [state_fd, rollback_fd] + kept:
                 os.set_inheritable(fd, True)
             try:
@@ -4859,12 +4915,15 @@ class Supervisor:
         """The new image takes over: services, pipes, sockets, timers (one pass)."""
         import base64
         state = self.restore_data(state)
+        self.take_output(state.get("output") or {})
         fds = state["fds"]
         if fds.get("listener") is not None:
             self.adopt_listener(socket.socket(fileno=fds["listener"]))
         self.lock_fd = fds.get("lock")
+        hooks = {h["pid"] for h in ((state.get("ops") or {}).get("hooks") or {}).get("running", ())}
         for pid in state.get("helpers", ()):
-            self.watcher.abandon(pid)         # probes and trials of the old image: reaped, quietly
+            if pid not in hooks:              # hooks go on (ops_start): their exits are told
+                self.watcher.abandon(pid)     # probes and trials of the old image: reaped, quietly
         for name, (fd, address) in fds["notify"].items():
             if name in self.services:
                 self.adopt_notify(self.services[name], socket.socket(fileno=fd), address)
@@ -5623,10 +5682,11 @@ class MetricsServer:
 
 class Hook:
     """One on_change run: its change, its output pipe, its deadline."""
-    __slots__ = ("env", "fd", "timer", "written", "partial")
+    __slots__ = ("env", "fd", "timer", "written", "partial", "until")
 
     def __init__(self, env, fd):
         self.env, self.fd, self.timer, self.written, self.partial = env, fd, None, 0, b""
+        self.until = None             # when it is killed (HOOK_TIMEOUT after its start)
 
     def __str__(self):
         return "%s %s" % (self.env["RESPAWN_SERVICE"], self.env["RESPAWN_STATE"])
@@ -5691,10 +5751,42 @@ class HookRunner:
             os.close(w)
         os.set_blocking(r, False)
         hook = Hook(env, r)
-        hook.timer = self.loop.call_at(monotonic() + HOOK_TIMEOUT, self.timeout, pid)
+        hook.until = monotonic() + HOOK_TIMEOUT
+        self.watch(pid, hook)
+
+    def watch(self, pid, hook):
+        hook.timer = self.loop.call_at(hook.until, self.timeout, pid)
         self.running[pid] = hook
-        self.loop.watch_fd(r, selectors.EVENT_READ, lambda m, pid=pid: self.read(pid))
+        if hook.fd is not None:
+            self.loop.watch_fd(hook.fd, selectors.EVENT_READ, lambda m, pid=pid: self.read(pid))
         self.loop.watch_helper(pid, "on_change", self.exited)
+
+    def handoff(self):
+        """What a re-exec carries: the changes queued, in order, with their
+        environment, and the hooks running (our children: the new image reads
+        their output, kills them at their timeout and reaps them)."""
+        import base64
+        return {"queue": list(self.queue), "dropped": self.dropped,
+                "running": [{"pid": pid, "fd": h.fd, "env": h.env, "written": h.written,
+                             "partial": base64.b64encode(h.partial).decode(), "until": h.until}
+                            for pid, h in self.running.items()]}
+
+    @staticmethod
+    def handoff_fds(carried):
+        return [h["fd"] for h in (carried or {}).get("running", ()) if h.get("fd") is not None]
+
+    def take_over(self, carried):
+        """The new image: the hooks the old one ran go on, then the queue, in order."""
+        import base64
+        for entry in carried.get("running", ()):
+            hook = Hook(entry["env"], entry.get("fd"))
+            hook.written = entry.get("written", 0)
+            hook.partial = base64.b64decode(entry.get("partial") or "")
+            hook.until = entry.get("until") or monotonic() + HOOK_TIMEOUT
+            self.watch(entry["pid"], hook)
+        self.queue = list(carried.get("queue", ())) + self.queue
+        self.dropped += carried.get("dropped", 0)
+        self.run_queued()
 
     def read(self, pid, final=False):
         hook = self.running.get(pid)
@@ -5874,6 +5966,11 @@ def ops_start(sup, carried=None):
     usec, wpid = os.environ.pop("WATCHDOG_USEC", None), os.environ.pop("WATCHDOG_PID", None)
     if carried:
         usec, wpid = carried.get("watchdog_usec"), None
+    hooks = carried.get("hooks")
+    if hooks:
+        if sup.hooks is None:         # on_change is gone: what runs is still ours to reap
+            sup.hooks = HookRunner(sup.config.settings.get("on_change"), sup, sup.log)
+        sup.hooks.take_over(hooks)
     sup.notify_parent = address
     if address:
         try:
@@ -5890,6 +5987,8 @@ def ops_handoff(sup):
     carried = {"notify": n.address, "ready_sent": n.ready_sent,
                "watchdog_usec": int(n.watchdog * 2e6) if n.watchdog else None} if n else {"notify": None}
     carried["daemon_log"] = sup.daemon_log
+    if sup.hooks is not None:
+        carried["hooks"] = sup.hooks.handoff()
     return carried
 
 
@@ -6172,6 +6271,7 @@ def handoff_fds(state):
         out += [n[0] for n in (fds.get("notify") or {}).values()]
         out += [c["fd"] for c in fds.get("clients", ())] + [w["fd"] for w in fds.get("waiters", ())]
         out += EventHub.handoff_fds(state.get("events"))
+        out += HookRunner.handoff_fds((state.get("ops") or {}).get("hooks"))
         return out
     fds = [p["fd"] for p in state.get("pipes", ())]
     fds += [s["notify"][0] for s in state.get("services", ()) if s.get("notify")]
@@ -6245,6 +6345,8 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
         "services": services,
         "fds": fds,
         "events": sup.events.handoff(),
+        # what waits for a slow reader of our outputs: written by the new image first
+        "output": sup.carry_output(),
     }
 
 
