@@ -3395,6 +3395,30 @@ def fds_but_held(pid):
                   if not (fd >= 10 and target.startswith("pipe:") and target in own))
 
 
+def epoll_watch(pid):
+    """The fds each epoll instance of pid watches, from the kernel: {epoll fd: [fds]}."""
+    out = {}
+    for fd, what in fd_map(pid).items():
+        if what == "anon_inode:[eventpoll]":
+            with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+                out[fd] = sorted(int(line.split()[1]) for line in f if line.startswith("tfd:"))
+    return out
+
+
+def not_cloexec(pid):
+    """pid's fds above 2 that an exec would pass on (no O_CLOEXEC in fdinfo's flags)."""
+    out = []
+    for fd in fd_map(pid):
+        try:
+            with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+                flags = int(f.read().split("flags:")[1].split()[0], 8)
+        except (OSError, IndexError):
+            continue
+        if fd > 2 and not flags & 0o2000000:
+            out.append(fd)
+    return out
+
+
 def fd_map(pid):
     """{fd: what it is} (pipe and socket inode numbers dropped: they change)."""
     out = {}
@@ -4292,6 +4316,7 @@ class TestReexecHygiene(ReexecCase):
         # the listening socket only (a client's connection may still be closing)
         wait_for(lambda: list(fd_map(sup.proc.pid).values()).count("socket:") == 1, what="clients closed")
         fds, argv = fd_map(sup.proc.pid), cmdline(sup.proc.pid)
+        watching = sum(map(len, epoll_watch(sup.proc.pid).values()))
         for n in range(10):
             reply = self.reexec(sup)
             self.assertTrue(reply["ok"], reply)
@@ -4309,6 +4334,12 @@ class TestReexecHygiene(ReexecCase):
         self.assertEqual(argv.count(b"--handoff"), 1)
         self.assertEqual(argv.count(sup.script.encode()), 1)
         self.assertEqual(rx_proc_status(sup.proc.pid, "SigBlk"), "0" * 16)
+        # one epoll instance, handed from image to image: it watches open fds of
+        # ours only (none left behind by an image), and no fd is passed on by an exec
+        wait_for(lambda: (lambda w: len(w) == 1 and set(w[min(w)]) <= set(fd_map(sup.proc.pid))
+                          and len(w[min(w)]) == watching)(epoll_watch(sup.proc.pid)),
+                 timeout=5, what="one epoll instance watching as many open fds as before")
+        wait_for(lambda: not not_cloexec(sup.proc.pid), timeout=5, what="every fd close-on-exec again")
         wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         for name, pid in before.items():
             self.assertEqual(fds_but_held(pid), [0, 1, 2], "%s holds more than stdio" % name)
