@@ -3411,6 +3411,30 @@ def fds_but_held(pid):
                   if not (fd >= 10 and target.startswith("pipe:") and target in own))
 
 
+def epoll_watch(pid):
+    """The fds each epoll instance of pid watches, from the kernel: {epoll fd: [fds]}."""
+    out = {}
+    for fd, what in fd_map(pid).items():
+        if what == "anon_inode:[eventpoll]":
+            with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+                out[fd] = sorted(int(line.split()[1]) for line in f if line.startswith("tfd:"))
+    return out
+
+
+def not_cloexec(pid):
+    """pid's fds above 2 that an exec would pass on (no O_CLOEXEC in fdinfo's flags)."""
+    out = []
+    for fd in fd_map(pid):
+        try:
+            with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+                flags = int(f.read().split("flags:")[1].split()[0], 8)
+        except (OSError, IndexError):
+            continue
+        if fd > 2 and not flags & 0o2000000:
+            out.append(fd)
+    return out
+
+
 def fd_map(pid):
     """{fd: what it is} (pipe and socket inode numbers dropped: they change)."""
     out = {}
@@ -4316,6 +4340,7 @@ class TestReexecHygiene(ReexecCase):
             fd_map(sup.proc.pid))
         wait_for(at_rest, what="clients closed")
         fds, argv = fd_map(sup.proc.pid), cmdline(sup.proc.pid)
+        watching = sum(map(len, epoll_watch(sup.proc.pid).values()))
         for n in range(10):
             reply = self.reexec(sup)
             self.assertTrue(reply["ok"], reply)
@@ -4333,6 +4358,12 @@ class TestReexecHygiene(ReexecCase):
         self.assertEqual(argv.count(b"--handoff"), 1)
         self.assertEqual(argv.count(sup.script.encode()), 1)
         self.assertEqual(rx_proc_status(sup.proc.pid, "SigBlk"), "0" * 16)
+        # one epoll instance, handed from image to image: it watches open fds of
+        # ours only (none left behind by an image), and no fd is passed on by an exec
+        wait_for(lambda: (lambda w: len(w) == 1 and set(w[min(w)]) <= set(fd_map(sup.proc.pid))
+                          and len(w[min(w)]) == watching)(epoll_watch(sup.proc.pid)),
+                 timeout=5, what="one epoll instance watching as many open fds as before")
+        wait_for(lambda: not not_cloexec(sup.proc.pid), timeout=5, what="every fd close-on-exec again")
         wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         for name, pid in before.items():
             self.assertEqual(fds_but_held(pid), [0, 1, 2], "%s holds more than stdio" % name)
@@ -6796,6 +6827,45 @@ class TestFaultOutput(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
         for line in b"".join(got).decode().splitlines():
             self.assertRegex(line.split(" | ", 1)[1], LINE_RE)
+        self.assertNotIn("cannot write", read_text(sup.path("sup.log")))
+
+    def test_what_waits_for_a_late_reader_crosses_a_reexec(self):
+        # a burst (456 KB) while nobody reads stdout: most of it waits in the
+        # supervisor; a re-exec hands it over, then a second burst follows it
+        sup = fault_sup(self, """\
+            [respawn]
+            logfile = {dir}/sup.log
+            [program:burst]
+            command = {py} {dir}/lines.py 0 6000 {dir}/burst.done
+            startsecs = 0
+            """)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        try:
+            start_with(sup, w)
+        finally:
+            os.close(w)
+        wait_for(lambda: os.path.exists(sup.path("burst.done")), what="the first burst written")
+        os.unlink(sup.path("burst.done"))
+        before = sup.status()["supervisor"]["reexecs"]
+        self.assertEqual(sup.ctl("reexec").returncode, 0)
+        wait_for(lambda: sup.status()["supervisor"]["reexecs"] == before + 1, what="the re-exec")
+        self.assertEqual(sup.ctl("restart", "burst").returncode, 0)
+        wait_for(lambda: os.path.exists(sup.path("burst.done")), what="the second burst written")
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 1 << 16), b"")),
+                                  daemon=True)
+        reader.start()
+        self.addCleanup(reader.join, 10)
+        wait_for(lambda: b"".join(got).count(b"burst | ") >= 12000, what="every line")
+        self.assertEqual(sup.svc("burst")["dropped_bytes"], 0)
+        self.assertEqual(sup.terminate(), 0)
+        reader.join(DEADLINE)
+        lines = b"".join(got).decode().splitlines()
+        for line in lines:
+            self.assertRegex(line.split(" | ", 1)[1], LINE_RE)
+        # every line once, in order: the first burst whole, and only then the second
+        self.assertEqual([int(l.split(" | ", 1)[1][:7]) for l in lines], list(range(6000)) * 2)
         self.assertNotIn("cannot write", read_text(sup.path("sup.log")))
 
     def test_stdout_whose_reader_is_gone(self):
@@ -11158,6 +11228,37 @@ class TestOnChange(unittest.TestCase):
         # and the new image runs hooks of its own
         os.kill(sup.svc("a")["pid"], signal.SIGKILL)
         wait_for(lambda: read_or_empty(sup.path("pids")).count("\n") >= 4, what="hooks after the re-exec")
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_hooks_running_and_queued_at_a_reexec_all_run_once_after_it(self):
+        # every hook waits for the test's go: at the re-exec, HOOK_MAX_RUNNING run
+        # and the rest are queued; each must run once, with its environment, and
+        # the running ones be read, reaped and told by the new image
+        config = OPS_HEADER + ("on_change = sh -c 'echo \"$RESPAWN_SERVICE $RESPAWN_PREVIOUS "
+                               "$RESPAWN_STATE\" >> {dir}/hooks; while [ ! -e {dir}/go ]; do "
+                               "sleep 0.05; done; echo said $RESPAWN_SERVICE; exit 7'\n")
+        names = ["s%d" % i for i in range(6)]
+        for name in names:
+            config += "[program:%s]\ncommand = sleep 1000\nstartsecs = 0\n" % name
+        sup = Sup(self, config).start()
+        self.addCleanup(lambda: os.path.exists(sup.path("go")) or write_file(sup.path("go"), ""))
+        for name in names:
+            sup.wait_state(name, "RUNNING")
+        wait_for(lambda: len(self.hooks(sup)) >= respawn.HOOK_MAX_RUNNING, what="the first hooks")
+        self.assertEqual(sup.ctl("reexec").returncode, 0)
+        sup.wait_log("re-executed: version")
+        self.assertEqual(len(self.hooks(sup)), respawn.HOOK_MAX_RUNNING, "the queue did not wait")
+        write_file(sup.path("go"), "")
+        want = sorted(["%s STOPPED STARTING" % n for n in names] + ["%s STARTING RUNNING" % n for n in names])
+        wait_for(lambda: sorted(self.hooks(sup)) == want or len(self.hooks(sup)) > len(want),
+                 what="every change's hook")
+        self.assertEqual(sorted(self.hooks(sup)), want)
+        for line in want:
+            name, _, state = line.split()
+            sup.wait_log("on_change (%s %s): said %s" % (name, state, name))
+            sup.wait_log("on_change for %s %s failed (exit 7); not retried" % (name, state))
+        wait_for(lambda: not zombies_of(sup.proc.pid), what="the hooks to be reaped")
+        holds(lambda: len(self.hooks(sup)) == len(want), 0.5, "each hook run once")
         self.assertEqual(sup.terminate(), 0)
 
     def test_a_missing_command_is_a_check_error(self):
