@@ -4744,27 +4744,37 @@ class Supervisor:
                                        new_hash, client)
         self.log("info", "%s: checking the new code (%s) before re-executing" % (why, new_hash[:12]))
         import tempfile
-        # The trial parses the config and restores a snapshot of the real state in
-        # a dry run: a new file that would fail after the exec fails here instead.
+        # The trial reads the config as the new image will (the sections carried in
+        # the state) and restores a snapshot of the real state in a dry run: a new
+        # file that would fail after the exec fails here instead.
         try:
             out = tempfile.TemporaryFile()
             out.snapshot = snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
             os.chmod(snapshot.name, 0o600)
-            snapshot.write(json.dumps(encode_handoff(self, [], new_hash, None)).encode())
+            snapshot.write(json.dumps(encode_handoff(self, [], new_hash, None), check_circular=False,
+                                      separators=(",", ":")).encode())
             snapshot.flush()
         except OSError as exc:      # a full or read-only temporary folder
             return fail("cannot write the trial's files in %s: %s" % (tempfile.gettempdir(), exc))
         self.reexec_busy = True
         self.reexec_client = client
+        # the trial runs the code compiled above through the loader, as the exec
+        # will: the file is not compiled a second time (~100 ms)
+        code_fd = None
         try:
-            pid = spawn(Program("trial", {"command": (
-                sys.executable, "-I", self.script, "--handoff-selftest", snapshot.name,
-                "-c", self.config.path, "check", "--trial")}, {}), out.fileno(), out.fileno())
-        except SpawnError as exc:
+            argv, code_fd = loader_argv(self.reexec_code[1], code, [
+                self.script, "--handoff-selftest", snapshot.name, "-c", self.config.path, "check", "--trial"])
+            pid = spawn(Program("trial", {"command": tuple(argv)}, {}), out.fileno(), out.fileno(),
+                        hold=(code_fd,))
+        except (SpawnError, OSError) as exc:
             snapshot.close()
             out.close()
             self.reexec_busy = False
-            return self.reexec_refused(str(exc), None, client)
+            return self.reexec_refused(str(exc) if isinstance(exc, SpawnError) else
+                                       "cannot hand the new code to its trial: %s" % exc, None, client)
+        finally:
+            if code_fd is not None:
+                os.close(code_fd)
         timer = self.timers.at(monotonic() + 30.0, kill_group_or_pid, pid, signal.SIGKILL, True)
         self.watch_helper(pid, "trial", lambda p, status: self.trial_done(p, status, out, timer, new_hash))
 
@@ -6325,6 +6335,17 @@ def handoff_config(state):
     return state["config_path"], state["config_files"], state.get("config_sections")
 
 
+def handoff_load_config(state):
+    """The config a handoff state carries, as the new image reads it (and so its
+    trial): the sections as they were read when their form is ours, else the
+    files' text parsed again."""
+    path, files, carried = handoff_config(state)
+    carried = carried or {}
+    return load_config(path, read=lambda p: files[p] if p in files else _read_text(p),
+                       carried={"files": files, "sections": carried["sections"]}
+                       if carried.get("format") == SECTIONS_FORMAT else None)
+
+
 def decode_handoff(state, programs, now):
     """A handoff state of any format we read, as format 2.  Format 1 (respawn
     1.0.0) kept fds beside what they belong to, and meanings in flags and timer
@@ -7509,12 +7530,7 @@ def resume(args, script, source):
     claimed = {fd, args.rollback} | set(handoff_fds(state))
     _close_strays(claimed)
     try:
-        path, files, carried = handoff_config(state)
-        carried = carried or {}
-        config = load_config(path, read=lambda p: files[p] if p in files else _read_text(p),
-                             carried={"files": files, "sections": carried["sections"]}
-                             if carried.get("format") == SECTIONS_FORMAT else None)
-        sup = Supervisor(config, state["script"], state["argv"], source)
+        sup = Supervisor(handoff_load_config(state), state["script"], state["argv"], source)
         state = sup.restore(state)
     except Exception as exc:      # anything at all: the old code takes over again
         if args.rollback is not None and os.environ.get("RESPAWN_ROLLED_BACK") != state.get("new_hash"):
@@ -8037,10 +8053,7 @@ def main(argv=None, code=None):
         try:
             with open(args.handoff_selftest, "rb") as f:
                 state = json.loads(f.read().decode())
-            path, files, _ = handoff_config(state)
-            config = load_config(path,
-                                 read=lambda p: files[p] if p in files else _read_text(p))
-            Supervisor(config, state["script"], state["argv"], source).restore_data(state)
+            Supervisor(handoff_load_config(state), state["script"], state["argv"], source).restore_data(state)
         except ConfigErrors as exc:
             print_problems(exc, sys.stdout)
             return EXIT_CONFIG

@@ -4252,6 +4252,38 @@ class TestReexecTrialFilesFail(ReexecCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+class TestReexecTrial(ReexecCase):
+    """The trial runs what the exec will run (issue 15): the code the supervisor
+    has compiled, through the loader, reading the config from the sections the
+    state carries; neither the file nor the config's text is parsed again."""
+
+    def test_the_trial_runs_the_compiled_code_on_the_carried_sections(self):
+        sup = self.sup(SLEEPERS.replace("[program:a]", "[respawn]\nwatch_self = false\n\n[program:a]"))
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        before = self.pids(sup)
+        trial, parsed = os.path.join(sup.dir, "trial.txt"), os.path.join(sup.dir, "parsed.txt")
+        new = patched(read_text(sup.script), "def _parse_ini(text, supervisord):\n",
+                      "def _parse_ini(text, supervisord):\n"
+                      "    open(%r, 'a').write('%%s\\n' %% sys.argv[1:])\n" % parsed)
+        new = patched(new, "    if args.handoff_selftest:\n",
+                      "    if args.handoff_selftest:\n"
+                      "        open(%r, 'w').write(repr(('_LOADED_SOURCE' in globals(), sys.flags.no_site)))\n"
+                      % trial)
+        install_by_rename(sup.script, with_version(new, "7.7.7"))
+        reply = self.reexec(sup)
+        self.assertTrue(reply["ok"], reply)
+        self.assertEqual(read_text(trial), "(True, 1)")       # the loader's code, as the exec (-S)
+        self.wait_reexecs(sup, 1, "7.7.7")
+        self.assertFalse(os.path.exists(parsed), "the INI text was parsed: %s"
+                         % (read_text(parsed) if os.path.exists(parsed) else ""))
+        self.assertEqual(self.pids(sup), before)
+        # (a reload reads the file on disk: it parses, as always)
+        self.assertEqual(sup.ctl("reload").returncode, 0)
+        self.assertTrue(os.path.exists(parsed))
+        self.assertEqual(sup.terminate(), 0)
+
+
 @unittest.skipUnless(os.geteuid() == 0, "the writable-file refusal applies only when running as root")
 class TestReexecAsRoot(ReexecCase):
     def test_group_writable_file_and_world_writable_folder_are_refused(self):
