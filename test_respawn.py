@@ -6435,18 +6435,19 @@ class TestStatusJsonLayout(unittest.TestCase):
         text = respawn.format_status_json(doc)
         self.assertEqual(json.loads(text), doc)
         lines = text.split("\n")
-        self.assertEqual(lines[0], "{")
-        self.assertEqual(lines[1], '  "schema": 1,')
-        self.assertEqual(lines[2], '  "supervisor": %s,' % json.dumps(doc["supervisor"]))
-        self.assertEqual(lines[3], '  "services": [')
-        for line, svc in zip(lines[4:7], services):
+        # the supervisor indented as by indent=2, each service on a line
+        head = json.dumps({"schema": 1, "supervisor": doc["supervisor"]}, indent=2).split("\n")[:-2]
+        self.assertEqual(lines[:len(head) + 1], head + ["  },"])
+        rest = lines[len(head) + 1:]
+        self.assertEqual(rest[0], '  "services": [')
+        for line, svc in zip(rest[1:4], services):
             self.assertTrue(line.startswith('    {"name": '), line)
             self.assertEqual(json.loads(line.rstrip(",")), svc)
-        self.assertEqual(lines[7:], ["  ]", "}"])
+        self.assertEqual(rest[4:], ["  ]", "}"])
         self.assertTrue(text.isascii())              # as json.dumps writes it: \u escapes
         # no service: an empty array on the key's line
         empty = respawn.format_status_json({"schema": 1, "supervisor": {"pid": 1}, "services": []})
-        self.assertEqual(empty, '{\n  "schema": 1,\n  "supervisor": {"pid": 1},\n  "services": []\n}')
+        self.assertEqual(empty, '{\n  "schema": 1,\n  "supervisor": {\n    "pid": 1\n  },\n  "services": []\n}')
 
     def test_the_command_prints_it_and_exits_by_the_services(self):
         for services, code in ((FAKE_STATUS["services"], 0),
