@@ -4276,6 +4276,38 @@ class TestReexecTrialFilesFail(ReexecCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+class TestReexecTrial(ReexecCase):
+    """The trial runs what the exec will run (issue 15): the code the supervisor
+    has compiled, through the loader, reading the config from the sections the
+    state carries; neither the file nor the config's text is parsed again."""
+
+    def test_the_trial_runs_the_compiled_code_on_the_carried_sections(self):
+        sup = self.sup(SLEEPERS.replace("[program:a]", "[respawn]\nwatch_self = false\n\n[program:a]"))
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        before = self.pids(sup)
+        trial, parsed = os.path.join(sup.dir, "trial.txt"), os.path.join(sup.dir, "parsed.txt")
+        new = patched(read_text(sup.script), "def _parse_ini(text, supervisord):\n",
+                      "def _parse_ini(text, supervisord):\n"
+                      "    open(%r, 'a').write('%%s\\n' %% sys.argv[1:])\n" % parsed)
+        new = patched(new, "    if args.handoff_selftest:\n",
+                      "    if args.handoff_selftest:\n"
+                      "        open(%r, 'w').write(repr(('_LOADED_SOURCE' in globals(), sys.flags.no_site)))\n"
+                      % trial)
+        install_by_rename(sup.script, with_version(new, "7.7.7"))
+        reply = self.reexec(sup)
+        self.assertTrue(reply["ok"], reply)
+        self.assertEqual(read_text(trial), "(True, 1)")       # the loader's code, as the exec (-S)
+        self.wait_reexecs(sup, 1, "7.7.7")
+        self.assertFalse(os.path.exists(parsed), "the INI text was parsed: %s"
+                         % (read_text(parsed) if os.path.exists(parsed) else ""))
+        self.assertEqual(self.pids(sup), before)
+        # (a reload reads the file on disk: it parses, as always)
+        self.assertEqual(sup.ctl("reload").returncode, 0)
+        self.assertTrue(os.path.exists(parsed))
+        self.assertEqual(sup.terminate(), 0)
+
+
 @unittest.skipUnless(os.geteuid() == 0, "the writable-file refusal applies only when running as root")
 class TestReexecAsRoot(ReexecCase):
     def test_group_writable_file_and_world_writable_folder_are_refused(self):
@@ -6157,6 +6189,212 @@ class TestClientErrors(unittest.TestCase):
         self.assertEqual(p.returncode, 2)
 
 
+def client_in_process(args, env=None, cwd=None):
+    """respawn.main(args) in this process: (exit code, stdout, stderr).  env: the
+    variables to set for the call (None: unset), cwd: where it runs."""
+    import contextlib
+    import io
+    saved, here = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for key, value in (env or {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = respawn.main(list(args))
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(saved)
+    return code, out.getvalue(), err.getvalue()
+
+
+# a client whose config reader fails the command: what it reaches, it reached
+# without reading the program sections
+TRAPPED_CLIENT = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('respawn', sys.argv[1])\n"
+    "m = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(m)\n"
+    "def trap(*args, **kw):\n"
+    "    sys.exit('the client read the whole config')\n"
+    "m.load_config = trap\n"
+    "sys.exit(m.main(sys.argv[2:]))\n")
+
+FAKE_STATUS = {"ok": True, "supervisor": {"pid": 4242, "version": "9.9.9", "started": 1.5, "reexecs": 0,
+                                          "config": "/x.ini"},
+               "services": [{"name": "x", "state": "RUNNING", "pid": 4343, "started": 1.5, "uptime": 2.0,
+                             "restarts": 0, "exitstatus": None, "reason": None, "ready": True, "ok": True}]}
+
+
+class TestClientFindsTheSocket(unittest.TestCase):
+    """Issue 15: a client finds the running supervisor through its lock file (where
+    it listens, written at its start), without reading the config's program
+    sections (5000 of them took 300 ms per command); with none running it reads
+    [respawn] alone, and a file of another shape in full, as before."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="respawn-find-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        real = respawn.load_config
+        self.full_reads = []
+
+        def counted(*args, **kw):
+            self.full_reads.append(args[0])
+            return real(*args, **kw)
+        respawn.load_config = counted
+        self.addCleanup(setattr, respawn, "load_config", real)
+
+    def config(self, *parts, name="c.ini"):
+        path = os.path.join(self.dir, name)
+        write_file(path, "".join(textwrap.dedent(p).lstrip() for p in parts).replace("{dir}", self.dir))
+        return path
+
+    def programs(self, n=50):
+        return "".join("[program:p%d]\ncommand = sleep 1\nstartsecs = 0\n\n" % i for i in range(n))
+
+    def hold_lock(self, config, sock, pid=None):
+        """The lock file a supervisor of config writes at its start (it listens on sock)."""
+        path = respawn.lock_path(config)
+        respawn.make_private_dir(os.path.dirname(path), private=True)
+        write_file(path, "%d\n%s\n" % (pid or os.getpid(), sock))
+        self.addCleanup(lambda: os.path.exists(path) and os.unlink(path))
+
+    def test_the_lock_leads_to_the_supervisor_in_every_environment(self):
+        fake = FakeSupervisor(self, (json.dumps(FAKE_STATUS) + "\n").encode())
+        # the file says another socket now (an edit not reloaded) and cannot be read
+        # in full (a mistake in a program section): the lock alone leads there
+        config = self.config("""
+            [respawn]
+            socket = {dir}/edited.sock
+            [program:x]
+            command = sleep 1
+            startsecs = soon
+            """, self.programs())
+        self.hold_lock(config, fake.path)
+        os.mkdir(os.path.join(self.dir, "xdg"), 0o700)
+        os.mkdir(os.path.join(self.dir, "elsewhere"))
+        os.symlink(self.dir, os.path.join(self.dir, "link"))
+        cases = (("a login's XDG_RUNTIME_DIR", config, {"XDG_RUNTIME_DIR": os.path.join(self.dir, "xdg")}, None),
+                 ("cron, systemd: none", config, {"XDG_RUNTIME_DIR": None}, None),
+                 ("a symlinked path", os.path.join(self.dir, "link", "c.ini"), {}, None),
+                 ("another cwd, a relative path", "../c.ini", {}, os.path.join(self.dir, "elsewhere")),
+                 ("sudo -E: root with the user's XDG_RUNTIME_DIR and HOME",
+                  config, {"XDG_RUNTIME_DIR": "/run/user/1000", "HOME": "/home/someone"}, "/"))
+        for what, path, env, cwd in cases:
+            with self.subTest(what):
+                code, out, err = client_in_process(["-c", path, "status", "--json"], env, cwd)
+                self.assertEqual((code, err), (0, ""))
+                self.assertEqual(json.loads(out)["supervisor"]["pid"], 4242)
+                self.assertEqual(self.full_reads, [])
+        # a real supervisor, as root and as nobody, in each environment: see
+        # IdentityCases.test_one_supervisor_whatever_the_environment (TRAPPED_CLIENT)
+
+    def test_no_supervisor_names_the_socket_of_respawn_section_without_a_full_read(self):
+        sock = os.path.join(self.dir, "s.sock")
+        plain = self.config("""
+            [respawn]
+            socket = %(here)s/s.sock   ; beside the config
+            loglevel = info
+            """, self.programs())
+        # a mistake in a program section, or a line that `check` cannot read at all
+        typo = self.config(read_text(plain), "[program:bad]\ncommand = sleep 1\nstartsecs = soon\n",
+                           name="typo.ini")
+        junk = self.config(read_text(plain), "this is not a key\n", name="junk.ini")
+        # none at all: the default socket (XDG_RUNTIME_DIR unset, as root: /run/respawn)
+        bare = self.config(self.programs(), name="bare.ini")
+        for path, named in ((plain, sock), (typo, os.path.join(self.dir, "s.sock")),
+                            (junk, os.path.join(self.dir, "s.sock")),
+                            (bare, None)):
+            with self.subTest(os.path.basename(path)):
+                named = named or respawn.default_socket(path)
+                says = "no supervisor is running (nothing answers on %s)" % named
+                code, out, err = client_in_process(["-c", path, "status"], {"XDG_RUNTIME_DIR": None})
+                self.assertEqual((code, out, err), (1, "", says + "\n"))
+                code, out, err = client_in_process(["-c", path, "status", "--json"], {"XDG_RUNTIME_DIR": None})
+                self.assertEqual((code, json.loads(out), err), (1, {"error": says}, says + "\n"))
+                self.assertEqual(self.full_reads, [])
+        # a lock left by a supervisor that died (its PID gone): as if none
+        child = subprocess.Popen(["true"])
+        child.wait()
+        self.hold_lock(plain, os.path.join(self.dir, "gone.sock"), pid=child.pid)
+        self.assertEqual(client_in_process(["-c", plain, "status"])[2],
+                         "no supervisor is running (nothing answers on %s)\n" % sock)
+        self.assertEqual(self.full_reads, [])
+
+    def test_a_file_of_another_shape_is_read_in_full(self):
+        more = self.config("""
+            [respawn]
+            socket = {dir}/included.sock
+            """, name="more.ini")
+        cases = (
+            ("[respawn] in an included file",
+             "[include]\nfiles = more.ini\n" + self.programs(), "included.sock"),
+            ("[respawn] indented (it could be a line of a value)",
+             self.programs(2) + "  [respawn]\n  socket = {dir}/indented.sock\n", "indented.sock"),
+            ("two [respawn] sections (an error: the first one's)",
+             "[respawn]\nsocket = {dir}/one.sock\n[respawn]\nsocket = {dir}/two.sock\n", "one.sock"),
+            ("a line after it that begins with [ and is a key",
+             "[respawn]\nlogfile = {dir}/x.log\n[odd = 1\nsocket = {dir}/after.sock\n", "after.sock"),
+        )
+        for what, text, named in cases:
+            with self.subTest(what):
+                path = self.config(text, name="shape.ini")
+                del self.full_reads[:]
+                named = os.path.join(self.dir, named) if named else respawn.default_socket(path)
+                self.assertEqual(respawn.client_socket(path), named)
+                self.assertEqual(self.full_reads, [path])
+        self.assertTrue(os.path.exists(more))
+
+    def test_the_respawn_section_alone_reads_as_the_whole_file(self):
+        """config_socket against load_config's socket, on the config texts of these
+        tests and of the supervisord corpus, each also with a [respawn] section put
+        before, after, or in the middle of it (and stray lines)."""
+        texts = [read_text(os.path.join(HERE, "respawn.ini"))]
+        corpus = os.path.join(HERE, ".ci", "data", "supervisord")
+        for name in sorted(os.listdir(corpus)) if os.path.isdir(corpus) else ():
+            try:
+                texts.append(read_text(os.path.join(corpus, name)))
+            except (UnicodeDecodeError, IsADirectoryError):
+                pass
+        texts += [textwrap.dedent(m.group(1)).lstrip()
+                  for m in re.finditer(r'"""(.*?)"""', read_text(os.path.abspath(__file__)), re.S)
+                  if "[program:" in m.group(1) or "[supervisord]" in m.group(1)]
+        os.environ["RESPAWN_TEST_SOCKDIR"] = self.dir
+        self.addCleanup(os.environ.pop, "RESPAWN_TEST_SOCKDIR", None)
+        rng = random.Random(15)
+        strays = ["[respawn]", "socket = /q.sock", "[odd = 1", "[x", "  [respawn]", "", "; c", "# c",
+                  "[respawn]]", "\tsocket=/t.sock", "[include]\nfiles = none*.ini", "\r"]
+        fast = 0
+        for n, text in enumerate(texts):
+            lines = text.split("\n")
+            variants = [text, "[respawn]\nsocket = %(here)s/a.sock\n" + text,
+                        text + "\n[respawn]\nsocket = %(ENV_RESPAWN_TEST_SOCKDIR)s/b.sock ; c\n  more\n"
+                               "[program:zz]\ncommand = x\n"]
+            for _ in range(3):
+                at = rng.randrange(len(lines) + 1)
+                variants.append("\n".join(lines[:at] + [rng.choice(strays)] + lines[at:]))
+            for k, variant in enumerate(variants):
+                path = os.path.join(self.dir, "v%d-%d.ini" % (n, k))
+                with open(path, "w", newline="") as f:
+                    f.write(variant)
+                loader = respawn._Loader(respawn._read_text)
+                loader.load(path)
+                if not loader.sections:
+                    continue      # a file `check` drops whole: the one difference (config_socket)
+                try:
+                    expected = respawn.load_config(path).settings["socket"]
+                except respawn.ConfigErrors as exc:
+                    expected = exc.settings.get("socket")
+                fast += respawn._respawn_section_socket(path) is not False
+                self.assertEqual(respawn.config_socket(path), expected, variant[:2000])
+        self.assertGreater(fast, 100)          # most took the short way
+
+
 def readme_schema_keys():
     """The `status --json` keys the README documents: its `| `supervisor.K` |`
     and `| `services[].K` |` table rows."""
@@ -6213,6 +6451,83 @@ class TestStatusSchema(unittest.TestCase):
         self.assertRegex(rows["victim"], r"^victim  RUNNING   restarts 2  pid %d, uptime " % pid)
         self.assertRegex(rows["calm"], r"^calm    RUNNING   restarts 0  pid \d+, uptime ")
         self.assertEqual(sup.terminate(), 0)
+
+
+class TestStatusJsonLayout(unittest.TestCase):
+    """Issue 15: `status --json` printed by the C encoder, one service a line (its
+    pure-Python indent=2 took 70 ms of the command at 5000 services)."""
+
+    def test_one_key_a_line_one_service_a_line_and_valid_json(self):
+        services = [dict(FAKE_STATUS["services"][0], name="s%d" % i, pid=100 + i) for i in range(3)]
+        services[1].update(reason='exit 3; "quoted", {braces}, [brackets],\nand a newline', state="FATAL",
+                           pid=None, ok=False, waiting_for=["a", "b"])
+        services[2]["reason"] = "caf\u00e9 \u2603"
+        doc = {"schema": 1, "supervisor": FAKE_STATUS["supervisor"], "services": services}
+        text = respawn.format_status_json(doc)
+        self.assertEqual(json.loads(text), doc)
+        lines = text.split("\n")
+        # the supervisor indented as by indent=2, each service on a line
+        head = json.dumps({"schema": 1, "supervisor": doc["supervisor"]}, indent=2).split("\n")[:-2]
+        self.assertEqual(lines[:len(head) + 1], head + ["  },"])
+        rest = lines[len(head) + 1:]
+        self.assertEqual(rest[0], '  "services": [')
+        for line, svc in zip(rest[1:4], services):
+            self.assertTrue(line.startswith('    {"name": '), line)
+            self.assertEqual(json.loads(line.rstrip(",")), svc)
+        self.assertEqual(rest[4:], ["  ]", "}"])
+        self.assertTrue(text.isascii())              # as json.dumps writes it: \u escapes
+        # no service: an empty array on the key's line
+        empty = respawn.format_status_json({"schema": 1, "supervisor": {"pid": 1}, "services": []})
+        self.assertEqual(empty, '{\n  "schema": 1,\n  "supervisor": {\n    "pid": 1\n  },\n  "services": []\n}')
+
+    def test_the_command_prints_it_and_exits_by_the_services(self):
+        for services, code in ((FAKE_STATUS["services"], 0),
+                               ([dict(FAKE_STATUS["services"][0], state="FATAL", ok=False, pid=None)], 3)):
+            fake = FakeSupervisor(self, (json.dumps(dict(FAKE_STATUS, services=services)) + "\n").encode())
+            with self.subTest(code=code):
+                code_, out, err = client_in_process(["-c", fake.config, "status", "--json"])
+                self.assertEqual((code_, err), (code, ""))
+                doc = json.loads(out)
+                self.assertEqual(list(doc), ["schema", "supervisor", "services"])      # no "ok"
+                self.assertEqual(doc["services"], services)
+                self.assertEqual(out, respawn.format_status_json(doc) + "\n")
+
+
+class TestClientReading(unittest.TestCase):
+    """The client joins an answer's pieces once: a 1.5 MB status line is not
+    copied and searched again at every read (issue 15)."""
+
+    def serve(self, data, piece):
+        d = tempfile.mkdtemp(prefix="respawn-read-")
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "s.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(1)
+
+        def answer():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                for at in range(0, len(data), piece):
+                    conn.sendall(data[at:at + piece])
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        return path
+
+    def test_answers_in_any_pieces_come_out_whole_and_in_order(self):
+        big = {"services": [{"name": "s%d" % i, "reason": "x" * (i % 50)} for i in range(1000)]}
+        objects = [{"n": 1}, big, {"line": "caf\u00e9"}, {}, {"n": 2}]
+        data = b"".join(json.dumps(o).encode() + b"\n" for o in objects)
+        for piece in (1, 7, 4096, respawn.RECV_SIZE + 3, len(data)):
+            with self.subTest(piece=piece):
+                path = self.serve(data, piece)
+                self.assertEqual(list(respawn.request(path, "status", timeout=30)), objects)
+        # a last line without its newline is not an answer
+        path = self.serve(b'{"n": 1}\n{"n": 2', 3)
+        self.assertEqual(list(respawn.request(path, "status", timeout=30)), [{"n": 1}])
 
 
 class TestLogStderr(unittest.TestCase):
@@ -7682,6 +7997,11 @@ class IdentityCases:
             p = sup.run("-c", config, "status", "--json", env=env, cwd=cwd)
             self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
             self.assertEqual(json.loads(p.stdout)["supervisor"]["pid"], pid)
+            # through its lock, without reading the config's sections (issue 15)
+            p = sup.run("-c", TRAPPED_CLIENT, sup.script, "-c", config, "status", "--json",
+                        env=env, cwd=cwd, script=False)
+            self.assertEqual((p.returncode, p.stderr), (0, ""), (env, config))
+            self.assertEqual(json.loads(p.stdout)["supervisor"]["pid"], pid)
         # an edit of socket = that was not reloaded hides nothing
         with open(sup.config, "a") as f:
             f.write("")
@@ -7691,6 +8011,8 @@ class IdentityCases:
         self.assertEqual((p.returncode, p.stdout, p.stderr), (0, already, ""))
         p = sup.run("-c", sup.config, "status", "--json")
         self.assertEqual(json.loads(p.stdout)["supervisor"]["pid"], pid)
+        p = sup.run("-c", TRAPPED_CLIENT, sup.script, "-c", sup.config, "status", "--json", script=False)
+        self.assertEqual(json.loads(p.stdout)["supervisor"]["pid"], pid, p.stderr)
         self.assertEqual(len(copies(sup.marker("x"))), 1)
         self.assertEqual(sup.svc("x")["restarts"], 0)
         self.assertEqual(sup.run("-c", sup.config, "shutdown").stdout, "stopped\n")
