@@ -832,7 +832,8 @@ def _parse_ini(text, supervisord):
         cut, colon = value.find("="), value.find(":")
         if cut < 0 or 0 <= colon < cut:
             cut = colon
-        name = value[:cut].rstrip().lower() if cut > 0 else ""
+        # interned: one string per key name, not one per key of every section
+        name = sys.intern(value[:cut].rstrip().lower()) if cut > 0 else ""
         if not name:
             problems.append((number, "fatal", "cannot read this line: %s (expected key = value "
                              "or [section])" % _cut(stripped)))
@@ -928,7 +929,8 @@ class _Section:
     def __init__(self, file, name, line, values, lines, supervisord):
         self.file, self.name, self.line = file, name, line
         self.values = values          # key -> text
-        self.lines = lines            # key -> [file, line]
+        # key -> (file, line), shared by its programs (a handoff carries them as lists)
+        self.lines = {k: tuple(v) for k, v in lines.items()}
         self.supervisord = supervisord
 
     def carried(self):
@@ -1000,7 +1002,7 @@ class _Loader:
         if any(level == "fatal" for _, level, _ in problems):
             return
         for name, sline, values, lines in found:
-            section = _Section(path, name, sline, values, {k: [path, n] for k, n in lines.items()},
+            section = _Section(path, name, sline, values, {k: (path, n) for k, n in lines.items()},
                                supervisord)
             if supervisord and name != "include":
                 # supervisord puts %(here)s in as it reads each file: merged sections keep theirs
@@ -1362,8 +1364,7 @@ def _programs(section, settings, group_of, group_priority, node, err, warn, tabl
                     else "letters, digits and _ . @ -"), *where("process_name"))
             return out
         values.update(program_name=pname, group_name=group, process_num=num)
-        lines = {k: tuple(v) for k, v in section.lines.items()}
-        out.append(Program(name, values, raw, section.file, section.line, lines))
+        out.append(Program(name, values, raw, section.file, section.line, section.lines))
     return out
 
 
@@ -3547,13 +3548,26 @@ class Live:
 
     def __init__(self):
         self.timers = {}              # slot -> Timers entry
-        self.probes = {}              # 'ready' / 'health' -> Probe
+        self.probes = None            # 'ready' / 'health' -> Probe, once a probe ran
         self.notify = None            # (socket, address) for $NOTIFY_SOCKET
         self.tail = None              # deque of recent lines (prefixed output only)
         self.err_tail = None          # the stderr lines among them alone, for `log --stderr`
         self.starttime = None         # its process's start time (proc_start_time)
         self.adopted = False          # started by a supervisor before us: not our child
         self.marker = None            # the SERVICE_MARKER it got (1.0.0 gave none)
+
+
+class _ChildExit:
+    """What the watcher calls when a service's process exited: a fifth of a
+    closure's size, per service."""
+
+    __slots__ = ("sup", "svc")
+
+    def __init__(self, sup, svc):
+        self.sup, self.svc = sup, svc
+
+    def __call__(self, pid, status):
+        self.sup.on_child_exit(pid, status, self.svc)
 
 
 class Supervisor:
@@ -3952,7 +3966,7 @@ class Supervisor:
         self.feed(svc, Spawned(pid, time.time()))
 
     def child_callback(self, svc):
-        return lambda pid, status: self.on_child_exit(pid, status, svc)
+        return _ChildExit(self, svc)
 
     def on_child_exit(self, pid, status, svc):
         if svc.pid != pid:
@@ -3990,7 +4004,10 @@ class Supervisor:
         ready = kind == "ready"
         spec = prog.ready if ready else prog.healthcheck
         timeout = min(5.0, prog.ready_timeout) if ready else prog.healthcheck_interval
-        probes = self.live[svc.name].probes
+        live = self.live[svc.name]
+        if live.probes is None:
+            live.probes = {}
+        probes = live.probes
         old = probes.pop(kind, None)
         if old is not None:
             old.cancel()
@@ -6860,7 +6877,7 @@ class StateFile:
     def __init__(self, sup, path):
         self.sup, self.path = sup, path
         self.due = False
-        self.written = None
+        self.written = None       # SHA-256 of the bytes on disk: the bytes were ~200 per service
         self.failed = False
 
     def changed(self):
@@ -6871,7 +6888,8 @@ class StateFile:
     def flush(self):
         self.due = False
         data = json.dumps(state_snapshot(self.sup), separators=(",", ":")).encode()
-        if data == self.written:
+        digest = sha256(data).digest()
+        if digest == self.written:
             return
         try:
             write_state(self.path, data)
@@ -6884,7 +6902,7 @@ class StateFile:
         if self.failed:
             self.sup.log("info", "the state file %s is written again" % self.path)
         self.failed = False
-        self.written = data
+        self.written = digest
 
     def remove(self):
         for p in (self.path, self.path + ".tmp"):
