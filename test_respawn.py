@@ -729,7 +729,8 @@ class TestCoreConfig(unittest.TestCase):
         for name, prog in full.programs.items():
             self.assertEqual(vars(again.programs[name]), vars(prog), name)
         self.assertEqual(again.programs["b"].command, ("echo", os.path.join(d, "conf.d"), os.environ["HOME"]))
-        self.assertEqual(again.sections, sections)
+        # as a handoff carries them (lines held as tuples are lists in JSON)
+        self.assertEqual(json.loads(json.dumps(again.sections)), sections)
 
     def test_include_loop_names_the_files(self):
         d = temp_dir(self)
@@ -1507,6 +1508,45 @@ class TestCoreStart(unittest.TestCase):
         self.assertIn("env | HERE=%s\n" % sup.dir, out)
         self.assertEqual(stat.S_IMODE(os.stat(made).st_mode), 0o640)
         self.assertEqual(sup.terminate(), 0)
+
+    def test_a_services_environment_is_set_around_the_spawn_and_ours_is_left_as_it_was(self):
+        # spawn() sets what a child gets beyond our environment in ours around the
+        # call: the child sees it, the next child and our os.environ do not
+        d = temp_dir(self)
+        os.environ["RESPAWN_TEST_OURS"] = "ours"
+        self.addCleanup(os.environ.pop, "RESPAWN_TEST_OURS", None)
+        before = dict(os.environ)
+        dump = 'env > "$0"'
+        pids = []
+        try:
+            pids.append(respawn.spawn(
+                program("a", command=("sh", "-c", dump, os.path.join(d, "a")),
+                        environment={"RESPAWN_TEST_OURS": "theirs", "RESPAWN_TEST_NEW": "new"}),
+                subprocess.DEVNULL, subprocess.DEVNULL, {respawn.SERVICE_MARKER: "id/a"}))
+            self.assertEqual(dict(os.environ), before)
+            pids.append(respawn.spawn(program("b", command=("sh", "-c", dump, os.path.join(d, "b"))),
+                                      subprocess.DEVNULL, subprocess.DEVNULL, {respawn.SERVICE_MARKER: "id/b"}))
+            with self.assertRaises(respawn.SpawnError):     # a name the kernel cannot hold
+                respawn.spawn(program("c", environment={"RESPAWN_TEST_NEW": "x", "A=B": "1"}),
+                              subprocess.DEVNULL, subprocess.DEVNULL)
+            self.assertEqual(dict(os.environ), before)
+            pids.append(respawn.spawn(program("d", command=("sh", "-c", dump, os.path.join(d, "d"))),
+                                      subprocess.DEVNULL, subprocess.DEVNULL))
+        finally:
+            for pid in pids:
+                os.waitpid(pid, 0)
+        env = {}
+        for name in "abd":
+            with open(os.path.join(d, name)) as f:
+                env[name] = dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+        self.assertEqual((env["a"]["RESPAWN_TEST_OURS"], env["a"]["RESPAWN_TEST_NEW"],
+                          env["a"][respawn.SERVICE_MARKER]), ("theirs", "new", "id/a"))
+        self.assertEqual((env["b"]["RESPAWN_TEST_OURS"], env["b"][respawn.SERVICE_MARKER]), ("ours", "id/b"))
+        self.assertNotIn("RESPAWN_TEST_NEW", env["b"])
+        # what the failed spawn had set is gone again, from the C environment too
+        self.assertEqual(env["d"]["RESPAWN_TEST_OURS"], "ours")
+        self.assertNotIn("RESPAWN_TEST_NEW", env["d"])
+        self.assertNotIn(respawn.SERVICE_MARKER, env["d"])
 
     @unittest.skipUnless(os.geteuid() == 0, "needs root to run a service as another user")
     def test_user_nobody(self):
