@@ -39,6 +39,35 @@ import respawn  # noqa: E402
 
 DEADLINE = float(os.environ.get("RESPAWN_TEST_DEADLINE", "20"))
 
+# A client command is an interpreter start plus a compile of respawn.py's 8000
+# lines: ~0.2 s of CPU, most of what a client costs, and the suite runs hundreds
+# of clients.  So client commands here run respawn.py's own code object, compiled
+# once per content of the file, as __main__ with the script's argv, __file__ and
+# sys.path[0]: what its LOADER does on a re-exec.  Supervisors (`run`) start from
+# the file itself, as the README says; RESPAWN_TEST_PLAIN_CLIENT=1 runs every
+# client from the file too.
+CODE_CACHE = tempfile.mkdtemp(prefix="respawn-test-code-")
+__import__("atexit").register(shutil.rmtree, CODE_CACHE, True)
+CACHED_CLIENT = (
+    "import marshal,os,sys,zlib;p=sys.argv[1];s=open(p,'rb').read()\n"
+    "k=os.path.join(%r,'%%08x-%%d-%%x'%%(zlib.crc32(s),len(s),sys.hexversion))\n"
+    "try:\n with open(k,'rb') as f:t,c=marshal.load(f)\n"
+    "except (OSError,EOFError,ValueError,TypeError):t=None\n"
+    "if t!=s:\n c=compile(s,p,'exec')\n"
+    " try:\n  with open(k+'.%%d'%%os.getpid(),'wb') as f:marshal.dump((s,c),f)\n"
+    "  os.rename(k+'.%%d'%%os.getpid(),k)\n except OSError:pass\n"
+    "del sys.argv[0],t,s;sys.path[0]=os.path.dirname(os.path.realpath(p))\n"
+    "exec(c,{'__name__':'__main__','__file__':os.path.abspath(p) if sys.version_info>=(3,9) else p,"
+    "'__builtins__':__builtins__})") % CODE_CACHE
+
+
+def respawn_argv(script, args):
+    """[PY, script] + args, for a client through the compiled-once code (above)."""
+    args = list(args)
+    if "run" in args or os.environ.get("RESPAWN_TEST_PLAIN_CLIENT"):
+        return [PY, script] + args
+    return [PY, "-c", CACHED_CLIENT, script] + args
+
 
 # ---------------------------------------------------------------------------
 # Harness
@@ -165,7 +194,7 @@ class Sup:
 
     def ctl(self, *args, timeout=60, env=None):
         """Run a client command; CompletedProcess with text output."""
-        return subprocess.run([PY, self.script, "-c", self.config] + list(args),
+        return subprocess.run(respawn_argv(self.script, ["-c", self.config] + list(args)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               timeout=timeout, env=env or self.env)
 
@@ -258,7 +287,7 @@ def run_check(test, config_text, *extra):
     path = os.path.join(d, "c.ini")
     with open(path, "w") as f:
         f.write(textwrap.dedent(config_text).replace("{dir}", d))
-    p = subprocess.run([PY, SCRIPT, "-c", path, "check"] + list(extra), stdout=subprocess.PIPE,
+    p = subprocess.run(respawn_argv(SCRIPT, ["-c", path, "check"] + list(extra)), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=60)
     return p.returncode, p.stdout, path
 
@@ -2241,7 +2270,7 @@ class LineReader:
 
 def follow(test, sup, name, n=0):
     """`log NAME -n N -f` as a child process whose lines a test can read."""
-    proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "log", name, "-n", str(n), "-f"],
+    proc = subprocess.Popen(respawn_argv(sup.script, ["-c", sup.config, "log", name, "-n", str(n), "-f"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=sup.env)
     return LineReader(test, proc)
@@ -2708,7 +2737,7 @@ class TestNoSupervisor(unittest.TestCase):
                 stale.bind(sup.sock)
                 stale.close()
                 self.assertTrue(stat.S_ISSOCK(os.stat(sup.sock).st_mode))
-            procs = [(args, subprocess.Popen([PY, sup.script, "-c", sup.config] + list(args),
+            procs = [(args, subprocess.Popen(respawn_argv(sup.script, ["-c", sup.config] + list(args)),
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              text=True, env=sup.env))
                      for args in self.COMMANDS]        # at once: a slow machine runs them in parallel
@@ -3198,7 +3227,7 @@ class TestCommandLine(unittest.TestCase):
     """The command line of SPEC.md, parsed by hand (no argparse in a supervisor)."""
 
     def cli(self, *words):
-        return subprocess.run([PY, SCRIPT] + list(words), stdout=subprocess.PIPE,
+        return subprocess.run(respawn_argv(SCRIPT, words), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, timeout=60)
 
     def test_every_command_parses_to_its_arguments(self):
@@ -3360,7 +3389,7 @@ def install_in_place(path, text):
 
 def ctl_with(script, sup, *args):
     """A client command run by another copy of respawn.py than the supervisor's."""
-    return subprocess.run([PY, script, "-c", sup.config] + list(args), stdout=subprocess.PIPE,
+    return subprocess.run(respawn_argv(script, ["-c", sup.config] + list(args)), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=60, env=sup.env)
 
 
@@ -5932,7 +5961,7 @@ autostart = false
 
 
 def client_run(args, env=None, cwd=None, script=SCRIPT):
-    return subprocess.run([PY, script] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.run(respawn_argv(script, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=60, env=env, cwd=cwd)
 
 
@@ -6162,8 +6191,8 @@ class TestStatusSchema(unittest.TestCase):
 
 class TestLogStderr(unittest.TestCase):
     def follow_stderr(self, sup, name, n=0):
-        proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "log", name, "-n", str(n), "-f",
-                                 "--stderr"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(respawn_argv(sup.script, ["-c", sup.config, "log", name, "-n", str(n), "-f",
+                                 "--stderr"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=sup.env)
         return LineReader(self, proc)
 
@@ -8289,7 +8318,7 @@ ONE_ERROR_LINE = r"^(/[^:]*):(\d+): \S"
 
 def check_cli(test, path, command="check", timeout=60):
     """`check` or `run` on a config file: (exit code, output lines)."""
-    p = subprocess.run([PY, SCRIPT, "-c", path, command], stdout=subprocess.PIPE,
+    p = subprocess.run(respawn_argv(SCRIPT, ["-c", path, command]), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=timeout, cwd=os.path.dirname(path))
     test.assertNotIn("Traceback", p.stdout)
     return p.returncode, p.stdout.strip().splitlines()
