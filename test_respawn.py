@@ -10002,8 +10002,18 @@ def compare_corpus(test, names, batch=6):
         for name, a, b in runs:
             # a file refused is a difference too, even where the other starts nothing
             result[name] = ((a.proc.poll() is None, a.started()), (b.proc.poll() is None, b.started()), a, b)
-            a.stop()
-            b.stop()
+        # stopped all at once: supervisord takes a second or more to stop its children,
+        # and one after the other that was most of the test's time
+        for _, a, b in runs:
+            for r in (a, b):
+                if r.proc.poll() is None:
+                    r.proc.send_signal(signal.SIGTERM)
+        for _, a, b in runs:
+            for r in (a, b):
+                try:
+                    r.proc.wait(DEADLINE * 2)
+                except subprocess.TimeoutExpired:
+                    pass                    # its cleanup kills it
     return result
 
 
