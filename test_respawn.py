@@ -11539,14 +11539,6 @@ class TestFleet(unittest.TestCase):
         if not prometheus:
             self.skipTest("Prometheus (Debian package prometheus) cannot be installed here")
         hosts = make_hosts(self, 3)
-        sups = []
-        for i, (prefix, address, port) in enumerate(hosts):
-            sup = Sup(self, OPS_HEADER + "metrics = 0.0.0.0:%d\n"
-                      "[program:victim]\ncommand = sleep 1000\nstartsecs = 0\nautorestart = false\n"
-                      "[program:steady]\ncommand = sleep 1000\nstartsecs = 0\n" % port, name="host%d" % i)
-            sup.start(prefix=prefix)
-            sup.wait_state("victim", "RUNNING")
-            sups.append(sup)
         targets = ["%s:%d" % (address, port) for _, address, port in hosts]
         d = tempfile.mkdtemp(prefix="respawn-prometheus-")
         self.addCleanup(shutil.rmtree, d, True)
@@ -11568,6 +11560,17 @@ class TestFleet(unittest.TestCase):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(DEADLINE)
         self.addCleanup(stop_prometheus)
+        # the hosts start while Prometheus does (it scrapes a target that is not up
+        # yet again a second later), all three at once
+        sups = []
+        for i, (prefix, address, port) in enumerate(hosts):
+            sup = Sup(self, OPS_HEADER + "metrics = 0.0.0.0:%d\n"
+                      "[program:victim]\ncommand = sleep 1000\nstartsecs = 0\nautorestart = false\n"
+                      "[program:steady]\ncommand = sleep 1000\nstartsecs = 0\n" % port, name="host%d" % i)
+            sups.append(sup.start(prefix=prefix, wait=False))
+        for sup in sups:
+            wait_for(lambda: sup.answers(), what="the supervisor's socket")
+            sup.wait_state("victim", "RUNNING")
         expect_all_up = {t: 1.0 for t in targets}
         slow = DEADLINE * 3             # Prometheus starts, then scrapes each target once a second
         try:
