@@ -6266,30 +6266,40 @@ class TestLogStderr(unittest.TestCase):
 
 class TestOneCommandsHelp(unittest.TestCase):
     def test_help_command_and_dash_dash_help_show_that_commands_usage(self):
-        whole = client_run(["--help"])
+        # every command line below, run 4 at a time first (each is an interpreter
+        # start), then judged in order
+        words = [["--help"], ["help"], ["help", "help"], ["log", "--help"], ["status", "--help"],
+                 ["help", "stat"], ["help", "a", "b"]]
+        for command in (c for c in respawn.COMMANDS if c != "help"):
+            words += [["help", command], [command, "--help"], [command, "-h"], ["--help", command]]
+        with __import__("concurrent.futures").futures.ThreadPoolExecutor(4) as pool:
+            ran = dict(zip(map(tuple, words), pool.map(client_run, words)))
+
+        run = lambda args: ran[tuple(args)]      # noqa: E731
+        whole = run(["--help"])
         self.assertEqual(whole.returncode, 0)
-        self.assertEqual(client_run(["help"]).stdout, whole.stdout)
-        self.assertEqual(client_run(["help", "help"]).returncode, 0)
+        self.assertEqual(run(["help"]).stdout, whole.stdout)
+        self.assertEqual(run(["help", "help"]).returncode, 0)
         for command in respawn.COMMANDS:
             if command == "help":
                 continue
             with self.subTest(command=command):
-                p = client_run(["help", command])
+                p = run(["help", command])
                 self.assertEqual((p.returncode, p.stderr), (0, ""))
                 self.assertTrue(p.stdout.startswith("usage: respawn.py [-c FILE] %s" % command), p.stdout)
                 self.assertNotEqual(p.stdout, whole.stdout)
                 # a command needing names does not ask for them with --help
                 for flag in ("--help", "-h"):
-                    q = client_run([command, flag])
+                    q = run([command, flag])
                     self.assertEqual((q.returncode, q.stdout, q.stderr), (0, p.stdout, ""))
-                self.assertEqual(client_run(["--help", command]).stdout, p.stdout)
-        log = client_run(["log", "--help"]).stdout
+                self.assertEqual(run(["--help", command]).stdout, p.stdout)
+        log = run(["log", "--help"]).stdout
         for option in ("-n N", "-f, --follow", "--stderr"):
             self.assertIn(option, log)
-        self.assertIn("--json", client_run(["status", "--help"]).stdout)
+        self.assertIn("--json", run(["status", "--help"]).stdout)
         for words, says in ((["help", "stat"], "unknown command 'stat' (did you mean 'status'?)"),
                             (["help", "a", "b"], "help takes one command, not a b")):
-            p = client_run(words)
+            p = run(words)
             self.assertEqual((p.returncode, p.stdout), (2, ""))
             self.assertIn(says, p.stderr)
 
