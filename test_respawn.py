@@ -61,12 +61,12 @@ CACHED_CLIENT = (
     "'__builtins__':__builtins__})") % CODE_CACHE
 
 
-def respawn_argv(script, args):
-    """[PY, script] + args, for a client through the compiled-once code (above)."""
+def respawn_argv(script, args, py=PY):
+    """[py, script] + args, for a client through the compiled-once code (above)."""
     args = list(args)
     if "run" in args or os.environ.get("RESPAWN_TEST_PLAIN_CLIENT"):
-        return [PY, script] + args
-    return [PY, "-c", CACHED_CLIENT, script] + args
+        return [py, script] + args
+    return [py, "-c", CACHED_CLIENT, script] + args
 
 
 # ---------------------------------------------------------------------------
@@ -7349,7 +7349,7 @@ class IdSup:
     def popen(self, args, env=None, script=True, **kw):
         script = self.script if script is True else script
         kw.setdefault("cwd", self.dir)
-        return subprocess.Popen([self.py] + ([script] if script else []) + list(args),
+        return subprocess.Popen(respawn_argv(script, args, self.py) if script else [self.py] + list(args),
                                 env=dict(self.env, **(env or {})), preexec_fn=self._demote, **kw)
 
     def run(self, *args, env=None, **kw):
