@@ -39,6 +39,35 @@ import respawn  # noqa: E402
 
 DEADLINE = float(os.environ.get("RESPAWN_TEST_DEADLINE", "20"))
 
+# A client command is an interpreter start plus a compile of respawn.py's 8000
+# lines: ~0.2 s of CPU, most of what a client costs, and the suite runs hundreds
+# of clients.  So client commands here run respawn.py's own code object, compiled
+# once per content of the file, as __main__ with the script's argv, __file__ and
+# sys.path[0]: what its LOADER does on a re-exec.  Supervisors (`run`) start from
+# the file itself, as the README says; RESPAWN_TEST_PLAIN_CLIENT=1 runs every
+# client from the file too.
+CODE_CACHE = tempfile.mkdtemp(prefix="respawn-test-code-")
+__import__("atexit").register(shutil.rmtree, CODE_CACHE, True)
+CACHED_CLIENT = (
+    "import marshal,os,sys,zlib;p=sys.argv[1];s=open(p,'rb').read()\n"
+    "k=os.path.join(%r,'%%08x-%%d-%%x'%%(zlib.crc32(s),len(s),sys.hexversion))\n"
+    "try:\n with open(k,'rb') as f:t,c=marshal.load(f)\n"
+    "except (OSError,EOFError,ValueError,TypeError):t=None\n"
+    "if t!=s:\n c=compile(s,p,'exec')\n"
+    " try:\n  with open(k+'.%%d'%%os.getpid(),'wb') as f:marshal.dump((s,c),f)\n"
+    "  os.rename(k+'.%%d'%%os.getpid(),k)\n except OSError:pass\n"
+    "del sys.argv[0],t,s;sys.path[0]=os.path.dirname(os.path.realpath(p))\n"
+    "exec(c,{'__name__':'__main__','__file__':os.path.abspath(p) if sys.version_info>=(3,9) else p,"
+    "'__builtins__':__builtins__})") % CODE_CACHE
+
+
+def respawn_argv(script, args, py=PY):
+    """[py, script] + args, for a client through the compiled-once code (above)."""
+    args = list(args)
+    if "run" in args or os.environ.get("RESPAWN_TEST_PLAIN_CLIENT"):
+        return [py, script] + args
+    return [py, "-c", CACHED_CLIENT, script] + args
+
 
 # ---------------------------------------------------------------------------
 # Harness
@@ -165,7 +194,7 @@ class Sup:
 
     def ctl(self, *args, timeout=60, env=None):
         """Run a client command; CompletedProcess with text output."""
-        return subprocess.run([PY, self.script, "-c", self.config] + list(args),
+        return subprocess.run(respawn_argv(self.script, ["-c", self.config] + list(args)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               timeout=timeout, env=env or self.env)
 
@@ -258,7 +287,7 @@ def run_check(test, config_text, *extra):
     path = os.path.join(d, "c.ini")
     with open(path, "w") as f:
         f.write(textwrap.dedent(config_text).replace("{dir}", d))
-    p = subprocess.run([PY, SCRIPT, "-c", path, "check"] + list(extra), stdout=subprocess.PIPE,
+    p = subprocess.run(respawn_argv(SCRIPT, ["-c", path, "check"] + list(extra)), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=60)
     return p.returncode, p.stdout, path
 
@@ -2293,7 +2322,7 @@ class LineReader:
 
 def follow(test, sup, name, n=0):
     """`log NAME -n N -f` as a child process whose lines a test can read."""
-    proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "log", name, "-n", str(n), "-f"],
+    proc = subprocess.Popen(respawn_argv(sup.script, ["-c", sup.config, "log", name, "-n", str(n), "-f"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=sup.env)
     return LineReader(test, proc)
@@ -2760,7 +2789,7 @@ class TestNoSupervisor(unittest.TestCase):
                 stale.bind(sup.sock)
                 stale.close()
                 self.assertTrue(stat.S_ISSOCK(os.stat(sup.sock).st_mode))
-            procs = [(args, subprocess.Popen([PY, sup.script, "-c", sup.config] + list(args),
+            procs = [(args, subprocess.Popen(respawn_argv(sup.script, ["-c", sup.config] + list(args)),
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                              text=True, env=sup.env))
                      for args in self.COMMANDS]        # at once: a slow machine runs them in parallel
@@ -3250,7 +3279,7 @@ class TestCommandLine(unittest.TestCase):
     """The command line of SPEC.md, parsed by hand (no argparse in a supervisor)."""
 
     def cli(self, *words):
-        return subprocess.run([PY, SCRIPT] + list(words), stdout=subprocess.PIPE,
+        return subprocess.run(respawn_argv(SCRIPT, words), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, timeout=60)
 
     def test_every_command_parses_to_its_arguments(self):
@@ -3416,7 +3445,7 @@ def install_in_place(path, text):
 
 def ctl_with(script, sup, *args):
     """A client command run by another copy of respawn.py than the supervisor's."""
-    return subprocess.run([PY, script, "-c", sup.config] + list(args), stdout=subprocess.PIPE,
+    return subprocess.run(respawn_argv(script, ["-c", sup.config] + list(args)), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, timeout=60, env=sup.env)
 
 
@@ -6059,7 +6088,7 @@ autostart = false
 
 
 def client_run(args, env=None, cwd=None, script=SCRIPT):
-    return subprocess.run([PY, script] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.run(respawn_argv(script, args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=60, env=env, cwd=cwd)
 
 
@@ -6572,8 +6601,8 @@ class TestClientReading(unittest.TestCase):
 
 class TestLogStderr(unittest.TestCase):
     def follow_stderr(self, sup, name, n=0):
-        proc = subprocess.Popen([PY, sup.script, "-c", sup.config, "log", name, "-n", str(n), "-f",
-                                 "--stderr"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(respawn_argv(sup.script, ["-c", sup.config, "log", name, "-n", str(n), "-f",
+                                 "--stderr"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=sup.env)
         return LineReader(self, proc)
 
@@ -6647,30 +6676,40 @@ class TestLogStderr(unittest.TestCase):
 
 class TestOneCommandsHelp(unittest.TestCase):
     def test_help_command_and_dash_dash_help_show_that_commands_usage(self):
-        whole = client_run(["--help"])
+        # every command line below, run 4 at a time first (each is an interpreter
+        # start), then judged in order
+        words = [["--help"], ["help"], ["help", "help"], ["log", "--help"], ["status", "--help"],
+                 ["help", "stat"], ["help", "a", "b"]]
+        for command in (c for c in respawn.COMMANDS if c != "help"):
+            words += [["help", command], [command, "--help"], [command, "-h"], ["--help", command]]
+        with __import__("concurrent.futures").futures.ThreadPoolExecutor(4) as pool:
+            ran = dict(zip(map(tuple, words), pool.map(client_run, words)))
+
+        run = lambda args: ran[tuple(args)]      # noqa: E731
+        whole = run(["--help"])
         self.assertEqual(whole.returncode, 0)
-        self.assertEqual(client_run(["help"]).stdout, whole.stdout)
-        self.assertEqual(client_run(["help", "help"]).returncode, 0)
+        self.assertEqual(run(["help"]).stdout, whole.stdout)
+        self.assertEqual(run(["help", "help"]).returncode, 0)
         for command in respawn.COMMANDS:
             if command == "help":
                 continue
             with self.subTest(command=command):
-                p = client_run(["help", command])
+                p = run(["help", command])
                 self.assertEqual((p.returncode, p.stderr), (0, ""))
                 self.assertTrue(p.stdout.startswith("usage: respawn.py [-c FILE] %s" % command), p.stdout)
                 self.assertNotEqual(p.stdout, whole.stdout)
                 # a command needing names does not ask for them with --help
                 for flag in ("--help", "-h"):
-                    q = client_run([command, flag])
+                    q = run([command, flag])
                     self.assertEqual((q.returncode, q.stdout, q.stderr), (0, p.stdout, ""))
-                self.assertEqual(client_run(["--help", command]).stdout, p.stdout)
-        log = client_run(["log", "--help"]).stdout
+                self.assertEqual(run(["--help", command]).stdout, p.stdout)
+        log = run(["log", "--help"]).stdout
         for option in ("-n N", "-f, --follow", "--stderr"):
             self.assertIn(option, log)
-        self.assertIn("--json", client_run(["status", "--help"]).stdout)
+        self.assertIn("--json", run(["status", "--help"]).stdout)
         for words, says in ((["help", "stat"], "unknown command 'stat' (did you mean 'status'?)"),
                             (["help", "a", "b"], "help takes one command, not a b")):
-            p = client_run(words)
+            p = run(words)
             self.assertEqual((p.returncode, p.stdout), (2, ""))
             self.assertIn(says, p.stderr)
 
@@ -7871,7 +7910,7 @@ class IdSup:
     def popen(self, args, env=None, script=True, **kw):
         script = self.script if script is True else script
         kw.setdefault("cwd", self.dir)
-        return subprocess.Popen([self.py] + ([script] if script else []) + list(args),
+        return subprocess.Popen(respawn_argv(script, args, self.py) if script else [self.py] + list(args),
                                 env=dict(self.env, **(env or {})), preexec_fn=self._demote, **kw)
 
     def run(self, *args, env=None, **kw):
@@ -8904,7 +8943,7 @@ ONE_ERROR_LINE = r"^(/[^:]*):(\d+): \S"
 
 def check_cli(test, path, command="check", timeout=60):
     """`check` or `run` on a config file: (exit code, output lines)."""
-    p = subprocess.run([PY, SCRIPT, "-c", path, command], stdout=subprocess.PIPE,
+    p = subprocess.run(respawn_argv(SCRIPT, ["-c", path, command]), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=timeout, cwd=os.path.dirname(path))
     test.assertNotIn("Traceback", p.stdout)
     return p.returncode, p.stdout.strip().splitlines()
@@ -10621,8 +10660,18 @@ def compare_corpus(test, names, batch=6):
         for name, a, b in runs:
             # a file refused is a difference too, even where the other starts nothing
             result[name] = ((a.proc.poll() is None, a.started()), (b.proc.poll() is None, b.started()), a, b)
-            a.stop()
-            b.stop()
+        # stopped all at once: supervisord takes a second or more to stop its children,
+        # and one after the other that was most of the test's time
+        for _, a, b in runs:
+            for r in (a, b):
+                if r.proc.poll() is None:
+                    r.proc.send_signal(signal.SIGTERM)
+        for _, a, b in runs:
+            for r in (a, b):
+                try:
+                    r.proc.wait(DEADLINE * 2)
+                except subprocess.TimeoutExpired:
+                    pass                    # its cleanup kills it
     return result
 
 
@@ -12195,14 +12244,6 @@ class TestFleet(unittest.TestCase):
         if not prometheus:
             self.skipTest("Prometheus (Debian package prometheus) cannot be installed here")
         hosts = make_hosts(self, 3)
-        sups = []
-        for i, (prefix, address, port) in enumerate(hosts):
-            sup = Sup(self, OPS_HEADER + "metrics = 0.0.0.0:%d\n"
-                      "[program:victim]\ncommand = sleep 1000\nstartsecs = 0\nautorestart = false\n"
-                      "[program:steady]\ncommand = sleep 1000\nstartsecs = 0\n" % port, name="host%d" % i)
-            sup.start(prefix=prefix)
-            sup.wait_state("victim", "RUNNING")
-            sups.append(sup)
         targets = ["%s:%d" % (address, port) for _, address, port in hosts]
         d = tempfile.mkdtemp(prefix="respawn-prometheus-")
         self.addCleanup(shutil.rmtree, d, True)
@@ -12224,6 +12265,17 @@ class TestFleet(unittest.TestCase):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(DEADLINE)
         self.addCleanup(stop_prometheus)
+        # the hosts start while Prometheus does (it scrapes a target that is not up
+        # yet again a second later), all three at once
+        sups = []
+        for i, (prefix, address, port) in enumerate(hosts):
+            sup = Sup(self, OPS_HEADER + "metrics = 0.0.0.0:%d\n"
+                      "[program:victim]\ncommand = sleep 1000\nstartsecs = 0\nautorestart = false\n"
+                      "[program:steady]\ncommand = sleep 1000\nstartsecs = 0\n" % port, name="host%d" % i)
+            sups.append(sup.start(prefix=prefix, wait=False))
+        for sup in sups:
+            wait_for(lambda: sup.answers(), what="the supervisor's socket")
+            sup.wait_state("victim", "RUNNING")
         expect_all_up = {t: 1.0 for t in targets}
         slow = DEADLINE * 3             # Prometheus starts, then scrapes each target once a second
         try:
