@@ -4361,7 +4361,7 @@ class TestReexecTrial(ReexecCase):
                       "    open(%r, 'a').write('%%s\\n' %% sys.argv[1:])\n" % parsed)
         new = patched(new, "    if args.handoff_selftest:\n",
                       "    if args.handoff_selftest:\n"
-                      "        open(%r, 'w').write(repr(('_LOADED_SOURCE' in globals(), sys.flags.no_site)))\n"
+                      "        open(%r, 'w').write(repr((loaded, sys.flags.no_site)))\n"
                       % trial)
         install_by_rename(sup.script, with_version(new, "7.7.7"))
         reply = self.reexec(sup)
