@@ -53,8 +53,8 @@ import time
 # configparser, glob, shlex and subprocess are imported where they are used: an
 # image re-executed with its config handed over parses no INI and starts no
 # process until it must, and takes over sooner (the handoff window).
-# Nor are argparse, hashlib, random or shutil imported at all (see parse_args,
-# sha256, uniform, which): each would stay in a supervisor's memory for its life.
+# Nor are argparse, random or shutil imported at all (see parse_args, uniform,
+# which), nor OpenSSL (see sha256): each would stay in a supervisor's memory for its life.
 
 # ---------------------------------------------------------------------------
 # Constants and small helpers
@@ -169,17 +169,18 @@ def describe_exit(status):
     return "exit %d" % status
 
 
-# CPython's own SHA-256, the one hashlib falls back to without OpenSSL: same
-# digest.  hashlib would load libcrypto (about 3 MiB of a supervisor's memory)
-# or, kept from it, build every one of its own hashes (~180 KiB), for hashing
-# one file now and then.
-try:
-    from _sha2 import sha256                  # 3.12+
-except ImportError:
+# hashlib as on a Python built without OpenSSL: CPython's own SHA-256, same
+# digest.  With OpenSSL, hashlib loads libcrypto, about 3 MiB of a supervisor's
+# memory for hashing one file now and then.  A None in sys.modules makes an
+# import fail, and hashlib falls back to its built-in implementations.
+if "_hashlib" in sys.modules:
+    from hashlib import sha256
+else:
+    sys.modules["_hashlib"] = None
     try:
-        from _sha256 import sha256            # 3.8 - 3.11
-    except ImportError:
-        from hashlib import sha256            # a build without them
+        from hashlib import sha256
+    finally:
+        del sys.modules["_hashlib"]
 
 
 def uniform():
