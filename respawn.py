@@ -7620,8 +7620,12 @@ def notify_systemd(message, address):
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            # never waits: a peer whose queue is full (max_dgram_qlen datagrams
+            # unread) would block a blocking send, and with it the whole loop;
+            # the message is dropped instead, as sd_notify's failures are ignored
+            s.setblocking(False)
             s.connect(address)
-            s.sendall(message.encode())
+            s.send(message.encode())
     except OSError:
         pass
 

@@ -11803,6 +11803,19 @@ class SystemdListener:
 
 
 class TestSystemdOps(unittest.TestCase):
+    def test_a_notify_socket_nobody_reads_never_blocks_the_loop(self):
+        # the peer's queue holds max_dgram_qlen (10) datagrams: watchdog pings every
+        # 10 ms fill it at once, and a blocking send froze the supervisor there
+        sup = Sup(self, OPS_HEADER + "[program:a]\ncommand = sleep 1000\nstartsecs = 0\n")
+        SystemdListener(self, sup)                     # bound, never read
+        sup.env["WATCHDOG_USEC"] = "20000"
+        sup.start()
+        first = sup.wait_state("a", "RUNNING")
+        holds(lambda: sup.answers() is not None, 1.0, "the supervisor stopped answering")
+        os.kill(first["pid"], signal.SIGKILL)
+        sup.wait_pid_change("a", first["pid"])
+        self.assertEqual(sup.terminate(), 0)
+
     def test_ready_waits_for_every_autostart_service(self):
         sup = Sup(self, OPS_HEADER + "[program:slow]\ncommand = sleep 1000\nstartsecs = 1.5\n"
                   "[program:bad]\ncommand = sh -c 'exit 3'\nstartretries = 0\n"
