@@ -8933,6 +8933,82 @@ class TestIdentityUpgrade(unittest.TestCase):
         self.assertFalse(os.path.exists(sup.id_file("lock")))
 
 
+class TestStateFileFollows(unittest.TestCase):
+    """The state file is written per service (issue 15: encoding every entry at every
+    change was 46 ms a restart at 5000 services): each entry still follows what its
+    service does, also what changes without a change of state."""
+
+    CONFIG = """
+        [respawn]
+        watch_self = false
+        socket = {dir}/s.sock
+        logfile = {dir}/sup.log
+
+        [program:quiet]
+        command = sleep 1000
+        startsecs = 0
+
+        [program:closer]
+        command = sh -c 'trap "exec 1>&-" USR1; echo up; while :; do sleep 0.1 >/dev/null & wait $!; done'
+        startsecs = 0
+
+        [program:stubborn]
+        command = sh -c 'trap "echo term" TERM; echo up; while :; do sleep 0.1 >/dev/null & wait $!; done'
+        startsecs = 0
+        stopwaitsecs = 300
+        """
+
+    def entries(self, sup):
+        try:
+            with open(sup.id_file("state")) as f:
+                return {e["name"]: e for e in json.load(f)["services"]}
+        except (OSError, ValueError):
+            return {}
+
+    def test_each_entry_follows_its_service(self):
+        sup = IdSup(self, self.CONFIG).start()
+        pids = {n: sup.wait_state(n, "RUNNING")["pid"] for n in ("quiet", "closer", "stubborn")}
+        wait_for(lambda: {n: e.get("pid") for n, e in self.entries(sup).items()} == pids,
+                 what="the state file to name every service")
+        quiet = self.entries(sup)["quiet"]
+        self.assertEqual(sorted(p[0] for p in self.entries(sup)["closer"]["pipes"]), ["stderr", "stdout"])
+        # a pipe the service closed is no longer one to take back, with no change of state
+        wait_for(lambda: "closer | up" in read_text(sup.path("out.txt")), what="closer's first line")
+        os.kill(pids["closer"], signal.SIGUSR1)
+        wait_for(lambda: [p[0] for p in self.entries(sup)["closer"]["pipes"]] == ["stderr"],
+                 what="closer's entry to lose its stdout")
+        self.assertEqual(sup.svc("closer")["state"], "RUNNING")
+        # what the operator asked, with no change of state: a start while stopping
+        wait_for(lambda: "stubborn | up" in read_text(sup.path("out.txt")), what="stubborn's first line")
+        for command in ("stop", "start"):      # each waits for its end: left waiting
+            client = sup.popen(["-c", sup.config, command, "stubborn"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(client.wait)
+            self.addCleanup(client.kill)
+            if command == "stop":
+                wait_for(lambda: self.entries(sup)["stubborn"]["wanted"] is False and
+                         sup.svc("stubborn")["state"] == "STOPPING", what="stubborn stopping")
+        wait_for(lambda: self.entries(sup)["stubborn"]["wanted"] is True, what="the start to be written")
+        self.assertEqual(sup.svc("stubborn")["state"], "STOPPING")
+        # a restart of one service rewrites its entry and leaves the others' as they were
+        os.kill(pids["quiet"], signal.SIGKILL)
+        new = wait_for(lambda: (lambda s: s if s["pid"] not in (None, pids["quiet"]) and
+                                s["state"] == "RUNNING" else None)(sup.svc("quiet")), what="quiet restarted")
+        wait_for(lambda: self.entries(sup)["quiet"].get("pid") == new["pid"], what="the new pid written")
+        after = self.entries(sup)
+        self.assertEqual(after["quiet"]["restarts"], quiet["restarts"] + 1)
+        self.assertEqual(after["closer"]["pid"], pids["closer"])
+        self.assertEqual(after["stubborn"]["pid"], pids["stubborn"])
+        # a reload that removes a service drops its entry once it is gone
+        sup.write("c.ini", self.CONFIG.split("[program:stubborn]")[0])
+        p = sup.run("-c", sup.config, "reload")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        os.kill(pids["stubborn"], signal.SIGKILL)    # it ignores the stop (stopwaitsecs 300)
+        wait_for(lambda: set(self.entries(sup)) == {"quiet", "closer"}, what="stubborn's entry to go")
+        self.assertEqual(sup.run("-c", sup.config, "shutdown").stdout, "stopped\n")
+        self.assertEqual(sup.proc.wait(DEADLINE), 0)
+
+
 # ---------------------------------------------------------------------------
 # Config, issues 12 and 13 (config side): bounded reading, ranges, hostile
 # values, a fuzzer; supervisord files: syntax, defaults, instances, groups
