@@ -7195,15 +7195,16 @@ class TestFaultOutput(unittest.TestCase):
                 self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:.]+ (INFO|WARN|ERROR) ")
         self.assertNotIn("internal error", text)
 
-    def test_a_burst_waits_for_a_late_reader(self):
-        # 5000 lines (340 KB) while nobody reads: they wait, nothing is dropped
+    def burst_to_unread_stdout(self, lines):
+        """A supervisor whose stdout is a pipe nobody reads yet, and a service that
+        writes `lines` lines at once: (sup, read end)."""
         sup = fault_sup(self, """\
             [respawn]
             logfile = {dir}/sup.log
             [program:burst]
-            command = {py} {dir}/lines.py 0 5000 {dir}/burst.done
+            command = {py} {dir}/lines.py 0 %d {dir}/burst.done
             startsecs = 0
-            """)
+            """ % lines)
         r, w = os.pipe()
         self.addCleanup(os.close, r)
         try:
@@ -7211,11 +7212,21 @@ class TestFaultOutput(unittest.TestCase):
         finally:
             os.close(w)
         wait_for(lambda: os.path.exists(sup.path("burst.done")), what="the burst written")
+        return sup, r
+
+    def read_late(self, r):
+        """Start reading r now: the list its bytes are appended to."""
         got = []
         reader = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 1 << 16), b"")),
                                   daemon=True)
         reader.start()
         self.addCleanup(reader.join, 10)
+        return got, reader
+
+    def test_a_burst_waits_for_a_late_reader(self):
+        # 5000 lines (340 KB) while nobody reads: they wait, nothing is dropped
+        sup, r = self.burst_to_unread_stdout(5000)
+        got, _ = self.read_late(r)
         wait_for(lambda: b"".join(got).count(b"burst | ") == 5000, what="every line")
         self.assertEqual(sup.svc("burst")["dropped_bytes"], 0)
         self.assertEqual(sup.terminate(), 0)
@@ -7226,31 +7237,14 @@ class TestFaultOutput(unittest.TestCase):
     def test_what_waits_for_a_late_reader_crosses_a_reexec(self):
         # a burst (456 KB) while nobody reads stdout: most of it waits in the
         # supervisor; a re-exec hands it over, then a second burst follows it
-        sup = fault_sup(self, """\
-            [respawn]
-            logfile = {dir}/sup.log
-            [program:burst]
-            command = {py} {dir}/lines.py 0 6000 {dir}/burst.done
-            startsecs = 0
-            """)
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        try:
-            start_with(sup, w)
-        finally:
-            os.close(w)
-        wait_for(lambda: os.path.exists(sup.path("burst.done")), what="the first burst written")
+        sup, r = self.burst_to_unread_stdout(6000)
         os.unlink(sup.path("burst.done"))
         before = sup.status()["supervisor"]["reexecs"]
         self.assertEqual(sup.ctl("reexec").returncode, 0)
         wait_for(lambda: sup.status()["supervisor"]["reexecs"] == before + 1, what="the re-exec")
         self.assertEqual(sup.ctl("restart", "burst").returncode, 0)
         wait_for(lambda: os.path.exists(sup.path("burst.done")), what="the second burst written")
-        got = []
-        reader = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 1 << 16), b"")),
-                                  daemon=True)
-        reader.start()
-        self.addCleanup(reader.join, 10)
+        got, reader = self.read_late(r)
         wait_for(lambda: b"".join(got).count(b"burst | ") >= 12000, what="every line")
         self.assertEqual(sup.svc("burst")["dropped_bytes"], 0)
         self.assertEqual(sup.terminate(), 0)
