@@ -8932,25 +8932,21 @@ class TestStateFileFollows(unittest.TestCase):
     change was 46 ms a restart at 5000 services): each entry still follows what its
     service does, also what changes without a change of state."""
 
-    CONFIG = """
-        [respawn]
-        watch_self = false
-        socket = {dir}/s.sock
-        logfile = {dir}/sup.log
+    # ID_CONFIG's [respawn], and services that change without a change of state
+    CONFIG = ID_CONFIG.split("[program:")[0] + """\
+[program:quiet]
+command = sleep 1000
+startsecs = 0
 
-        [program:quiet]
-        command = sleep 1000
-        startsecs = 0
+[program:closer]
+command = sh -c 'trap "exec 1>&-" USR1; echo up; while :; do sleep 0.1 >/dev/null & wait $!; done'
+startsecs = 0
 
-        [program:closer]
-        command = sh -c 'trap "exec 1>&-" USR1; echo up; while :; do sleep 0.1 >/dev/null & wait $!; done'
-        startsecs = 0
-
-        [program:stubborn]
-        command = sh -c 'trap "echo term" TERM; echo up; while :; do sleep 0.1 >/dev/null & wait $!; done'
-        startsecs = 0
-        stopwaitsecs = 300
-        """
+[program:stubborn]
+command = sh -c 'trap "echo term" TERM; echo up; while :; do sleep 0.1 >/dev/null & wait $!; done'
+startsecs = 0
+stopwaitsecs = 300
+"""
 
     def entries(self, sup):
         try:
