@@ -7206,7 +7206,10 @@ class StateFile:
             self.dirty.add(name)
         if not self.due:
             self.due = True
-            self.sup.timers.at(0, self.flush)
+            # now, not 0: it sorts after every timer already due, so a turn that runs
+            # many (5000 services' startsecs ending at once) writes once, at its end
+            # (at 0 it ran after each of them: one write per timer)
+            self.sup.timers.at(monotonic(), self.flush)
 
     def flush(self):
         self.due = False

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 import unittest
 import urllib.parse
 import urllib.request
@@ -8925,6 +8926,39 @@ class TestIdentityUpgrade(unittest.TestCase):
         self.assertEqual(sup.run("-c", sup.config, "shutdown").stdout, "stopped\n")
         self.assertEqual(sup.proc.wait(DEADLINE), 0)
         self.assertFalse(os.path.exists(sup.id_file("lock")))
+
+
+class TestStateFileTurns(unittest.TestCase):
+    def test_one_write_for_a_turn_of_many_timers(self):
+        # 20 services whose timers are due at once (startsecs ending together): one
+        # write at the end of that turn, not one after each timer
+        d = temp_dir(self)
+        sup = types.SimpleNamespace(timers=respawn.Timers(), pipes_of={}, log=None,
+                                    config=types.SimpleNamespace(path=os.path.join(d, "c.ini")))
+        sup.services = {"s%d" % i: types.SimpleNamespace(name="s%d" % i, want=respawn.UP, restarts=0, pid=None)
+                        for i in range(20)}
+        sup.live = {name: respawn.Live() for name in sup.services}
+        path = os.path.join(d, "c.state")
+        state = respawn.StateFile(sup, path)
+        writes = []
+        real = respawn.write_state
+        respawn.write_state = lambda *args: (writes.append(args), real(*args))
+        self.addCleanup(setattr, respawn, "write_state", real)
+
+        def restarted(svc):
+            svc.restarts += 1
+            state.changed(svc.name)
+        now = respawn.monotonic()
+        for svc in sup.services.values():
+            sup.timers.at(now - 1, restarted, svc)
+        sup.timers.run_due(now)            # one loop turn's timers
+        self.assertEqual(writes, [])
+        sup.timers.run_due(respawn.monotonic())   # the next turn
+        self.assertEqual(len(writes), 1)
+        with open(path) as f:
+            self.assertEqual([e["restarts"] for e in json.load(f)["services"]], [1] * 20)
+        sup.timers.run_due(respawn.monotonic())
+        self.assertEqual(len(writes), 1)
 
 
 class TestStateFileFollows(unittest.TestCase):
