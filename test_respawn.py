@@ -6560,7 +6560,9 @@ class TestStatusJsonLayout(unittest.TestCase):
         services = self.tricky_services()
         doc = {"schema": 1, "supervisor": FAKE_STATUS["supervisor"], "services": services}
         text = respawn.format_status_json({"schema": 1, "supervisor": doc["supervisor"]},
-                                          [json.dumps(s) for s in services])
+                                          ",\n    ".join(json.dumps(s) for s in services).encode())
+        self.assertTrue(text.endswith(b"}\n"))
+        text = text.decode()[:-1]
         self.assertEqual(json.loads(text), doc)
         self.assertEqual(text, canonical_status_json(doc))
         lines = text.split("\n")
@@ -6575,8 +6577,8 @@ class TestStatusJsonLayout(unittest.TestCase):
         self.assertEqual(rest[4:], ["  ]", "}"])
         self.assertTrue(text.isascii())              # as json.dumps writes it: \u escapes
         # no service: an empty array on the key's line
-        empty = respawn.format_status_json({"schema": 1, "supervisor": {"pid": 1}}, [])
-        self.assertEqual(empty, '{\n  "schema": 1,\n  "supervisor": {\n    "pid": 1\n  },\n  "services": []\n}')
+        empty = respawn.format_status_json({"schema": 1, "supervisor": {"pid": 1}}, b"")
+        self.assertEqual(empty, b'{\n  "schema": 1,\n  "supervisor": {\n    "pid": 1\n  },\n  "services": []\n}\n')
 
     def test_the_command_prints_it_and_exits_by_the_services(self):
         # an older supervisor's one object (1.0.0 answers so: it ignores "lines")
@@ -6628,19 +6630,36 @@ class TestStatusJsonLayout(unittest.TestCase):
         self.assertEqual(list(json.loads(out)), ["schema", "supervisor", "later", "services"])
         self.assertEqual((json.loads(out)["schema"], json.loads(out)["later"]), (7, {"k": [1]}))
 
+    def test_a_reader_that_goes_away_is_exit_1_without_a_word(self):
+        # `status --json | head -1`: more than a pipe holds, and the reader gone after a line
+        services = [dict(FAKE_STATUS["services"][0], name="s%d" % i) for i in range(3000)]
+        for answer in (status_lines(dict(FAKE_STATUS, services=services)),
+                       (json.dumps(dict(FAKE_STATUS, services=services)) + "\n").encode()):
+            fake = FakeSupervisor(self, answer)
+            with self.subTest(form="lines" if b'"lines"' in answer[:200] else "object"):
+                proc = subprocess.Popen(respawn_argv(SCRIPT, ["-c", fake.config, "status", "--json"]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
+                self.assertEqual(proc.stdout.readline(), b"{\n")
+                proc.stdout.close()
+                err = proc.stderr.read()
+                self.assertEqual((proc.wait(timeout=60), err), (1, b""))
+                proc.stderr.close()
+
     def test_an_answer_cut_short_is_one_line_and_exit_1(self):
         services = [dict(FAKE_STATUS["services"][0], name="s%d" % i) for i in range(3)]
         whole = status_lines(dict(FAKE_STATUS, services=services))
-        for answer, says in ((whole[:whole.rindex(b"\n", 0, -1) + 1], "(2 of 3 services)"),
-                             (whole[:-1], "(2 of 3 services)"),
-                             (whole[:whole.index(b"\n") + 1], "(0 of 3 services)"),
-                             (whole + b'{"name": "more"}\n', "(3 of 3 services)")):
+        more = "the supervisor's answer has more than the 3 services it counts"
+        short = "the supervisor's answer was cut short (%d of 3 services)"
+        for answer, says in ((whole[:whole.rindex(b"\n", 0, -1) + 1], short % 2), (whole[:-1], short % 2),
+                             (whole[:whole.index(b"\n") + 1], short % 0),
+                             (whole + b'{"name": "more"}\n', more), (whole + b'{"name": "m', more)):
             fake = FakeSupervisor(self, answer)
             for args in (["status"], ["status", "--json"]):
                 with self.subTest(says=says, args=args):
                     code, out, err = client_in_process(["-c", fake.config] + args)
                     self.assertEqual(code, 1)
-                    self.assertEqual(err, "the supervisor's answer was cut short %s\n" % says)
+                    self.assertEqual(err, says + "\n")
                     if "--json" in args:
                         self.assertEqual(json.loads(out), {"error": err.strip()})
                     else:
