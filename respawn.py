@@ -7572,8 +7572,9 @@ def request(path, cmd, args=None, timeout=None):
     """Send one request; yield each JSON object the supervisor answers."""
     sock = _send_request(path, cmd, args, timeout)
     try:
-        # a status of 5000 services was one 1.5 MB line: its pieces are joined once,
-        # and each piece is searched for the newline once (not the whole line again)
+        # a line can be long (an older supervisor's status of 5000 services is one of
+        # 1.5 MB): its pieces are joined once, and each piece is searched for the
+        # newline once (not the whole line again)
         pieces = []
         while True:
             try:
