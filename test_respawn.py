@@ -6207,12 +6207,12 @@ class TestClientErrors(unittest.TestCase):
         import contextlib
         import io
         fake = FakeSupervisor(self, b"hold")
-        real = respawn.request
+        real = respawn._send_request
 
-        def hurried(path, cmd, args=None, timeout=None):
+        def hurried(path, cmd, args, timeout):
             return real(path, cmd, args, timeout=0.3)
-        respawn.request = hurried
-        self.addCleanup(setattr, respawn, "request", real)
+        respawn._send_request = hurried
+        self.addCleanup(setattr, respawn, "_send_request", real)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = respawn.main(["-c", fake.config, "status", "--json"])
@@ -6224,8 +6224,9 @@ class TestClientErrors(unittest.TestCase):
 
         def reset(path, cmd, args=None, timeout=None):
             raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
-            yield
-        respawn.request = reset
+        real_whole = respawn.request_whole
+        respawn.request_whole = reset
+        self.addCleanup(setattr, respawn, "request_whole", real_whole)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = respawn.main(["-c", fake.config, "status", "--json"])
@@ -6523,18 +6524,48 @@ class TestStatusSchema(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
 
 
+def canonical_status_json(doc):
+    """`status --json`'s text for a decoded doc, written here independently of the
+    client: the supervisor's keys as by indent=2, each service by json.dumps on a
+    line of its own, "services" last."""
+    head = dict((k, v) for k, v in doc.items() if k != "services")
+    text = json.dumps(head, indent=2)[:-2]
+    if doc["services"]:
+        services = "[\n    %s\n  ]" % ",\n    ".join(json.dumps(s) for s in doc["services"])
+    else:
+        services = "[]"
+    return (text + ",\n" if head else "{\n") + '  "services": %s\n}' % services
+
+
+def status_lines(doc):
+    """This release's answer to a status request with "lines": a line with the
+    rest, then one line per service (serve_status)."""
+    head = dict((k, v) for k, v in doc.items() if k != "services")
+    head.update(lines=len(doc["services"]), all_ok=all(s["ok"] for s in doc["services"]))
+    return "".join(json.dumps(o) + "\n" for o in [head] + doc["services"]).encode()
+
+
 class TestStatusJsonLayout(unittest.TestCase):
     """Issue 15: `status --json` printed by the C encoder, one service a line (its
-    pure-Python indent=2 took 70 ms of the command at 5000 services)."""
+    pure-Python indent=2 took 70 ms of the command at 5000 services); and each
+    service's line printed as the supervisor sent it, not decoded and encoded again."""
 
-    def test_one_key_a_line_one_service_a_line_and_valid_json(self):
+    def tricky_services(self):
         services = [dict(FAKE_STATUS["services"][0], name="s%d" % i, pid=100 + i) for i in range(3)]
         services[1].update(reason='exit 3; "quoted", {braces}, [brackets],\nand a newline', state="FATAL",
-                           pid=None, ok=False, waiting_for=["a", "b"])
-        services[2]["reason"] = "caf\u00e9 \u2603"
+                           pid=None, ok=False, waiting_for=["a", "b"], uptime=0.1 + 0.2)
+        services[2]["reason"] = "caf\u00e9 \u2603 \U0001f600 \udc80 \x01 / \\"
+        return services
+
+    def test_one_key_a_line_one_service_a_line_and_valid_json(self):
+        services = self.tricky_services()
         doc = {"schema": 1, "supervisor": FAKE_STATUS["supervisor"], "services": services}
-        text = respawn.format_status_json(doc)
+        text = respawn.format_status_json({"schema": 1, "supervisor": doc["supervisor"]},
+                                          ",\n    ".join(json.dumps(s) for s in services).encode())
+        self.assertTrue(text.endswith(b"}\n"))
+        text = text.decode()[:-1]
         self.assertEqual(json.loads(text), doc)
+        self.assertEqual(text, canonical_status_json(doc))
         lines = text.split("\n")
         # the supervisor indented as by indent=2, each service on a line
         head = json.dumps({"schema": 1, "supervisor": doc["supervisor"]}, indent=2).split("\n")[:-2]
@@ -6547,20 +6578,189 @@ class TestStatusJsonLayout(unittest.TestCase):
         self.assertEqual(rest[4:], ["  ]", "}"])
         self.assertTrue(text.isascii())              # as json.dumps writes it: \u escapes
         # no service: an empty array on the key's line
-        empty = respawn.format_status_json({"schema": 1, "supervisor": {"pid": 1}, "services": []})
-        self.assertEqual(empty, '{\n  "schema": 1,\n  "supervisor": {\n    "pid": 1\n  },\n  "services": []\n}')
+        empty = respawn.format_status_json({"schema": 1, "supervisor": {"pid": 1}}, b"")
+        self.assertEqual(empty, b'{\n  "schema": 1,\n  "supervisor": {\n    "pid": 1\n  },\n  "services": []\n}\n')
 
     def test_the_command_prints_it_and_exits_by_the_services(self):
+        # an older supervisor's one object (1.0.0 answers so: it ignores "lines")
+        pinned = ('{\n  "schema": 1,\n  "supervisor": {\n    "pid": 4242,\n    "version": "9.9.9",\n'
+                  '    "started": 1.5,\n    "reexecs": 0,\n    "config": "/x.ini"\n  },\n  "services": [\n'
+                  '    {"name": "x", "state": "RUNNING", "pid": 4343, "started": 1.5, "uptime": 2.0, '
+                  '"restarts": 0, "exitstatus": null, "reason": null, "ready": true, "ok": true}\n  ]\n}\n')
         for services, code in ((FAKE_STATUS["services"], 0),
-                               ([dict(FAKE_STATUS["services"][0], state="FATAL", ok=False, pid=None)], 3)):
+                               ([dict(FAKE_STATUS["services"][0], state="FATAL", ok=False, pid=None)], 3),
+                               (self.tricky_services(), 3), ([], 0)):
             fake = FakeSupervisor(self, (json.dumps(dict(FAKE_STATUS, services=services)) + "\n").encode())
-            with self.subTest(code=code):
+            with self.subTest(code=code, services=len(services)):
                 code_, out, err = client_in_process(["-c", fake.config, "status", "--json"])
                 self.assertEqual((code_, err), (code, ""))
                 doc = json.loads(out)
                 self.assertEqual(list(doc), ["schema", "supervisor", "services"])      # no "ok"
                 self.assertEqual(doc["services"], services)
-                self.assertEqual(out, respawn.format_status_json(doc) + "\n")
+                self.assertEqual(out, canonical_status_json(doc) + "\n")
+                if services is FAKE_STATUS["services"]:
+                    self.assertEqual(out, pinned)
+
+    def test_lines_are_printed_as_sent_and_equal_the_decoded_form(self):
+        """The same status as one object (an older supervisor) and as lines (this
+        one): the same text, the same table and the same exit code."""
+        for services, code in ((FAKE_STATUS["services"], 0), (self.tricky_services(), 3), ([], 0)):
+            doc = dict(FAKE_STATUS, services=services)
+            old = FakeSupervisor(self, (json.dumps(doc) + "\n").encode())
+            new = FakeSupervisor(self, status_lines(doc))
+            for args in (["status", "--json"], ["status"], ["status", "--json", "x"]):
+                with self.subTest(services=len(services), args=args):
+                    was = client_in_process(["-c", old.config] + args)
+                    now = client_in_process(["-c", new.config] + args)
+                    self.assertEqual(now, was)
+                    self.assertEqual(now[0], code)
+                    if "--json" in args:
+                        self.assertEqual(now[1], canonical_status_json(dict({"schema": 1}, **{
+                            k: v for k, v in doc.items() if k != "ok"})) + "\n")
+        # each line is printed as it came: the client does not encode it again
+        doc = dict(FAKE_STATUS, services=[dict(FAKE_STATUS["services"][0], name="n%d" % i) for i in range(2)])
+        answer = status_lines(doc).replace(b'"name": "n1", "state": "RUNNING"', b'"name":"n1","state":"RUNNING"')
+        code, out, err = client_in_process(["-c", FakeSupervisor(self, answer).config, "status", "--json"])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('\n    {"name":"n1","state":"RUNNING", "pid"', out)
+        self.assertEqual(json.loads(out)["services"], doc["services"])
+        # the supervisor's other keys, and a schema it gives, are printed before "services"
+        doc = dict(FAKE_STATUS, schema=7, later={"k": [1]})
+        code, out, err = client_in_process(["-c", FakeSupervisor(self, status_lines(doc)).config,
+                                            "status", "--json"])
+        self.assertEqual(list(json.loads(out)), ["schema", "supervisor", "later", "services"])
+        self.assertEqual((json.loads(out)["schema"], json.loads(out)["later"]), (7, {"k": [1]}))
+
+    def test_a_reader_that_goes_away_is_exit_1_without_a_word(self):
+        # `status --json | head -1`: more than a pipe holds, and the reader gone after a line
+        services = [dict(FAKE_STATUS["services"][0], name="s%d" % i) for i in range(3000)]
+        for answer in (status_lines(dict(FAKE_STATUS, services=services)),
+                       (json.dumps(dict(FAKE_STATUS, services=services)) + "\n").encode()):
+            fake = FakeSupervisor(self, answer)
+            with self.subTest(form="lines" if b'"lines"' in answer[:200] else "object"):
+                proc = subprocess.Popen(respawn_argv(SCRIPT, ["-c", fake.config, "status", "--json"]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self.addCleanup(lambda p=proc: p.poll() is None and p.kill())
+                self.assertEqual(proc.stdout.readline(), b"{\n")
+                proc.stdout.close()
+                err = proc.stderr.read()
+                self.assertEqual((proc.wait(timeout=60), err), (1, b""))
+                proc.stderr.close()
+
+    def test_an_answer_cut_short_is_one_line_and_exit_1(self):
+        services = [dict(FAKE_STATUS["services"][0], name="s%d" % i) for i in range(3)]
+        whole = status_lines(dict(FAKE_STATUS, services=services))
+        more = "the supervisor's answer has more than the 3 services it counts"
+        short = "the supervisor's answer was cut short (%d of 3 services)"
+        for answer, says in ((whole[:whole.rindex(b"\n", 0, -1) + 1], short % 2), (whole[:-1], short % 2),
+                             (whole[:whole.index(b"\n") + 1], short % 0),
+                             (whole + b'{"name": "more"}\n', more), (whole + b'{"name": "m', more)):
+            fake = FakeSupervisor(self, answer)
+            for args in (["status"], ["status", "--json"]):
+                with self.subTest(says=says, args=args):
+                    code, out, err = client_in_process(["-c", fake.config] + args)
+                    self.assertEqual(code, 1)
+                    self.assertEqual(err, says + "\n")
+                    if "--json" in args:
+                        self.assertEqual(json.loads(out), {"error": err.strip()})
+                    else:
+                        self.assertEqual(out, "")
+
+    def test_json_lines_is_each_objects_json_dumps_on_its_line(self):
+        services = self.tricky_services()
+        services[0]["reason"] = 'ends with }, {"name": "not a service"}'
+        for objects, cut in ((services, True), ([{"name": "a"}], True), ([], True),
+                             # an object in an object with "name" first: the cut would be wrong
+                             ([{"name": "a", "in": [{"x": 1}, {"name": "b"}]}, {"name": "c"}], False),
+                             ([{"name": "a"}, {"other": 1}], False)):
+            with self.subTest(objects=objects):
+                self.assertEqual(respawn.json_lines(objects), "".join(json.dumps(o) + "\n" for o in objects))
+                if objects:
+                    text = json.dumps(objects)[1:-1]
+                    self.assertEqual(text.count('}, {"name": ') == len(objects) - 1, cut)
+
+    def test_a_client_command_does_not_keep_its_source(self):
+        # a supervisor compresses its source to keep it (Packed); a client has no use
+        # for it, and compressing 370 KB was 11 ms of every command
+        packed = []
+        real = respawn.Packed
+
+        def recording(data):
+            packed.append(len(data))
+            return real(data)
+        respawn.Packed = recording
+        self.addCleanup(setattr, respawn, "Packed", real)
+        fake = FakeSupervisor(self, status_lines(FAKE_STATUS))
+        self.assertEqual(client_in_process(["-c", fake.config, "status", "--json"])[0], 0)
+        self.assertEqual(client_in_process(["-c", fake.config, "check"])[0], 0)
+        self.assertEqual(packed, [])
+
+    def test_the_supervisor_answers_lines_to_this_client_and_one_object_to_an_older_one(self):
+        sup = Sup(self, """
+            [respawn]
+            watch_self = false
+            [program:up]
+            command = sleep 1000
+            startsecs = 0
+            [program:gone]
+            command = sh -c 'exit 3'
+            startsecs = 1
+            startretries = 0
+            """).start()
+        sup.wait_state("up", "RUNNING")
+        sup.wait_state("gone", "FATAL")
+        old = list(respawn.request(sup.sock, "status", {"names": []}, timeout=30))
+        self.assertEqual(len(old), 1)
+        self.assertEqual([s["name"] for s in old[0]["services"]], ["gone", "up"])
+        data = respawn.request_whole(sup.sock, "status", {"names": [], "lines": True}, timeout=30)
+        lines = data.decode().split("\n")
+        head = json.loads(lines[0])
+        self.assertEqual((head["ok"], head["lines"], head["all_ok"], lines[-1]), (True, 2, False, ""))
+        self.assertEqual(head["supervisor"]["pid"], sup.proc.pid)
+        self.assertNotIn("services", head)
+        for line, was in zip(lines[1:-1], old[0]["services"]):
+            svc = json.loads(line)
+            self.assertEqual(line, json.dumps(svc))               # as the client would write it
+            self.assertEqual(dict(svc, uptime=None), dict(was, uptime=None))
+        data = respawn.request_whole(sup.sock, "status", {"names": ["up"], "lines": True}, timeout=30)
+        self.assertEqual([json.loads(l)["name"] for l in data.decode().split("\n")[1:-1]], ["up"])
+        self.assertTrue(json.loads(data.split(b"\n")[0])["all_ok"])
+        bad = list(respawn.request(sup.sock, "status", {"lines": "yes"}, timeout=30))
+        self.assertEqual(bad, [{"ok": False, "error": "bad request: lines must be true or false"}])
+        # the command, as a user runs it
+        p = sup.ctl("status", "--json")
+        self.assertEqual((p.returncode, p.stderr), (3, ""))
+        self.assertEqual(p.stdout, canonical_status_json(json.loads(p.stdout)) + "\n")
+        self.assertEqual([s["name"] for s in json.loads(p.stdout)["services"]], ["gone", "up"])
+        p = sup.ctl("status", "up")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stdout, r"^up +RUNNING +restarts 0  pid \d+, uptime ")
+        p = sup.ctl("status", "--json", "nope")
+        self.assertEqual((p.returncode, json.loads(p.stdout)), (1, {"error": "no such service: nope"}))
+        self.assertEqual(sup.terminate(), 0)
+
+    def test_this_client_against_a_1_0_0_supervisor(self):
+        sup = Sup(self, """
+            [program:up]
+            command = sleep 1000
+            startsecs = 0
+            [program:gone]
+            command = sh -c 'exit 3'
+            startsecs = 1
+            startretries = 0
+            """, script=RELEASED).start()
+        sup.wait_state("up", "RUNNING")
+        sup.wait_state("gone", "FATAL")
+        p = client_run(["-c", sup.config, "status", "--json"])
+        self.assertEqual((p.returncode, p.stderr), (3, ""))
+        doc = json.loads(p.stdout)
+        self.assertEqual((doc["schema"], doc["supervisor"]["version"]), (1, "1.0.0"))
+        self.assertEqual([s["name"] for s in doc["services"]], ["gone", "up"])
+        self.assertEqual(p.stdout, canonical_status_json(doc) + "\n")
+        p = client_run(["-c", sup.config, "status", "up"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertRegex(p.stdout, r"^up +RUNNING +.*pid \d+, uptime ")
+        self.assertEqual(sup.terminate(), 0)
 
 
 class TestClientReading(unittest.TestCase):
