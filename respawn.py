@@ -1053,13 +1053,15 @@ def _merge_sections(loader):
     """supervisord reads every file into one parser: a section that appears again
     (in the same file or another) gets its keys merged, the last value winning.
     In a respawn file a repeated section stays an error."""
-    merged, out, files = {}, [], set()
+    merged, out, files, copied = {}, [], set(), set()
     for section in loader.sections:
         if section.name == "include":
             continue
         first = merged.get(section.name)
         if first is None:
-            merged[section.name] = first = _Section(*section.carried())
+            # the section as read, copied only if another is merged into it (rare;
+            # a copy of each was ~2 us a section)
+            merged[section.name] = first = section
             files.add((section.name, section.file))
             out.append(first)
         elif section.supervisord:
@@ -1068,6 +1070,10 @@ def _merge_sections(loader):
                 loader.warn("[%s] appears again (first at %s:%d): its keys are merged, the last "
                             "value of each wins, as in supervisord" % (section.name, first.file, first.line),
                             section.file, section.line)
+            if section.name not in copied:
+                copied.add(section.name)
+                copy = merged[section.name] = _Section(*first.carried())
+                out[out.index(first)] = first = copy
             first.values = dict(first.values, **section.values)
             first.lines = dict(first.lines, **section.lines)
         elif section.name.startswith("program:"):
@@ -1110,13 +1116,22 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
         _typed_keys(section, RESPAWN_KEYS, settings, {"here": os.path.dirname(section.file)}, err, warn)
     group_of, groups, group_priority = _groups(kinds.get("group:", ()), kinds, err, warn)
     programs, instances = {}, {}
+    alike = {}                   # a section's texts -> the program they typed to, without a word said
     for section in kinds.get("program:", []) + kinds.get("eventlistener:", []):
         if len(programs) >= MAX_SERVICES:
             err("more than %d services (numprocs counted)" % MAX_SERVICES, section.file, section.line)
             break
         listener = section.name.startswith("eventlistener:")
-        found = _programs(section, settings, group_of, group_priority, node, err, warn,
-                          LISTENER_KEYS if listener else PROGRAM_KEYS)
+        shape = None if listener else _section_shape(section, group_of, group_priority)
+        typed = alike.get(shape[2]) if shape is not None else None
+        if typed is not None:
+            found = [_program_like(typed, section, *shape[:2])]
+        else:
+            said = len(loader.errors) + len(loader.warnings)
+            found = _programs(section, settings, group_of, group_priority, node, err, warn,
+                              LISTENER_KEYS if listener else PROGRAM_KEYS)
+            if shape is not None and len(found) == 1 and said == len(loader.errors) + len(loader.warnings):
+                alike[shape[2]] = found[0]
         if listener and found and not _check_listener(section, found, err, warn):
             continue
         for prog in found:
@@ -1259,6 +1274,34 @@ def _groups(sections, kinds, err, warn):
         if "priority" in values:
             priority[gname] = values["priority"]
     return group_of, groups, priority
+
+
+# What a [program:x] section's one program depends on besides its keys' texts,
+# when no text holds a % (so nothing is interpolated: its name, folder and
+# group do not show in any value) and it names no process_name or numprocs:
+# 5000 sections alike (a handoff types the carried sections) are typed once,
+# ~15 us each after that instead of ~20 us a key (each one's name, file and
+# lines are its own; a section that gets any error or warning is typed alone).
+_SHAPED_OUT = frozenset(("process_name", "numprocs", "numprocs_start"))
+
+
+def _section_shape(section, group_of, group_priority):
+    """None, or (program name, group, what its typed program depends on)."""
+    texts = section.values
+    if _SHAPED_OUT.intersection(texts) or any("%" in text for text in texts.values()):
+        return None
+    pname = section.name.split(":", 1)[1].strip()
+    group = group_of.get(pname, pname)
+    return pname, group, (section.supervisord, group_priority.get(group), tuple(texts.items()))
+
+
+def _program_like(typed, section, pname, group):
+    """The program of a section whose texts typed to `typed` (see _section_shape)."""
+    prog = Program(pname, typed.__dict__, typed.raw, section.file, section.line, section.lines)
+    prog.program_name, prog.group_name = pname, group
+    if "environment" in typed.__dict__:
+        prog.environment = dict(typed.environment)      # its own: nothing shares a mutable value
+    return prog
 
 
 def _programs(section, settings, group_of, group_priority, node, err, warn, table=PROGRAM_KEYS):
