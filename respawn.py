@@ -5031,8 +5031,7 @@ class Supervisor:
             out = tempfile.TemporaryFile()
             out.snapshot = snapshot = tempfile.NamedTemporaryFile(prefix="respawn-state-", suffix=".json")
             os.chmod(snapshot.name, 0o600)
-            snapshot.write(json.dumps(encode_handoff(self, [], new_hash, None), check_circular=False,
-                                      separators=(",", ":")).encode())
+            snapshot.write(dump_handoff(encode_handoff(self, [], new_hash, None), self.reexec_code[1]))
             snapshot.flush()
         except OSError as exc:      # a full or read-only temporary folder
             return fail("cannot write the trial's files in %s: %s" % (tempfile.gettempdir(), exc))
@@ -5144,8 +5143,10 @@ class Supervisor:
             state["fds"]["epoll"] = released[:2]
             kept.append(released[0])
         try:
-            state_fd = memfd("respawn-state", json.dumps(state, check_circular=False,
-                                                         separators=(",", ":")).encode())
+            checked, self.reexec_code = self.reexec_code, None
+            if checked is not None and checked[0] != new_hash:
+                checked = None
+            state_fd = memfd("respawn-state", dump_handoff(state, checked[1] if checked else None))
             opened.append(state_fd)
             rollback_fd = memfd("respawn-rollback", self.source.data() if self.source else b"")
             opened.append(rollback_fd)
@@ -5154,8 +5155,7 @@ class Supervisor:
             except OSError:
                 pass
             args = [self.script, "--handoff", str(state_fd), "--rollback", str(rollback_fd)] + self.argv
-            checked, self.reexec_code = self.reexec_code, None
-            if checked is not None and checked[0] == new_hash:
+            if checked is not None:
                 argv, code_fd = loader_argv(checked[1], checked[2], args)
                 opened.append(code_fd)
             else:
@@ -6574,6 +6574,37 @@ def memfd(name, data):
     write_all(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+# The handoff state is JSON, which any release reads (1.0.0 wrote format 1), or,
+# for new code that reads it, marshal data (plain values only, version 4,
+# after this prefix): at 5000 services (2.6 MB) it is written and read in 17 ms
+# of CPU instead of 53.  New code reads it when its module names
+# HANDOFF_MARSHAL (the old image looks in the code it compiled for the trial;
+# a state that marshal cannot write, an enum in it, goes as JSON): an older
+# release, a downgrade, still gets JSON, and the trial reads what the leap
+# will hand over, so a mistake here is a refused re-exec, not a failed one.
+HANDOFF_MARSHAL = b"respawn-handoff-marshal\n"
+
+
+def dump_handoff(state, code):
+    """The bytes of a handoff state for the new code compiled as `code` (None:
+    unknown code, JSON)."""
+    if code is not None and "HANDOFF_MARSHAL" in code.co_names:
+        import marshal
+        try:
+            return HANDOFF_MARSHAL + marshal.dumps(state, 4)
+        except ValueError:            # an object marshal does not write: JSON does
+            pass
+    return json.dumps(state, check_circular=False, separators=(",", ":")).encode()
+
+
+def load_handoff(data):
+    """A handoff state from its bytes (dump_handoff's, or any release's JSON)."""
+    if data.startswith(HANDOFF_MARSHAL):
+        import marshal
+        return marshal.loads(memoryview(data)[len(HANDOFF_MARSHAL):])
+    return json.loads(data.decode())
 
 
 # CPython keeps the syntax tree of a __main__ script until the script's body
@@ -8023,7 +8054,7 @@ def resume(args, script, source):
     gc.disable()
     fd = args.handoff
     with os.fdopen(os.dup(fd), "rb") as f:
-        state = json.loads(f.read().decode())
+        state = load_handoff(f.read())
     claimed = {fd, args.rollback} | set(handoff_fds(state))
     _close_strays(claimed)
     selector = None
@@ -8626,7 +8657,7 @@ def main(argv=None, code=None):
     if args.handoff_selftest:
         try:
             with open(args.handoff_selftest, "rb") as f:
-                state = json.loads(f.read().decode())
+                state = load_handoff(f.read())
             Supervisor(handoff_load_config(state), state["script"], state["argv"], source).restore_data(state)
         except ConfigErrors as exc:
             print_problems(exc, sys.stdout)

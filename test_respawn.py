@@ -547,6 +547,38 @@ ALL_BAD_WARNINGS = [(15, "warning", "'stdout_events_enabled' is a supervisord ke
 
 
 class TestCoreConfig(unittest.TestCase):
+    def test_sections_alike_type_as_each_alone(self):
+        # 5000 sections alike are typed once (a handoff types the carried ones):
+        # each program is still its own, with its name, group, lines and values
+        body = ("command = sleep 100\nstartsecs = 0\nexitcodes = 0,3\nstopsignal = INT\n"
+                "environment = A=\"1\"\nready = tcp:localhost:80\n")
+        text = "[group:g]\nprograms = a, b\npriority = 5\n" + "".join(
+            "[program:%s]\n%s" % (name, body) for name in ("a", "b", "c", "d"))
+        config = load_text(self, text)
+        alone = {}
+        for name in "abcd":
+            solo = ("[group:g]\nprograms = %s\npriority = 5\n" % name) if name in "ab" else ""
+            alone[name] = load_text(self, solo + "[program:%s]\n%s" % (name, body)).programs[name]
+        skip = ("file", "line", "lines")
+        for name in "abcd":
+            prog = config.programs[name]
+            self.assertEqual({k: v for k, v in vars(prog).items() if k not in skip},
+                             {k: v for k, v in vars(alone[name]).items() if k not in skip}, name)
+        a, b, c, d = (config.programs[n] for n in "abcd")
+        self.assertEqual([p.group_name for p in (a, b, c, d)], ["g", "g", "c", "d"])
+        self.assertEqual([p.priority for p in (a, b, c, d)], [5, 5, 999, 999])
+        self.assertEqual([p.where("startsecs")[1] for p in (a, b, c, d)], [6, 13, 20, 27])
+        self.assertIsNot(a.environment, b.environment)     # no mutable value shared
+        self.assertIsNot(c.environment, d.environment)
+
+    def test_sections_alike_with_a_mistake_each_say_it_at_their_line(self):
+        body = "command = sleep 100\nstartsecs = soon\nbogus = 1\n"
+        path, errors, exc = config_errors(self, "[program:a]\n%s[program:b]\n%s" % (body, body))
+        self.assertEqual(sorted(e.split(": ", 2)[0].rsplit(":", 1)[1] + " " + e.split(": ", 2)[1]
+                                for e in errors if "startsecs" in e or "bogus" in e),
+                         ["3 startsecs", "4 unknown key 'bogus' in [program:a]",
+                          "7 startsecs", "8 unknown key 'bogus' in [program:b]"], errors)
+
     def test_good_config_checks_ok(self):
         code, out, path = run_check(self, """\
             [respawn]
@@ -1505,6 +1537,29 @@ class TestCoreHandoffCodec(unittest.TestCase):
         self.assertIs(R.decode_handoff(new, progs, 60.0), new)
         with self.assertRaises(ValueError):
             R.decode_handoff({"format": R.HANDOFF_FORMAT + 1}, progs, 0.0)
+
+    def test_code_that_reads_marshal_gets_marshal_and_any_other_json(self):
+        state = {"format": 2, "t0": 1.5, "services": [{"name": "a", "pid": 7, "waiting_for": ("b",)}],
+                 "fds": {"epoll": (4, [[5, 1]]), "client": None}, "config": {"files": {"/c": "x\u00e9"}}}
+        reads = compile("HANDOFF_MARSHAL = b'x'\n", "new.py", "exec")
+        data = R.dump_handoff(state, reads)
+        self.assertTrue(data.startswith(R.HANDOFF_MARSHAL))
+        self.assertEqual(R.load_handoff(data), state)         # tuples stay tuples
+        # unknown code, code without the name (1.0.0, a downgrade): JSON, as every release reads
+        as_json = json.loads(json.dumps(state))
+        with open(RELEASED_1_0_0, "rb") as f:
+            released = compile(f.read(), RELEASED_1_0_0, "exec", dont_inherit=True)
+        for code in (None, compile("x = 1\n", "old.py", "exec"), released):
+            data = R.dump_handoff(state, code)
+            self.assertEqual(json.loads(data.decode()), as_json)
+            self.assertEqual(R.load_handoff(data), as_json)
+        # a value marshal does not write (an enum) goes as JSON too
+        odd = dict(state, pending=[signal.SIGTERM])
+        self.assertEqual(R.load_handoff(R.dump_handoff(odd, reads)), json.loads(json.dumps(odd)))
+        # this file reads its own marshal states
+        with open(SCRIPT, "rb") as f:
+            ours = compile(f.read(), SCRIPT, "exec", dont_inherit=True)
+        self.assertTrue(R.dump_handoff(state, ours).startswith(R.HANDOFF_MARSHAL))
 
 
 # ---------------------------------------------------------------------------
