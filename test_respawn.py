@@ -1538,6 +1538,20 @@ class TestCoreHandoffCodec(unittest.TestCase):
         with self.assertRaises(ValueError):
             R.decode_handoff({"format": R.HANDOFF_FORMAT + 1}, progs, 0.0)
 
+    def test_the_source_kept_for_a_rollback_is_packed_when_asked(self):
+        # a handoff packs the running code's source once its loop turns, not in the handoff
+        data = b"x = 1\n" * 1000
+        later = R.Packed(data, None, now=False)
+        self.assertIsNone(later.packed)
+        self.assertEqual(later.data(), data)
+        later.pack()
+        self.assertIsNotNone(later.packed)
+        self.assertIsNone(later.raw)
+        self.assertEqual(later.data(), data)
+        later.pack()                              # once is enough: a second does nothing
+        self.assertEqual(later.data(), data)
+        self.assertIsNotNone(R.Packed(data).packed)
+
     def test_code_that_reads_marshal_gets_marshal_and_any_other_json(self):
         state = {"format": 2, "t0": 1.5, "services": [{"name": "a", "pid": 7, "waiting_for": ("b",)}],
                  "fds": {"epoll": (4, [[5, 1]]), "client": None}, "config": {"files": {"/c": "x\u00e9"}}}
