@@ -8666,6 +8666,7 @@ def main(argv=None, code=None):
     if args.handoff is not None:
         return resume(args, script, source)
     if args.handoff_selftest:
+        gc.disable()                  # as in resume: many objects, none garbage, and we exit soon
         try:
             with open(args.handoff_selftest, "rb") as f:
                 state = load_handoff(f.read())
