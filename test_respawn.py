@@ -4695,6 +4695,30 @@ class TestReexecFromAnOlderRelease(ReexecCase):
         sup.wait_pid_change("a", before["a"])
         self.assertEqual(sup.terminate(), 0)
 
+    def test_code_that_reads_only_json_gets_json_both_ways(self):
+        # a release before the marshal state (its module does not name
+        # HANDOFF_MARSHAL, and its reader is JSON's): a re-exec into it from this
+        # code hands JSON over, and it hands JSON to this code too
+        sup = self.sup(SLEEPERS)
+        base = read_text(sup.script)
+        older = patched(base, "    if data.startswith(HANDOFF_MARSHAL):", "    if False:")
+        older = older.replace("HANDOFF_MARSHAL", "HANDOFF_UNREAD")
+        self.assertNotIn("HANDOFF_MARSHAL", older)
+        sup.start()
+        sup.wait_state("a", "RUNNING")
+        sup.wait_state("b", "RUNNING")
+        before = self.pids(sup)
+        install_by_rename(sup.script, with_version(older, "1.0.9"))
+        self.wait_reexecs(sup, 1, "1.0.9")
+        self.assertEqual(rx_log_lines(sup, "re-exec refused"), [])
+        self.assertEqual(self.pids(sup), before)
+        install_by_rename(sup.script, with_version(base, "9.9.7"))
+        self.wait_reexecs(sup, 2, "9.9.7")
+        self.assertEqual(self.pids(sup), before)
+        os.kill(before["a"], signal.SIGKILL)          # policy still applies
+        sup.wait_pid_change("a", before["a"])
+        self.assertEqual(sup.terminate(), 0)
+
 
 # ---------------------------------------------------------------------------
 # 9. Config reload: SIGHUP, `reload`, watch_config; and what a re-exec does not do
