@@ -7664,13 +7664,7 @@ def request(path, cmd, args=None, timeout=None):
         # 1.5 MB): its pieces are joined once, and each piece is searched for the
         # newline once (not the whole line again)
         pieces = []
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                return
+        for data in _received(sock):
             start, end = 0, data.find(b"\n")
             while end >= 0:
                 pieces.append(data[start:end])
@@ -7687,17 +7681,21 @@ def request_whole(path, cmd, args=None, timeout=None):
     """Send one request; the supervisor's whole answer, its bytes up to its close."""
     sock = _send_request(path, cmd, args, timeout)
     try:
-        pieces = []
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                return b"".join(pieces)
-            pieces.append(data)
+        return b"".join(_received(sock))
     finally:
         sock.close()
+
+
+def _received(sock):
+    """What the supervisor sends, piece by piece, until it closes."""
+    while True:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except ConnectionResetError:
+            return
+        if not data:
+            return
+        yield data
 
 
 # `status --json`'s layout, told to scripts by its "schema" key (README: every

@@ -6788,10 +6788,9 @@ class TestStatusJsonLayout(unittest.TestCase):
         self.assertEqual(client_in_process(["-c", fake.config, "check"])[0], 0)
         self.assertEqual(packed, [])
 
-    def test_the_supervisor_answers_lines_to_this_client_and_one_object_to_an_older_one(self):
-        sup = Sup(self, """
-            [respawn]
-            watch_self = false
+    def up_and_gone(self, header="", **kw):
+        """A supervisor of two services, one RUNNING and one FATAL (status exits 3)."""
+        sup = Sup(self, header + """
             [program:up]
             command = sleep 1000
             startsecs = 0
@@ -6799,9 +6798,15 @@ class TestStatusJsonLayout(unittest.TestCase):
             command = sh -c 'exit 3'
             startsecs = 1
             startretries = 0
-            """).start()
+            """, **kw).start()
         sup.wait_state("up", "RUNNING")
         sup.wait_state("gone", "FATAL")
+        return sup
+
+    def test_the_supervisor_answers_lines_to_this_client_and_one_object_to_an_older_one(self):
+        sup = self.up_and_gone("""
+            [respawn]
+            watch_self = false""")
         old = list(respawn.request(sup.sock, "status", {"names": []}, timeout=30))
         self.assertEqual(len(old), 1)
         self.assertEqual([s["name"] for s in old[0]["services"]], ["gone", "up"])
@@ -6833,17 +6838,7 @@ class TestStatusJsonLayout(unittest.TestCase):
         self.assertEqual(sup.terminate(), 0)
 
     def test_this_client_against_a_1_0_0_supervisor(self):
-        sup = Sup(self, """
-            [program:up]
-            command = sleep 1000
-            startsecs = 0
-            [program:gone]
-            command = sh -c 'exit 3'
-            startsecs = 1
-            startretries = 0
-            """, script=RELEASED).start()
-        sup.wait_state("up", "RUNNING")
-        sup.wait_state("gone", "FATAL")
+        sup = self.up_and_gone(script=RELEASED)
         p = client_run(["-c", sup.config, "status", "--json"])
         self.assertEqual((p.returncode, p.stderr), (3, ""))
         doc = json.loads(p.stdout)
