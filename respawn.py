@@ -1283,6 +1283,7 @@ def _groups(sections, kinds, err, warn):
 # ~15 us each after that instead of ~20 us a key (each one's name, file and
 # lines are its own; a section that gets any error or warning is typed alone).
 _SHAPED_OUT = frozenset(("process_name", "numprocs", "numprocs_start"))
+PROGRAM_NAME = {True: r"[^\s:/%]+\Z", False: r"[A-Za-z0-9_.@-]+\Z"}   # by section.supervisord
 
 
 def _section_shape(section, group_of, group_priority):
@@ -1291,6 +1292,8 @@ def _section_shape(section, group_of, group_priority):
     if _SHAPED_OUT.intersection(texts) or any("%" in text for text in texts.values()):
         return None
     pname = section.name.split(":", 1)[1].strip()
+    if not re.match(PROGRAM_NAME[section.supervisord], pname):
+        return None           # typed alone, to say so at its line
     group = group_of.get(pname, pname)
     return pname, group, (section.supervisord, group_priority.get(group), tuple(texts.items()))
 
@@ -1309,7 +1312,7 @@ def _programs(section, settings, group_of, group_priority, node, err, warn, tabl
     table: its keys (a section kind that is a program with more keys passes its own)."""
     pname = section.name.split(":", 1)[1].strip()
     sup = section.supervisord
-    valid = r"[^\s:/%]+\Z" if sup else r"[A-Za-z0-9_.@-]+\Z"
+    valid = PROGRAM_NAME[sup]
     if not re.match(valid, pname):
         err("program name %s may hold only %s" % (_cut(pname), "no whitespace, ':', '/' or '%'" if sup
                                                   else "letters, digits and _ . @ -"),

@@ -579,6 +579,12 @@ class TestCoreConfig(unittest.TestCase):
                          ["3 startsecs", "4 unknown key 'bogus' in [program:a]",
                           "7 startsecs", "8 unknown key 'bogus' in [program:b]"], errors)
 
+    def test_a_bad_name_is_said_though_its_texts_are_like_a_good_section(self):
+        body = "command = sleep 100\n"
+        path, errors, exc = config_errors(self, "[program:a]\n%s[program:b c]\n%s" % (body, body))
+        self.assertEqual([e.split(": ", 2)[0].rsplit(":", 1)[1] for e in errors if "program name" in e],
+                         ["3"], errors)
+
     def test_good_config_checks_ok(self):
         code, out, path = run_check(self, """\
             [respawn]
