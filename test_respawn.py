@@ -2334,11 +2334,13 @@ class TestCoreOutput(unittest.TestCase):
 NOBODY = 65534
 
 # A service that prints a numbered line every 50 ms and says when it gets USR1.
-CTL_TICKER = """import signal, time
-signal.signal(signal.SIGUSR1, lambda *a: print("got USR1", flush=True))
+# each line one write: print() under -u writes "n", " ", "12", "\n" apart, and a
+# file-logged tail read between them ends in a line's head ("n")
+CTL_TICKER = """import os, signal, time
+signal.signal(signal.SIGUSR1, lambda *a: os.write(1, b"got USR1\\n"))
 i = 0
 while True:
-    print("n", i, flush=True)
+    os.write(1, b"n %d\\n" % i)
     i += 1
     time.sleep(0.05)
 """
