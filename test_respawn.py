@@ -9225,14 +9225,15 @@ class TestIdentityUpgrade(unittest.TestCase):
 
 
 class TestStateFileTurns(unittest.TestCase):
-    def test_one_write_for_a_turn_of_many_timers(self):
-        # 20 services whose timers are due at once (startsecs ending together): one
-        # write at the end of that turn, not one after each timer
+    def state_file(self, n):
+        """A StateFile of n services on a stand-in supervisor, and the writes it makes."""
         d = temp_dir(self)
-        sup = types.SimpleNamespace(timers=respawn.Timers(), pipes_of={}, log=None,
+        sup = types.SimpleNamespace(timers=respawn.Timers(), pipes_of={}, log=None, release_due=False,
                                     config=types.SimpleNamespace(path=os.path.join(d, "c.ini")))
+        sup.release_memory_soon = lambda: respawn.Supervisor.release_memory_soon(sup)
+        sup._release_memory = lambda: respawn.Supervisor._release_memory(sup)
         sup.services = {"s%d" % i: types.SimpleNamespace(name="s%d" % i, want=respawn.UP, restarts=0, pid=None)
-                        for i in range(20)}
+                        for i in range(n)}
         sup.live = {name: respawn.Live() for name in sup.services}
         path = os.path.join(d, "c.state")
         state = respawn.StateFile(sup, path)
@@ -9240,6 +9241,40 @@ class TestStateFileTurns(unittest.TestCase):
         real = respawn.write_state
         respawn.write_state = lambda *args: (writes.append(args), real(*args))
         self.addCleanup(setattr, respawn, "write_state", real)
+        return sup, state, writes, path
+
+    def test_freed_memory_is_given_back_after_a_whole_encoding_not_after_one_entry(self):
+        # issue 15: the garbage of encoding 5000 entries stayed resident (2.5 MiB)
+        # until malloc_trim; it is called once that turn's write is done
+        sup, state, writes, path = self.state_file(300)
+        released = []
+        real = respawn.release_free_memory
+        respawn.release_free_memory = lambda: released.append(len(writes))
+        self.addCleanup(setattr, respawn, "release_free_memory", real)
+        turn = lambda: sup.timers.run_due(respawn.monotonic())
+        state.changed()                     # every entry (a start, a takeover, a reload)
+        turn()
+        self.assertEqual((len(writes), released), (1, []))
+        turn()
+        self.assertEqual(released, [1])     # after the write, once
+        sup.services["s1"].restarts += 1    # one service's event: no release
+        state.changed("s1")
+        turn(), turn()
+        self.assertEqual((len(writes), released), (2, [1]))
+        for name, svc in sup.services.items():    # most of them at once (startsecs ending)
+            svc.restarts += 1
+            state.changed(name)
+        turn(), turn()
+        self.assertEqual((len(writes), released), (3, [1, 3]))
+        sup.release_memory_soon(), sup.release_memory_soon()     # asked twice in a turn: once
+        turn(), turn()
+        self.assertEqual(released, [1, 3, 3])
+
+    def test_one_write_for_a_turn_of_many_timers(self):
+        # 20 services whose timers are due at once (startsecs ending together): one
+        # write at the end of that turn, not one after each timer
+        d = temp_dir(self)
+        sup, state, writes, path = self.state_file(20)
 
         def restarted(svc):
             svc.restarts += 1
