@@ -265,18 +265,31 @@ def _cut(text, n=60):
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
+_NUMBERS = {}           # (type, value) -> the one object typed for it (see _shared)
+
+
+def _shared(value):
+    """One object for every equal number typed (they are immutable): 5000 programs'
+    `startsecs = 0` were 5000 floats, 0.35 MiB with two such keys.  By type too, as
+    0.0 == 0 == False; and only so many, so reloads of changing values do not grow it."""
+    key = (type(value), value)
+    if len(_NUMBERS) < 4096:
+        return _NUMBERS.setdefault(key, value)
+    return _NUMBERS.get(key, value)
+
+
 def parse_duration(text):
     m = _DURATION.match(text.strip(" \t"))
     if not m:
         raise ValueError("expected a duration such as 10, 0.5, 500ms, 2s or 1m, not %s" % _cut(text))
-    return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower() or None]
+    return _shared(float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower() or None])
 
 
 def parse_size(text):
     m = _SIZE.match(text.strip(" \t"))
     if not m:
         raise ValueError("expected a size such as 1024, 10KB, 50MB or 1GB, not %s" % _cut(text))
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower() or None]
+    return _shared(int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower() or None])
 
 
 def parse_bool(text):
@@ -694,7 +707,7 @@ class Program:
 
     def where(self, key=None):
         """(file, line) of a key, or of the section when the key is not written."""
-        return self.lines.get(key) or (self.file, self.line)
+        return _where(self.lines.get(key), self.file, self.line)
 
     def shape(self):
         """What a reload compares to decide whether the process must restart."""
@@ -926,15 +939,28 @@ def _read_text(path):
     return b"".join(chunks).decode("utf-8")
 
 
+def _where(at, file, line):
+    """(file, line) of a key from its entry in a section's lines (see _Section)."""
+    if at is None:
+        return file, line
+    return (file, at) if isinstance(at, int) else tuple(at)
+
+
 class _Section:
     """One section as read: where it is, its keys as text and their lines."""
 
     def __init__(self, file, name, line, values, lines, supervisord):
         self.file, self.name, self.line = file, name, line
         self.values = values          # key -> text
-        # key -> (file, line), shared by its programs (a handoff carries them as lists)
-        self.lines = {k: tuple(v) for k, v in lines.items()}
+        # key -> its line in this file, or (file, line) for a key merged from another
+        # file (a handoff of format 2 carried every one so, as a list); shared by its
+        # programs.  A (file, line) tuple per key was 1.1 MiB at 5000 programs.
+        self.lines = lines
         self.supervisord = supervisord
+
+    def where(self, key=None):
+        """(file, line) of a key, or of the section when the key is not written."""
+        return _where(self.lines.get(key), self.file, self.line)
 
     def carried(self):
         return [self.file, self.name, self.line, self.values, self.lines, self.supervisord]
@@ -1005,7 +1031,7 @@ class _Loader:
         if any(level == "fatal" for _, level, _ in problems):
             return
         for name, sline, values, lines in found:
-            section = _Section(path, name, sline, values, {k: (path, n) for k, n in lines.items()},
+            section = _Section(path, name, sline, values, lines,
                                supervisord)
             if supervisord and name != "include":
                 # supervisord puts %(here)s in as it reads each file: merged sections keep theirs
@@ -1029,8 +1055,8 @@ class _Loader:
         for key in values:
             if key != "files":
                 self.error("unknown key %s in [include]%s" % (_cut(key), did_you_mean(key, ["files"])),
-                           *section.lines[key])
-        where = section.lines.get("files") or [path, section.line]
+                           *section.where(key))
+        where = section.where("files")
         pattern_text = _interpolate(values.get("files", ""), {"here": os.path.dirname(path),
                                                               "host_node_name": os.uname().nodename},
                                     lambda m: self.error(m, *where))
@@ -1046,7 +1072,7 @@ class _Loader:
 
 # The form of Config.sections in a handoff state: a new image that reads them
 # otherwise parses the carried config text instead.
-SECTIONS_FORMAT = 2
+SECTIONS_FORMAT = 3           # 3: a key's line as a number (2: [file, line]), read alike
 
 
 def _merge_sections(loader):
@@ -1075,7 +1101,8 @@ def _merge_sections(loader):
                 copy = merged[section.name] = _Section(*first.carried())
                 out[out.index(first)] = first = copy
             first.values = dict(first.values, **section.values)
-            first.lines = dict(first.lines, **section.lines)
+            first.lines = dict(first.lines, **{k: section.where(k) if section.file != first.file else n
+                                               for k, n in section.lines.items()})
         elif section.name.startswith("program:"):
             loader.error("[%s] is already defined at %s:%s" % (section.name, first.file, first.line),
                          section.file, section.line)
@@ -1169,10 +1196,10 @@ def load_config(path, machine_checks=False, read=_read_text, carried=None):
         if directory and not os.path.isdir(directory):
             section = kinds["supervisord"][0]
             err("[supervisord] directory %s does not exist" % _cut(directory),
-                *(section.lines.get("directory") or [section.file, section.line]))
+                *section.where("directory"))
         for key, problem in ops_machine_problems(settings, os.path.abspath(path)):
             # the key's line: [respawn] wins over [supervisord] (read first), as for its value
-            where = [s.lines[key] for s in kinds.get("supervisord", []) + kinds.get("respawn", [])
+            where = [s.where(key) for s in kinds.get("supervisord", []) + kinds.get("respawn", [])
                      if key in s.lines]
             err(problem, *(where[-1] if where else (None, None)))
     if loader.errors:
@@ -1188,7 +1215,7 @@ def _typed_keys(section, table, target, names, err, warn, strict=False, env=None
     supervisord file): an unknown key is a warning, as supervisord ignores it."""
     raw = {}
     for key, text in section.values.items():
-        where = section.lines.get(key) or [section.file, section.line]
+        where = section.where(key)
         if key not in table:
             if table is PROGRAM_KEYS and key in SUPERVISORD_KEYS:
                 warn("%r is a supervisord key that respawn does not implement; ignored" % key, *where)
@@ -1209,7 +1236,7 @@ def _typed_keys(section, table, target, names, err, warn, strict=False, env=None
 
 def _supervisord_settings(section, settings, err, warn, node):
     """[supervisord]: each key mapped to respawn's setting, or warned about by name."""
-    where = lambda key: section.lines.get(key) or [section.file, section.line]
+    where = section.where
     names = {"here": os.path.dirname(section.file), "host_node_name": node}
     for key, text in section.values.items():
         if key == "user" and text.strip() in _own_user():
@@ -1251,7 +1278,7 @@ def _groups(sections, kinds, err, warn):
     defined = {s.name[len("program:"):].strip() for s in kinds.get("program:", ())}
     for section in sections:
         gname = section.name[len("group:"):].strip()
-        where = lambda key: section.lines.get(key) or [section.file, section.line]
+        where = section.where
         if not re.match(r"[^\s:/%]+\Z", gname):
             err("group name %s may not hold whitespace, ':', '/' or '%%'" % _cut(gname), section.file, section.line)
             continue
@@ -1323,7 +1350,7 @@ def _programs(section, settings, group_of, group_priority, node, err, warn, tabl
         err("[%s] has no command (add command = /path/to/program args)" % section.name,
             section.file, section.line)
         return []
-    where = lambda key: section.lines.get(key) or [section.file, section.line]
+    where = section.where
     group = group_of.get(pname, pname)
     names = {"here": os.path.dirname(section.file), "program_name": pname, "group_name": group,
              "host_node_name": node}
@@ -1413,6 +1440,8 @@ def _programs(section, settings, group_of, group_priority, node, err, warn, tabl
                     else "letters, digits and _ . @ -"), *where("process_name"))
             return out
         values.update(program_name=pname, group_name=group, process_num=num)
+        if raw == texts:
+            raw = texts       # the section's own dict, not an equal one (0.3 MiB at 5000 programs)
         out.append(Program(name, values, raw, section.file, section.line, section.lines))
     return out
 
@@ -1450,7 +1479,7 @@ def _expand_requires(prog, programs, groups):
 def _check_listener(section, instances, err, warn):
     """What supervisord refuses or ignores in an [eventlistener:x], said once for
     its instances; False if they cannot run."""
-    where = lambda key: section.lines.get(key) or [section.file, section.line]
+    where = section.where
     pool = section.name.split(":", 1)[1].strip()
     first = instances[0]
     if "events" not in section.values:
@@ -3130,12 +3159,15 @@ class LogFile:
 class Pipe:
     """The read end of one service stream, and the partial line read so far."""
 
-    __slots__ = ("fd", "service", "stream", "partial", "carried", "held", "ino", "splice", "reader")
+    __slots__ = ("fd", "service", "stream", "partial", "carried", "held_pid", "held_fd", "ino", "splice",
+                 "reader")
 
     def __init__(self, fd, service, stream, partial=b"", held=None):
         self.fd, self.service, self.stream, self.partial = fd, service, stream, partial
         self.carried = 0              # bytes read; -2 once grown, -1 if it could not be
-        self.held = held              # (pid, fd): the process holding a copy of it, at that fd
+        # held (pid, fd): the process holding a copy of it, at that fd; kept as two
+        # slots, not the tuple (56 bytes a pipe, 0.5 MiB at 5000 services)
+        self.held_pid, self.held_fd = held or (None, None)
         self.ino = None
         self.splice = SPLICE          # may go by splice to a log file (see splice_pipe)
         self.reader = None            # reader(pipe) when it is readable (Supervisor.add_pipe)
@@ -4552,7 +4584,7 @@ class Supervisor:
             mine.remove(pipe)
             if not mine:
                 del self.pipes_of[pipe.service]
-        if pipe.held is not None and self.state_file is not None:
+        if pipe.held_pid is not None and self.state_file is not None:
             self.state_file.changed(pipe.service)    # no longer a pipe to take back
         if pipe.carried == -2:
             self.grown_pipes -= 1
@@ -6744,7 +6776,7 @@ def encode_handoff(sup, pending, new_hash, client, t0=None):
                     for c, cmd, names in sup.waiters if c.sock is not None],
         "pipes": [dict({"fd": p.fd, "service": p.service, "stream": p.stream},
                        **({"partial": base64.b64encode(p.partial).decode()} if p.partial else {}),
-                       **({"held": list(p.held)} if p.held is not None else {}))
+                       **({"held": [p.held_pid, p.held_fd]} if p.held_pid is not None else {}))
                   for p in sup.pipes.values()],
         "notify": {name: [live.notify[0].fileno(), live.notify[1]]
                    for name, live in sup.live.items() if live.notify is not None},
@@ -6791,7 +6823,7 @@ def handoff_load_config(state):
     carried = carried or {}
     return load_config(path, read=lambda p: files[p] if p in files else _read_text(p),
                        carried={"files": files, "sections": carried["sections"]}
-                       if carried.get("format") == SECTIONS_FORMAT else None)
+                       if carried.get("format") in (2, SECTIONS_FORMAT) else None)
 
 
 def decode_handoff(state, programs, now):
@@ -7182,10 +7214,10 @@ def state_entry(sup, svc):
         held = []
         for pipe in sup.pipes_of.get(svc.name, ()):
             # (a pipe of an earlier process of the service, still open, is not held by this one)
-            if pipe.held is not None and pipe.held[0] == svc.pid:
+            if pipe.held_pid is not None and pipe.held_pid == svc.pid:
                 if pipe.ino is None:
                     pipe.ino = os.fstat(pipe.fd).st_ino
-                held.append([pipe.stream, pipe.held[1], pipe.ino])
+                held.append([pipe.stream, pipe.held_fd, pipe.ino])
         entry.update(pid=svc.pid, starttime=live.starttime, started=svc.started, marker=live.marker,
                      pipes=sorted(held), notify=live.notify[1] if live.notify else None)
     return entry

@@ -417,6 +417,15 @@ class TestCoreParsers(unittest.TestCase):
             with self.subTest(bad=bad), self.assertRaises(ValueError):
                 respawn.parse_duration(bad)
 
+    def test_equal_numbers_typed_are_one_object_of_their_own_type(self):
+        # issue 15 (memory at 5000 programs): one float for every `startsecs = 0`
+        self.assertIs(respawn.parse_duration("2s"), respawn.parse_duration("2"))
+        self.assertIs(respawn.parse_size("50MB"), respawn.parse_size("52428800"))
+        self.assertIs(type(respawn.parse_duration("0")), float)   # 0.0 == 0 == False: kept apart
+        self.assertIs(type(respawn.parse_size("0")), int)
+        self.assertIs(type(respawn.parse_duration("0")), float)
+        self.assertEqual(respawn.parse_duration("1.5m"), 90.0)
+
     def test_sizes_are_1024_based(self):
         for text, want in [("10KB", 10240), ("50MB", 50 * 1024 * 1024), ("1GB", 1024 ** 3),
                            ("1024", 1024), ("7B", 7), ("10kb", 10240), ("0", 0)]:
@@ -7071,7 +7080,7 @@ class TestProcessTitle(unittest.TestCase):
         self.assertNotIn(b"import marshal", b" ".join(argv))
         self.assertEqual(proc_comm(sup.proc.pid), "respawn.py")
         if shutil.which("ps"):
-            ps = subprocess.run(["ps", "-o", "args=", "-p", str(sup.proc.pid)], stdout=subprocess.PIPE,
+            ps = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(sup.proc.pid)], stdout=subprocess.PIPE,
                                 text=True, timeout=30).stdout
             self.assertTrue(ps.startswith(self.title_of(sup, count) + " " + sup.script), ps)
             self.assertLess(len(ps.strip()), 400, ps)
@@ -9711,6 +9720,46 @@ class TestConfigFuzz(unittest.TestCase):
 
 
 class TestSupervisordFiles(unittest.TestCase):
+    def test_a_section_merged_from_an_include_says_each_key_at_its_own_file_and_line(self):
+        # a key's line is kept as a number in its section's file; a key merged in
+        # from another file keeps that file
+        d = temp_dir(self)
+        os.mkdir(os.path.join(d, "conf.d"))
+        inc = write_file(os.path.join(d, "conf.d", "inc.conf"), "[program:a]\n\nstartsecs = soon\n")
+        main = write_file(os.path.join(d, "supervisord.conf"), """\
+            [supervisord]
+            [include]
+            files = conf.d/*.conf
+            [program:a]
+            command = sleep 1
+            stopwaitsecs = later
+            """)
+        with self.assertRaises(respawn.ConfigErrors) as caught:
+            respawn.load_config(main)
+        found = sorted((e.file, e.line, e.message.split(":")[0]) for e in caught.exception.errors)
+        self.assertEqual(found, sorted([(inc, 3, "startsecs"), (main, 6, "stopwaitsecs")]))
+        write_file(inc, "[program:a]\n\nstartsecs = 2\n")
+        write_file(main, open(main).read().replace("later", "3"))
+        prog = respawn.load_config(main).programs["a"]
+        self.assertEqual((prog.where("startsecs"), prog.where("command"), prog.where("autostart")),
+                         ((inc, 3), (main, 5), (main, 4)))
+
+    def test_sections_carried_in_the_older_form_keep_their_lines(self):
+        # a handoff from the release before (sections format 2) names each key's
+        # line as [file, line]; this code reads that form as well as its own
+        d = temp_dir(self)
+        path = write_file(os.path.join(d, "c.ini"), "[program:a]\ncommand = sleep 1\nstartsecs = 0\n")
+        text = open(path).read()
+        carried = {"files": {path: text},
+                   "sections": [[path, "program:a", 1, {"command": "sleep 1", "startsecs": "0"},
+                                 {"command": [path, 2], "startsecs": [path, 3]}, False]]}
+        prog = respawn.load_config(path, read=lambda p: text, carried=carried).programs["a"]
+        self.assertEqual((prog.where("startsecs"), prog.where("autostart")), ((path, 3), (path, 1)))
+        self.assertEqual(respawn.handoff_load_config(
+            {"format": 2, "config": {"path": path, "files": {path: text},
+                                     "sections": {"format": 2, "sections": carried["sections"]}}}
+        ).programs["a"].where("command"), (path, 2))
+
     def test_defaults_follow_supervisord_in_its_files_and_their_includes(self):
         d = temp_dir(self)
         os.mkdir(os.path.join(d, "conf.d"))
