@@ -21,6 +21,7 @@ import platform
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import statistics
@@ -96,11 +97,12 @@ def status_field(pid, key):
     return None
 
 
-def pss_kib(pid):
+def pss_kib(pid, key="Pss"):
+    """A field of /proc/PID/smaps_rollup in KiB (Pss, Pss_Anon...), or None."""
     try:
         with open("/proc/%d/smaps_rollup" % pid) as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -805,6 +807,7 @@ class Bench:
             res["floor%d_s" % n] = self.floor(n)
         res.update(self.spawn_vs_fds())
         res.update(self.latency_floor())
+        res.update(self.memory_floor())
         if "output" in self.args.only:
             res.update(self.output_floor())
         return res
@@ -848,6 +851,46 @@ class Bench:
         if len(lat) < kills * 0.9:
             return {}
         return {"exec_floor_p50_ms": pct(lat, 50), "exec_floor_p99_ms": pct(lat, 99)}
+
+    # What a resting respawn.py supervisor holds beyond its own data: its top-level
+    # imports, subprocess (spawns), ctypes (the file watch's inotify), resource
+    # (RLIMIT_NOFILE), grp and pwd (each program's user checked), zlib (its kept
+    # source, packed) and hashlib's built-in sha256 (without libcrypto, as
+    # respawn.py imports it).  Checked against the extension modules a supervisor
+    # of 10 services maps (/proc/PID/maps): the same.
+    FLOOR_IMPORTS = ("import errno, fcntl, gc, heapq, itertools, json, os, re, selectors, signal\n"
+                     "import socket, stat, struct, sys, time\n"
+                     "import subprocess, ctypes, resource, grp, pwd, zlib\n"
+                     "sys.modules['_hashlib'] = None\n"
+                     "from hashlib import sha256\n"
+                     "del sys.modules['_hashlib']\n")
+
+    def memory_floor(self):
+        """The least memory a supervisor can take under the interpreter respawn.py
+        runs with, started as its loader re-executes it (-I -S): a bare interpreter
+        sleeping, and one that imported what a resting supervisor holds.  PSS and
+        Pss_Anon 1 s after the process wrote that it is ready."""
+        res = {}
+        for label, code in (("bare", "import time\n"), ("imports", self.FLOOR_IMPORTS)):
+            code += "print('ready', flush=True)\ntime.sleep(60)\n"
+            proc = subprocess.Popen([self.env["python"], "-I", "-S", "-c", code],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            REAPER.note(proc.pid)
+            try:
+                ready, _, _ = select.select([proc.stdout], [], [], 30)
+                if not ready or proc.stdout.readline().strip() != b"ready":
+                    continue
+                time.sleep(1.0)
+                pss, anon = pss_kib(proc.pid), pss_kib(proc.pid, "Pss_Anon")
+                if pss is not None and proc.poll() is None:
+                    key = "memory_floor_%s_" % label
+                    res[key + "pss_mib"] = pss / 1024.0
+                    res[key + "anon_mib"] = None if anon is None else anon / 1024.0
+            finally:
+                REAPER.kill_known([proc.pid])
+                proc.wait(timeout=5)
+                proc.stdout.close()
+        return res
 
     def spawn_vs_fds(self, spawns=100):
         """What one spawn costs the parent (vfork until the child's exec) with few
@@ -1037,6 +1080,8 @@ class Bench:
             out["idle_wakeups_per_30s"] = (after["vol"] - before["vol"]) * 30.0 / self.args.idle
             out["idle_cpu_s_per_30s"] = (after["cpu"] - before["cpu"]) * 30.0 / self.args.idle
             out["pss_mib"] = (pss_kib(pid) or 0) / 1024.0
+            anon = pss_kib(pid, "Pss_Anon")
+            out["pss_anon_mib"] = None if anon is None else anon / 1024.0
             out["rss_mib"] = (status_field(pid, "VmRSS") or 0) / 1024.0
             out["fds"] = count_fds(pid)
             out["nofile_soft"] = nofile_soft(pid)
@@ -1428,6 +1473,7 @@ SCALE_ROWS = [
     ("status_json_ms", "status --json command (ms)", "%.1f"),
     ("status_json_socket_ms", "status on the socket (ms)", "%.1f"),
     ("pss_mib", "memory PSS (MiB)", "%.1f"),
+    ("pss_anon_mib", "memory Pss_Anon (MiB)", "%.1f"),
     ("rss_mib", "memory RSS (MiB)", "%.1f"),
     ("idle_wakeups_per_30s", "idle wakeups /30 s", "%.0f"),
     ("idle_cpu_s_per_30s", "idle CPU s /30 s", "%.3f"),
@@ -1520,6 +1566,13 @@ def render(report):
                    "itself): %.0f MB/s (range %s), %.3f CPU s per 100 MB"
                    % (b["output_floor_mb_per_s"], fmt(b["output_floor_mb_per_s_range"], "%.0f"),
                       b["output_floor_cpu_s_per_100mb"]))
+    if b.get("memory_floor_bare_pss_mib") is not None:
+        out.append("the floor for memory (the same interpreter, -I -S, sleeping): bare PSS %.1f "
+                   "MiB (anon %s), with respawn.py's imports PSS %s MiB (anon %s)"
+                   % (b["memory_floor_bare_pss_mib"],
+                      fmt(b.get("memory_floor_bare_anon_mib"), "%.1f"),
+                      fmt(b.get("memory_floor_imports_pss_mib"), "%.1f"),
+                      fmt(b.get("memory_floor_imports_anon_mib"), "%.1f")))
     if b.get("floor100_s") is not None:
         out.append("the machine's floor for 'all running' (the bench spawns the same scripts "
                    "itself, one after another): 100 svc %.3f s, 500 svc %s s"
