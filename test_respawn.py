@@ -8186,11 +8186,14 @@ class IdSup:
         return os.path.join(self.dir, *parts)
 
     def write(self, name, text):
+        # whole and owned before it has its name: a service that reads and removes
+        # it (notify.py's n.msg) may do so at once (the chown after it failed in CI)
         path = self.path(name)
-        with open(path, "w") as f:
+        with open(path + ".new", "w") as f:
             f.write(textwrap.dedent(text).lstrip().replace("{dir}", self.dir).replace("{py}", self.py))
         if self.uid is not None:
-            os.chown(path, self.uid, self.uid)
+            os.chown(path + ".new", self.uid, self.uid)
+        os.replace(path + ".new", path)
         return path
 
     def id_file(self, ext):
