@@ -688,6 +688,15 @@ LISTENER_KEYS = dict(PROGRAM_KEYS, events=(parse_events, None),
 PROCESS_KEYS = ("command", "directory", "environment", "user", "group", "umask", "redirect_stderr")
 
 
+def _where(self, key=None):
+    """(file, line) of a key of a section or of its program (their lines: see
+    _Section), or of the section when the key is not written."""
+    at = self.lines.get(key)
+    if at is None:
+        return self.file, self.line
+    return (self.file, at) if isinstance(at, int) else tuple(at)
+
+
 class Program:
     """One service: a [program:NAME] section, or one of its numprocs instances, typed.
     Plain data; `raw` keeps the text for diffs, `lines` each key's (file, line)."""
@@ -705,9 +714,7 @@ class Program:
         self.name, self.raw, self.file, self.line = name, raw, file, line
         self.lines = lines or {}
 
-    def where(self, key=None):
-        """(file, line) of a key, or of the section when the key is not written."""
-        return _where(self.lines.get(key), self.file, self.line)
+    where = _where
 
     def shape(self):
         """What a reload compares to decide whether the process must restart."""
@@ -939,13 +946,6 @@ def _read_text(path):
     return b"".join(chunks).decode("utf-8")
 
 
-def _where(at, file, line):
-    """(file, line) of a key from its entry in a section's lines (see _Section)."""
-    if at is None:
-        return file, line
-    return (file, at) if isinstance(at, int) else tuple(at)
-
-
 class _Section:
     """One section as read: where it is, its keys as text and their lines."""
 
@@ -958,9 +958,7 @@ class _Section:
         self.lines = lines
         self.supervisord = supervisord
 
-    def where(self, key=None):
-        """(file, line) of a key, or of the section when the key is not written."""
-        return _where(self.lines.get(key), self.file, self.line)
+    where = _where
 
     def carried(self):
         return [self.file, self.name, self.line, self.values, self.lines, self.supervisord]
@@ -1101,8 +1099,7 @@ def _merge_sections(loader):
                 copy = merged[section.name] = _Section(*first.carried())
                 out[out.index(first)] = first = copy
             first.values = dict(first.values, **section.values)
-            first.lines = dict(first.lines, **{k: section.where(k) if section.file != first.file else n
-                                               for k, n in section.lines.items()})
+            first.lines = dict(first.lines, **{k: section.where(k) for k in section.lines})
         elif section.name.startswith("program:"):
             loader.error("[%s] is already defined at %s:%s" % (section.name, first.file, first.line),
                          section.file, section.line)
@@ -7214,7 +7211,7 @@ def state_entry(sup, svc):
         held = []
         for pipe in sup.pipes_of.get(svc.name, ()):
             # (a pipe of an earlier process of the service, still open, is not held by this one)
-            if pipe.held_pid is not None and pipe.held_pid == svc.pid:
+            if pipe.held_pid == svc.pid:
                 if pipe.ino is None:
                     pipe.ino = os.fstat(pipe.fd).st_ino
                 held.append([pipe.stream, pipe.held_fd, pipe.ino])

@@ -9285,7 +9285,6 @@ class TestStateFileTurns(unittest.TestCase):
     def test_one_write_for_a_turn_of_many_timers(self):
         # 20 services whose timers are due at once (startsecs ending together): one
         # write at the end of that turn, not one after each timer
-        d = temp_dir(self)
         sup, state, writes, path = self.state_file(20)
 
         def restarted(svc):
