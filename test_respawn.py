@@ -4577,8 +4577,8 @@ TIMERS_CONFIG = """
 [program:failing]
 command = sh -c "exit 3"
 startsecs = 0.5
-backoff = 6
-backoff_max = 6
+backoff = 8
+backoff_max = 8
 startretries = 5
 [program:stubborn]
 command = {py} {dir}/ignore_term.py {dir}/stubborn.ready
@@ -4590,7 +4590,7 @@ startsecs = 0.2
 stopwaitsecs = 3
 [program:slowstart]
 command = sleep 1006
-startsecs = 3.5
+startsecs = 8
 """
 
 
@@ -4614,7 +4614,9 @@ class TestReexecTimers(ReexecCase):
                  what="the services to ignore SIGTERM")
         sup.wait_state("failing", "BACKOFF")
         pids = self.pids(sup)
-        # (the durations leave room for a slow trial and exec on a loaded machine)
+        # (the durations leave room for a slow trial and exec on a loaded machine: the
+        # re-exec must land inside failing's backoff and slowstart's startsecs, both
+        # counted from the supervisor's start, and under CI's load that took over 3.5 s)
         # a new file whose trial takes 0.5 s: the stops below begin in the old image
         # and their SIGKILL falls due in the new one
         install_by_rename(sup.script, with_version(slow_trial(read_text(sup.script), 0.5), "9.9.9"))
@@ -4655,8 +4657,8 @@ class TestReexecTimers(ReexecCase):
         sup.wait_state("slowstart", "RUNNING")
         took, crossed = self.span(sup, "slowstart: started pid", "slowstart: running (pid")
         self.assertTrue(crossed, "the re-exec came after startsecs: the machine is too slow")
-        self.assertGreaterEqual(took, 3.4)     # the clock starts before the "started" line
-        self.assertLess(took, 4.0)
+        self.assertGreaterEqual(took, 7.9)     # the clock starts before the "started" line
+        self.assertLess(took, 8.5)
         wait_for(lambda: not zombies_of(sup.proc.pid), what="no zombie left")
         self.assertEqual(sup.terminate(), 0)
 
@@ -11067,6 +11069,10 @@ class CorpusRun:
     def started(self):
         return {l[0] for l in self.lines()}
 
+    def up(self):
+        """The supervisor has read its file and begun: its pidfile is there."""
+        return os.path.exists(os.path.join(self.tmp, "supervisord.pid"))
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -11101,15 +11107,20 @@ class CorpusRun:
 
 
 def settle(runs, quiet=2.5, timeout=90):
-    """Wait until no run has started anything for `quiet` seconds.  Neither
-    supervisor says "all started" (a program may start late, by priority, or
-    never), so the condition is that the records stop changing."""
+    """Wait until no run has started anything for `quiet` seconds since every
+    supervisor was up.  Neither supervisor says "all started" (a program may
+    start late, by priority, or never), so the condition is that the records
+    stop changing; the quiet time counts only from when each supervisor has
+    written its pidfile (both write it before their first spawn) or exited, or
+    a loaded machine that takes seconds to start twelve interpreters reads as
+    files that start nothing."""
     deadline = time.monotonic() + timeout
     last, since = None, time.monotonic()
     while True:
         now = time.monotonic()
+        up = all(r.proc.poll() is not None or r.up() for r in runs)
         state = tuple(len(r.lines()) for r in runs)
-        if state != last:
+        if state != last or not up:
             last, since = state, now
         elif now - since >= quiet:
             return
