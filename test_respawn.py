@@ -9284,6 +9284,41 @@ class TestStateFileTurns(unittest.TestCase):
         turn(), turn()
         self.assertEqual(released, [1, 3, 3])
 
+    def test_freed_memory_is_given_back_after_a_long_answer(self):
+        # issue 15: one `status` of 5000 services left 7 MiB resident (the answer's
+        # dicts, its JSON, the buffer) until malloc_trim; it is called once a long
+        # answer's connection is done, not after a short one
+        sup = types.SimpleNamespace(timers=respawn.Timers(), clients={}, followers={},
+                                    selector=selectors.DefaultSelector(), accept_paused=None,
+                                    release_due=False)
+        self.addCleanup(sup.selector.close)
+        sup.release_memory_soon = lambda: respawn.Supervisor.release_memory_soon(sup)
+        sup._release_memory = lambda: respawn.Supervisor._release_memory(sup)
+        released = []
+        real = respawn.release_free_memory
+        respawn.release_free_memory = lambda: released.append(True)
+        self.addCleanup(setattr, respawn, "release_free_memory", real)
+        turn = lambda: sup.timers.run_due(respawn.monotonic())
+
+        def answer(text):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(theirs.close)
+            client = respawn.ControlClient(sup, ours)
+            client.reply(None, text=text)
+            got = b""
+            while client.sock is not None:          # the client reads it all
+                got += theirs.recv(1 << 20)
+                client.flush()
+            for chunk in iter(lambda: theirs.recv(1 << 20), b""):
+                got += chunk
+            self.assertEqual(got, text.encode())
+            turn()
+
+        answer('{"ok": true}\n')
+        self.assertEqual(released, [])
+        answer('{"name": "s"}\n' * (respawn.BIG_ANSWER // 14 + 1))
+        self.assertEqual(released, [True])
+
     def test_one_write_for_a_turn_of_many_timers(self):
         # 20 services whose timers are due at once (startsecs ending together): one
         # write at the end of that turn, not one after each timer
