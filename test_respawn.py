@@ -9239,13 +9239,27 @@ class TestIdentityUpgrade(unittest.TestCase):
 
 
 class TestStateFileTurns(unittest.TestCase):
+    @staticmethod
+    def stand_in(**fields):
+        """A stand-in supervisor with the real release_memory_soon."""
+        sup = types.SimpleNamespace(timers=respawn.Timers(), release_due=False, **fields)
+        sup.release_memory_soon = lambda: respawn.Supervisor.release_memory_soon(sup)
+        sup._release_memory = lambda: respawn.Supervisor._release_memory(sup)
+        return sup
+
+    def releases(self, record):
+        """Each malloc_trim the code asks for, as record() says it."""
+        released = []
+        real = respawn.release_free_memory
+        respawn.release_free_memory = lambda: released.append(record())
+        self.addCleanup(setattr, respawn, "release_free_memory", real)
+        return released
+
     def state_file(self, n):
         """A StateFile of n services on a stand-in supervisor, and the writes it makes."""
         d = temp_dir(self)
-        sup = types.SimpleNamespace(timers=respawn.Timers(), pipes_of={}, log=None, release_due=False,
-                                    config=types.SimpleNamespace(path=os.path.join(d, "c.ini")))
-        sup.release_memory_soon = lambda: respawn.Supervisor.release_memory_soon(sup)
-        sup._release_memory = lambda: respawn.Supervisor._release_memory(sup)
+        sup = self.stand_in(pipes_of={}, log=None,
+                            config=types.SimpleNamespace(path=os.path.join(d, "c.ini")))
         sup.services = {"s%d" % i: types.SimpleNamespace(name="s%d" % i, want=respawn.UP, restarts=0, pid=None)
                         for i in range(n)}
         sup.live = {name: respawn.Live() for name in sup.services}
@@ -9261,10 +9275,7 @@ class TestStateFileTurns(unittest.TestCase):
         # issue 15: the garbage of encoding 5000 entries stayed resident (2.5 MiB)
         # until malloc_trim; it is called once that turn's write is done
         sup, state, writes, path = self.state_file(300)
-        released = []
-        real = respawn.release_free_memory
-        respawn.release_free_memory = lambda: released.append(len(writes))
-        self.addCleanup(setattr, respawn, "release_free_memory", real)
+        released = self.releases(lambda: len(writes))
         turn = lambda: sup.timers.run_due(respawn.monotonic())
         state.changed()                     # every entry (a start, a takeover, a reload)
         turn()
@@ -9288,16 +9299,10 @@ class TestStateFileTurns(unittest.TestCase):
         # issue 15: one `status` of 5000 services left 7 MiB resident (the answer's
         # dicts, its JSON, the buffer) until malloc_trim; it is called once a long
         # answer's connection is done, not after a short one
-        sup = types.SimpleNamespace(timers=respawn.Timers(), clients={}, followers={},
-                                    selector=selectors.DefaultSelector(), accept_paused=None,
-                                    release_due=False)
+        sup = self.stand_in(clients={}, followers={}, selector=selectors.DefaultSelector(),
+                            accept_paused=None)
         self.addCleanup(sup.selector.close)
-        sup.release_memory_soon = lambda: respawn.Supervisor.release_memory_soon(sup)
-        sup._release_memory = lambda: respawn.Supervisor._release_memory(sup)
-        released = []
-        real = respawn.release_free_memory
-        respawn.release_free_memory = lambda: released.append(True)
-        self.addCleanup(setattr, respawn, "release_free_memory", real)
+        released = self.releases(lambda: True)
         turn = lambda: sup.timers.run_due(respawn.monotonic())
 
         def answer(text):
@@ -10994,6 +10999,11 @@ _KEY = re.compile(r"([^=:\s;#][^=:]*?)\s*[=:]\s*(.*)$")
 _ENV = re.compile(r"%\(ENV_([A-Za-z0-9_]+)\)")
 
 
+# where standin_config puts the files a supervisor writes, under the run's folder
+STANDIN_FILES = {"logfile": "supervisord.log", "pidfile": "supervisord.pid", "childlogdir": "childlogs",
+                 "file": "supervisor.sock"}
+
+
 def standin_config(text, tmp, record):
     """A corpus file with the machine taken out and the structure kept.
 
@@ -11008,8 +11018,6 @@ def standin_config(text, tmp, record):
     out, section, dropping = [], None, False
     program = "sh %s %s" % (os.path.join(tmp, "standin.sh"), record)
     listener = "%s %s %s" % (PY, os.path.join(tmp, "standin-listener.py"), record)
-    moved = {"logfile": "supervisord.log", "pidfile": "supervisord.pid", "childlogdir": "childlogs",
-             "file": "supervisor.sock"}
     seen_supervisord = False
     for line in text.splitlines():
         m = re.match(r"\[(.+)\]\s*([;#].*)?$", line.strip()) if not line[:1].isspace() else None
@@ -11048,13 +11056,13 @@ def standin_config(text, tmp, record):
         elif section in ("supervisord", "unix_http_server"):
             if key in ("user", "directory", "chown", "nodaemon"):
                 continue
-            if key in moved and not (section == "supervisord" and key == "file"):
-                line = "%s = %s" % (key, os.path.join(tmp, moved[key]))
+            if key in STANDIN_FILES and not (section == "supervisord" and key == "file"):
+                line = "%s = %s" % (key, os.path.join(tmp, STANDIN_FILES[key]))
         out.append(line)
     if seen_supervisord:
         # files the supervisor itself writes stay in tmp even when the file names none
         where = out.index("nodaemon = true")
-        out[where + 1:where + 1] = ["%s = %s" % (k, os.path.join(tmp, moved[k]))
+        out[where + 1:where + 1] = ["%s = %s" % (k, os.path.join(tmp, STANDIN_FILES[k]))
                                     for k in ("logfile", "pidfile", "childlogdir")
                                     if not any(re.match(r"%s\s*[=:]" % k, l) for l in out)]
         os.makedirs(os.path.join(tmp, "childlogs"), exist_ok=True)
@@ -11106,7 +11114,7 @@ class CorpusRun:
 
     def up(self):
         """The supervisor has read its file and begun: its pidfile is there."""
-        return os.path.exists(os.path.join(self.tmp, "supervisord.pid"))
+        return os.path.exists(os.path.join(self.tmp, STANDIN_FILES["pidfile"]))
 
     def stop(self):
         if self.proc.poll() is None:
